@@ -1,0 +1,90 @@
+"""Cost of token sharing + unsharing relative to a whole CTS forward pass (CPU or GPU).
+
+    python benchmarks/sharing_overhead.py [--backbone vit_tiny_patch16_384] [--batch 2]
+
+Times, with the same inputs, (a) the whole Segmenter forward with K shared tokens and
+(b) the sharing machinery alone: layout planning, the superpatch embedding (2x2 downsample +
+patch embedding + mean position embedding), share and unshare. Prints medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from cts.models import build_segmenter
+from cts.sharing import plan_layout, select_shared, share_tokens, unshare_tokens
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])  # the first two warm up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="vit_tiny_patch16_384")
+    parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument("--k", type=int, default=103)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = (
+        build_segmenter(
+            backbone=args.backbone,
+            num_classes=150,
+            crop_size=args.crop,
+            num_tokens_shared=args.k,
+            policy="policy_net",
+        )
+        .eval()
+        .to(device)
+    )
+    images = torch.randn(args.batch, 3, args.crop, args.crop, device=device)
+    encoder = model.encoder
+    grid = (args.crop // encoder.patch_size,) * 2
+    num_classes = model.config.num_classes
+    with torch.no_grad():
+        scores = model.policy_net.share_scores(images, (grid[0] // 2, grid[1] // 2))
+        patches = encoder._embed(images)
+        pos = encoder._patch_pos_embed(grid)
+        decoded = torch.randn(
+            args.batch, grid[0] * grid[1] - 3 * args.k, num_classes, device=device
+        )
+
+        def sharing_ops() -> None:
+            layout = plan_layout(select_shared(scores, args.k), grid)
+            superpatches = encoder._superpatch_tokens(images, pos, layout)
+            share_tokens(patches, superpatches, layout)
+            unshare_tokens(decoded, layout)
+
+        forward = _median_seconds(lambda: model(images), args.repeats, device)
+        sharing = _median_seconds(sharing_ops, args.repeats * 5, device)
+    print(
+        f"device={device} backbone={args.backbone} crop={args.crop} K={args.k} "
+        f"batch={args.batch} torch={torch.__version__}"
+    )
+    print(f"whole forward (policy net + encoder + decoder + upsampling): {forward * 1e3:.1f} ms")
+    print(
+        f"sharing + unsharing: {sharing * 1e3:.2f} ms = {100 * sharing / forward:.2f}% "
+        f"of the forward"
+    )
+
+
+if __name__ == "__main__":
+    main()

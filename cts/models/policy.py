@@ -1,0 +1,71 @@
+"""The policy network: which superpatches may share a token."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# efficientnet_lite0 feature levels by stride: (level index, channels).
+_LEVELS = {8: (2, 40), 16: (3, 112), 32: (4, 320)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PolicyNet(nn.Module):
+    """EfficientNet-Lite0 features + 1x1 conv: 2 logits (not uniform / uniform) per cell.
+
+    Args:
+        pretrained: load timm's ImageNet weights for the backbone.
+        feature_stride: feature level used (32 as in the paper; 16 lets a half-size input
+            give the same grid at a quarter of the cost).
+        input_scale: the image is resized by this factor before the backbone (1.0: paper).
+        input_mean, input_std: normalisation of the images the segmenter receives; they are
+            re-normalised to ImageNet statistics, which the backbone was trained with.
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = False,
+        feature_stride: int = 32,
+        input_scale: float = 1.0,
+        input_mean: Sequence[float] = IMAGENET_MEAN,
+        input_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if feature_stride not in _LEVELS:
+            raise ValueError(f"policy feature_stride={feature_stride}: allowed {sorted(_LEVELS)}")
+        if not 0.0 < input_scale <= 1.0:
+            raise ValueError(f"policy input_scale={input_scale}: allowed (0, 1]")
+        level, channels = _LEVELS[feature_stride]
+        self.feature_stride = feature_stride
+        self.input_scale = input_scale
+        self.backbone = timm.create_model(
+            "efficientnet_lite0", pretrained=pretrained, features_only=True, out_indices=(level,)
+        )
+        self.head = nn.Conv2d(channels, 2, kernel_size=1)
+        in_mean, in_std = torch.tensor(input_mean), torch.tensor(input_std)
+        net_mean, net_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.register_buffer("in_scale", (in_std / net_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "in_shift", ((in_mean - net_mean) / net_std).view(1, 3, 1, 1), persistent=False
+        )
+
+    def forward(self, images: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """``(B, 3, H, W) -> (B, 2, hs, ws)`` logits, resampled to ``grid`` when given."""
+        x = images * self.in_scale + self.in_shift
+        if self.input_scale != 1.0:
+            x = F.interpolate(
+                x, scale_factor=self.input_scale, mode="bilinear", align_corners=False
+            )
+        logits = self.head(self.backbone(x)[-1])
+        if grid is not None and tuple(logits.shape[-2:]) != tuple(grid):
+            logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
+        return logits
+
+    def share_scores(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Probability that each superpatch is uniform, ``(B, S)``."""
+        return self(images, grid).float().softmax(dim=1)[:, 1].flatten(1)

@@ -1,0 +1,185 @@
+"""Segmenter with content-aware token sharing."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cts.models.decoder import build_decoder
+from cts.models.policy import PolicyNet
+from cts.models.vit import CTSViTEncoder, create_vit
+from cts.sharing import (
+    IGNORE_INDEX,
+    check_num_shared,
+    oracle_scores,
+    plan_layout,
+    select_shared,
+    shared_mask,
+    unshare_tokens,
+)
+
+POLICIES = ("none", "policy_net", "oracle", "random")
+DECODERS = ("mask_transformer", "linear")
+
+
+@dataclass
+class SegmenterConfig:
+    """Everything needed to rebuild a model; stored in checkpoints."""
+
+    backbone: str = "vit_small_patch16_384"
+    num_classes: int = 150
+    crop_size: int = 512
+    num_tokens_shared: int = 103
+    policy: str = "policy_net"
+    decoder: str = "mask_transformer"
+    depth: int | None = None
+    patch_size: int | None = None
+    pretrained: bool = False
+    drop_path_rate: float = 0.1
+    dropout: float = 0.1
+    policy_feature_stride: int = 32
+    policy_input_scale: float = 1.0
+    ignore_index: int = IGNORE_INDEX
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SegmenterOutput(NamedTuple):
+    """logits: ``(B, n_cls, H, W)``; shared: ``(B, hs, ws)`` bool superpatch map;
+    num_tokens: patch-level tokens the encoder processed (``N - 3K``)."""
+
+    logits: Tensor
+    shared: Tensor
+    num_tokens: int
+
+
+class Segmenter(nn.Module):
+    """ViT encoder + decoder, with a policy choosing which superpatches share a token."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        if config.policy not in POLICIES:
+            raise ValueError(f"unknown policy '{config.policy}': use one of {', '.join(POLICIES)}")
+        if config.decoder not in DECODERS:
+            raise ValueError(
+                f"unknown decoder '{config.decoder}': use one of {', '.join(DECODERS)}"
+            )
+        overrides = {"depth": config.depth} if config.depth else {}
+        if config.patch_size:
+            overrides["patch_size"] = config.patch_size
+        vit = create_vit(
+            config.backbone,
+            img_size=config.crop_size,
+            pretrained=config.pretrained,
+            drop_path_rate=config.drop_path_rate,
+            **overrides,
+        )
+        if config.mean is None or config.std is None:
+            config.mean = tuple(vit.pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
+            config.std = tuple(vit.pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
+        self.config = config
+        self.encoder = CTSViTEncoder(vit)
+        self.patch_size = self.encoder.patch_size
+        if config.crop_size % (2 * self.patch_size):
+            raise ValueError(
+                f"crop_size={config.crop_size} must be a multiple of the superpatch size "
+                f"{2 * self.patch_size} (2 x patch size)"
+            )
+        side = config.crop_size // (2 * self.patch_size)
+        self.num_tokens_shared = 0
+        if config.policy != "none":
+            check_num_shared(config.num_tokens_shared, side * side, f"crop_size {config.crop_size}")
+            self.num_tokens_shared = config.num_tokens_shared
+        self.decoder = build_decoder(
+            config.decoder, config.num_classes, self.encoder.embed_dim, config.dropout
+        )
+        self.policy_net: PolicyNet | None = None
+        if config.policy == "policy_net":
+            self.policy_net = PolicyNet(
+                pretrained=config.pretrained,
+                feature_stride=config.policy_feature_stride,
+                input_scale=config.policy_input_scale,
+                input_mean=config.mean,
+                input_std=config.std,
+            )
+            self.policy_net.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        super().train(mode)
+        if self.policy_net is not None:
+            self.policy_net.eval()  # frozen: BatchNorm statistics stay those it was trained with
+        return self
+
+    def _share_scores(self, images: Tensor, labels: Tensor | None, grid: tuple[int, int]) -> Tensor:
+        """``(B, S)`` scores; the K highest share."""
+        policy = self.config.policy
+        if policy == "policy_net":
+            with torch.no_grad():
+                return self.policy_net.share_scores(images, grid)
+        if policy == "oracle":
+            if labels is None:
+                raise ValueError("policy 'oracle' needs the label maps: call model(images, labels)")
+            return oracle_scores(labels, self.patch_size, self.config.ignore_index)
+        return torch.rand(images.shape[0], grid[0] * grid[1], device=images.device)
+
+    def forward(
+        self, images: Tensor, labels: Tensor | None = None, num_tokens_shared: int | None = None
+    ) -> SegmenterOutput:
+        """Segment images.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised; any size (padded to multiples of 2p inside).
+            labels: ``(B, H, W)`` label maps, needed by the ``oracle`` policy only.
+            num_tokens_shared: K for this call (default: the configured K; 0 with policy none).
+        """
+        height, width = images.shape[-2:]
+        superpatch = 2 * self.patch_size
+        pad_h, pad_w = -height % superpatch, -width % superpatch
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+            if labels is not None:
+                labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_index)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        super_grid = (grid[0] // 2, grid[1] // 2)
+
+        k = self.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
+        if self.config.policy == "none":
+            k = 0
+        check_num_shared(k, super_grid[0] * super_grid[1], f"image size {height}x{width}")
+
+        if self.config.policy == "none":
+            layout = None
+            shared_idx = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+            tokens = self.encoder(images)
+        else:
+            if k > 0:
+                shared_idx = select_shared(self._share_scores(images, labels, super_grid), k)
+            else:
+                shared_idx = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+            layout = plan_layout(shared_idx, grid)
+            tokens = self.encoder(images, layout)
+
+        scores = self.decoder(tokens)
+        if layout is not None:
+            scores = unshare_tokens(scores, layout)
+        scores = scores.transpose(1, 2).reshape(images.shape[0], -1, *grid)
+        logits = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        logits = logits[..., :height, :width]
+        return SegmenterOutput(logits, shared_mask(shared_idx, super_grid), tokens.shape[1])
+
+
+def build_segmenter(**kwargs) -> Segmenter:
+    """Build a Segmenter; keyword arguments are :class:`SegmenterConfig` fields."""
+    unknown = set(kwargs) - set(SegmenterConfig.__dataclass_fields__)
+    if unknown:
+        allowed = ", ".join(SegmenterConfig.__dataclass_fields__)
+        raise TypeError(f"unknown Segmenter option(s) {sorted(unknown)}; allowed: {allowed}")
+    return Segmenter(SegmenterConfig(**kwargs))

@@ -1,0 +1,133 @@
+"""ViT encoder with content-aware token sharing, built on timm's VisionTransformer."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from cts.sharing import TokenLayout, downsample_superpatches, share_tokens
+
+# The paper's backbones; any other timm VisionTransformer name works too.
+PAPER_BACKBONES = (
+    "vit_tiny_patch16_384",
+    "vit_small_patch16_384",
+    "vit_base_patch16_384",
+    "vit_large_patch16_384",
+)
+
+
+def supported_backbones() -> list[str]:
+    """timm model names that build a plain VisionTransformer with absolute position embedding."""
+    return sorted(set(timm.list_models("vit_*") + timm.list_models("deit*")))
+
+
+def create_vit(
+    name: str,
+    img_size: int | tuple[int, int],
+    pretrained: bool = False,
+    drop_path_rate: float = 0.0,
+    **overrides,
+) -> VisionTransformer:
+    """Create a timm ViT without classifier head, position embedding sized for ``img_size``."""
+    if name not in timm.list_models():
+        paper = ", ".join(PAPER_BACKBONES)
+        raise ValueError(
+            f"unknown backbone '{name}': use a timm ViT name, e.g. {paper}, or any of "
+            f"`timm.list_models('vit_*')` / `timm.list_models('deit*')` "
+            f"({len(supported_backbones())} names)"
+        )
+    vit = timm.create_model(
+        name,
+        pretrained=pretrained,
+        img_size=img_size,
+        num_classes=0,
+        drop_path_rate=drop_path_rate,
+        **overrides,
+    )
+    if not isinstance(vit, VisionTransformer) or getattr(vit, "pos_embed", None) is None:
+        raise ValueError(
+            f"backbone '{name}' is not a timm VisionTransformer with absolute position "
+            f"embedding; supported: {', '.join(PAPER_BACKBONES)} and other vit_*/deit* names"
+        )
+    return vit
+
+
+class CTSViTEncoder(nn.Module):
+    """ViT encoder whose input sequence may hold shared superpatch tokens.
+
+    Shared superpatches are downsampled 2x and embedded by the same patch embedding; their
+    position embedding is the 2x2 mean of their four patches' position embeddings.
+    """
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        self.vit = vit
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.embed_dim = int(vit.embed_dim)
+        self.num_heads = int(vit.blocks[0].attn.num_heads)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.grid_size = tuple(int(g) for g in vit.patch_embed.grid_size)
+
+    def _embed(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, H/p * W/p, C)`` with the ViT's patch embedding."""
+        x = self.vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        return self.vit.patch_embed.norm(x)
+
+    def _patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Patch position embedding ``(1, h, w, C)`` resampled to ``grid`` when needed."""
+        pos = self.vit.pos_embed
+        if not self.vit.no_embed_class:
+            pos = pos[:, self.num_prefix_tokens :]
+        if grid != self.grid_size:
+            pos = resample_abs_pos_embed(
+                pos, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0
+            )
+        return pos.view(1, grid[0], grid[1], -1)
+
+    def _superpatch_tokens(self, images: Tensor, pos: Tensor, layout: TokenLayout) -> Tensor:
+        """One embedded token per superpatch ``(B, S, C)``; empty when nothing is shared."""
+        if layout.shared_superpatches.shape[1] == 0:
+            return images.new_zeros(images.shape[0], 0, self.embed_dim)
+        superpatch_pos = F.avg_pool2d(pos.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
+        return self._embed(downsample_superpatches(images)) + superpatch_pos
+
+    def _prefix_tokens(self, batch: int) -> Tensor:
+        """Class (and distillation/register) tokens with their position embedding."""
+        vit = self.vit
+        tokens = [vit.cls_token] if vit.cls_token is not None else []
+        if getattr(vit, "dist_token", None) is not None:
+            tokens.append(vit.dist_token)
+        if vit.reg_token is not None:
+            tokens.append(vit.reg_token)
+        prefix = torch.cat(tokens, dim=1)
+        if not vit.no_embed_class:
+            prefix = prefix + vit.pos_embed[:, : self.num_prefix_tokens]
+        return prefix.expand(batch, -1, -1)
+
+    def forward(self, images: Tensor, layout: TokenLayout | None = None) -> Tensor:
+        """Encode images.
+
+        Args:
+            images: ``(B, 3, H, W)``, H and W multiples of 2p when ``layout`` is given.
+            layout: sharing layout from :func:`cts.sharing.plan_layout`, or None for no sharing.
+
+        Returns:
+            ``(B, T, C)`` patch-level tokens after the final norm, prefix tokens dropped;
+            ``T = N`` in raster order without sharing, else ``N - 3K`` in layout order.
+        """
+        batch = images.shape[0]
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        pos = self._patch_pos_embed(grid)
+        x = self._embed(images) + pos.flatten(1, 2)
+        if layout is not None:
+            x = share_tokens(x, self._superpatch_tokens(images, pos, layout), layout)
+        x = torch.cat([self._prefix_tokens(batch), x], dim=1)
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        x = vit.blocks(x)
+        x = vit.norm(x)
+        return x[:, self.num_prefix_tokens :]

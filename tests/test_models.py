@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from cts.models import PAPER_BACKBONES, build_segmenter
+
+TINY = dict(backbone="vit_tiny_patch16_384", num_classes=5, depth=2, drop_path_rate=0.0)
+
+
+def _pair(crop: int = 128, k: int = 0, **kwargs):
+    torch.manual_seed(0)
+    shared = build_segmenter(**TINY, crop_size=crop, num_tokens_shared=k, **kwargs).eval()
+    plain = build_segmenter(**TINY, crop_size=crop, policy="none").eval()
+    plain.load_state_dict(shared.state_dict(), strict=False)
+    return shared, plain
+
+
+@pytest.mark.parametrize("policy", ["policy_net", "random", "oracle"])
+def test_k_zero_gives_exactly_the_logits_of_policy_none(policy):
+    shared, plain = _pair(k=0, policy=policy)
+    images = torch.randn(2, 3, 128, 128)
+    labels = torch.randint(0, 5, (2, 128, 128))
+    with torch.no_grad():
+        out = shared(images, labels)
+        ref = plain(images)
+    assert torch.equal(out.logits, ref.logits)
+    assert out.num_tokens == ref.num_tokens == 64
+    assert not out.shared.any()
+
+
+def test_vit_tiny_512_with_k_103_processes_715_tokens():
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=150,
+        crop_size=512,
+        num_tokens_shared=103,
+        policy="policy_net",
+        depth=1,
+    ).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 512, 512))
+    assert out.num_tokens == 715
+    assert out.logits.shape == (2, 150, 512, 512)
+    assert out.shared.shape == (2, 16, 16)
+    assert out.shared.flatten(1).sum(1).tolist() == [103, 103]
+
+
+@pytest.mark.parametrize(
+    "backbone, crop, width",
+    [
+        (name, 640 if "large" in name else 512, w)
+        for name, w in zip(PAPER_BACKBONES, (192, 384, 768, 1024), strict=True)
+    ],
+)
+def test_paper_backbones_build_at_their_crop_sizes(backbone, crop, width):
+    # The meta device builds the real module graph and propagates shapes without the memory.
+    with torch.device("meta"):
+        model = build_segmenter(
+            backbone=backbone,
+            num_classes=150,
+            crop_size=crop,
+            num_tokens_shared=crop * crop // 1024 * 30 // 100 + 1,
+            policy="random",
+        )
+        out = model(torch.empty(2, 3, crop, crop))
+    assert model.encoder.embed_dim == width
+    assert model.encoder.num_heads == width // 64
+    assert out.logits.shape == (2, 150, crop, crop)
+
+
+def test_oracle_shares_the_uniform_superpatches():
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=4, policy="oracle").eval()
+    labels = torch.zeros(1, 128, 128, dtype=torch.long)
+    labels[:, :, 32:] = torch.arange(96).view(1, 1, 96) % 3  # only column 0 is uniform
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 128), labels)
+    assert out.shared[0, :, 0].all() and out.shared[0].sum() == 4
+
+
+def test_gradients_reach_encoder_and_decoder_but_not_policy():
+    torch.manual_seed(0)
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=10, policy="policy_net")
+    model.train()
+    assert not model.policy_net.training
+    images, labels = torch.randn(2, 3, 128, 128), torch.randint(0, 5, (2, 128, 128))
+    out = model(images)
+    torch.nn.functional.cross_entropy(out.logits, labels).backward()
+    encoder_grad = model.encoder.vit.patch_embed.proj.weight.grad
+    assert encoder_grad is not None and encoder_grad.abs().sum() > 0
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.decoder.cls_emb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.policy_net.parameters())
+
+
+def test_images_not_multiple_of_32_are_padded_and_cropped_back():
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=8, policy="random").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 100, 75))
+    assert out.logits.shape == (1, 5, 100, 75)
+    assert out.shared.shape == (1, 4, 3)
+
+
+@pytest.mark.parametrize("patch_size, crop", [(8, 128), (14, 112)])
+def test_other_patch_sizes_use_2x2_patch_superpatches(patch_size, crop):
+    model = build_segmenter(
+        **TINY, crop_size=crop, patch_size=patch_size, num_tokens_shared=5, policy="policy_net"
+    ).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, crop, crop))
+    side = crop // (2 * patch_size)
+    assert out.shared.shape == (2, side, side)
+    assert out.num_tokens == (crop // patch_size) ** 2 - 3 * 5
+    assert out.logits.shape == (2, 5, crop, crop)
+
+
+def test_bad_num_tokens_shared_names_the_range():
+    with pytest.raises(ValueError, match=r"allowed 0\.\.256.*superpatches"):
+        build_segmenter(**TINY, crop_size=512, num_tokens_shared=300)
+    with pytest.raises(ValueError, match=r"allowed 0\.\.16"):
+        build_segmenter(**TINY, crop_size=128, num_tokens_shared=-1)
+
+
+def test_unknown_backbone_lists_supported_names():
+    with pytest.raises(
+        ValueError, match="unknown backbone 'vit_huge_nonsense'.*vit_small_patch16_384"
+    ):
+        build_segmenter(backbone="vit_huge_nonsense", num_classes=3)
+
+
+def test_bf16_autocast_forward_matches_fp32_labels_mostly():
+    torch.manual_seed(0)
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=6, policy="policy_net").eval()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        ref = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images)
+    assert torch.equal(out.shared, ref.shared)
+    agree = (out.logits.argmax(1) == ref.logits.argmax(1)).float().mean()
+    assert agree > 0.9
