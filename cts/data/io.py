@@ -1,0 +1,149 @@
+"""File-level helpers: decoding images and label maps with clear errors, atomic writes.
+
+Everything written here appears under its final name only once complete: files are written
+to a temporary name beside the destination and renamed, folders are built in a staging
+folder beside the destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class CorruptFileError(ValueError):
+    """A file exists but cannot be decoded (truncated, not an image, wrong format)."""
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    if data.size == 0:
+        raise CorruptFileError(f"{path}: empty file")
+    return data
+
+
+def _check_complete(path: Path, data: np.ndarray) -> None:
+    # A truncated JPEG or PNG still decodes (the missing rows come back grey, with only a
+    # warning on stderr), so check the signature, then look for the end marker: JPEG's EOI
+    # cannot occur inside the entropy-coded data, PNG ends with an IEND chunk. Some writers
+    # append a few bytes after EOI, hence the search over the tail.
+    head, tail = data[:8].tobytes(), data[-1024:].tobytes()
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        if not head.startswith(b"\xff\xd8"):
+            raise CorruptFileError(f"{path}: not a JPEG file")
+        if b"\xff\xd9" not in tail:
+            raise CorruptFileError(f"{path}: truncated JPEG (no end-of-image marker)")
+    elif suffix == ".png":
+        if not head.startswith(b"\x89PNG"):
+            raise CorruptFileError(f"{path}: not a PNG file")
+        if b"IEND" not in tail[-64:]:
+            raise CorruptFileError(f"{path}: truncated PNG (no IEND chunk)")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array."""
+    path = Path(path)
+    data = _read_bytes(path)
+    _check_complete(path, data)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise CorruptFileError(f"{path}: cannot decode image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str | os.PathLike, label_map: np.ndarray | None = None) -> np.ndarray:
+    """Decode a single-channel 8-bit label map to ``(H, W)`` uint8, optionally through a LUT.
+
+    Args:
+        path: PNG label map.
+        label_map: optional ``(256,)`` uint8 lookup table applied to the raw values.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    _check_complete(path, data)
+    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise CorruptFileError(f"{path}: cannot decode label map")
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise CorruptFileError(
+            f"{path}: label map must be single-channel 8-bit, got shape {mask.shape} {mask.dtype}"
+        )
+    return mask if label_map is None else label_map[mask]
+
+
+def encode_image(array: np.ndarray, suffix: str, jpeg_quality: int = 90) -> bytes:
+    """Encode an RGB ``(H, W, 3)`` or single-channel ``(H, W)`` uint8 array as JPEG or PNG."""
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix in (".jpg", ".jpeg") else []
+    ok, buffer = cv2.imencode(suffix, array, params)
+    if not ok:
+        raise ValueError(f"cannot encode a {array.shape} {array.dtype} array as {suffix}")
+    return buffer.tobytes()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Encode ``array`` by the suffix of ``path`` (JPEG or PNG) and write it atomically."""
+    path = Path(path)
+    return write_bytes_atomic(path, encode_image(array, path.suffix.lower()))
+
+
+@contextlib.contextmanager
+def staging_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside ``dest``; rename it to ``dest`` when the block succeeds.
+
+    On any error the staging folder is deleted and ``dest`` is left untouched, so ``dest``
+    exists only when complete.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists; delete it to build it again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    try:
+        yield staging
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def place_file(src: Path, dst: Path, move: bool) -> None:
+    """Move ``src`` to ``dst`` (our own temporary files), or hard-link it (a user's files,
+    left untouched), falling back to a copy across file systems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if move:
+        os.replace(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,219 @@
+"""Training, validation and policy-network transforms (OpenCV + NumPy, then torch).
+
+Every transform is called as ``transform(image, label, rng) -> dict of tensors`` with
+``image`` ``(H, W, 3)`` uint8 RGB, ``label`` ``(H, W)`` uint8 (class ids after the dataset's
+label map, ``ignore_index`` = no class) and ``rng`` the sample's own generator, so results
+are a function of the sample key only. Geometry follows mmsegmentation's Segmenter
+pipeline: random rescale, crop with a class-ratio cap, flip, photometric distortion,
+normalisation, padding. Mean and std are in [0, 1] units (timm's ``pretrained_cfg``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from cts.sharing import IGNORE_INDEX, policy_targets
+
+
+def resize_short_side(image: np.ndarray, size: float, interpolation: int) -> np.ndarray:
+    """Resize so the short side becomes ``size`` pixels, keeping the aspect ratio."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, new_size, interpolation=interpolation)
+
+
+def crop_box(shape: tuple[int, ...], crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Random top-left corner of a ``crop_size`` square (clipped to the image) in ``shape``."""
+    top = rng.integers(0, max(shape[0] - crop_size, 0) + 1)
+    left = rng.integers(0, max(shape[1] - crop_size, 0) + 1)
+    return int(top), int(left)
+
+
+def max_class_ratio(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> float:
+    """Share of the most frequent class among the labelled pixels; 1.0 with fewer than 2
+    classes (such a crop never passes the class-ratio test, as in mmsegmentation)."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[ignore_index] = 0
+    if np.count_nonzero(counts) < 2:
+        return 1.0
+    return float(counts.max() / counts.sum())
+
+
+def random_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    crop_size: int,
+    rng: np.random.Generator,
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = IGNORE_INDEX,
+    max_tries: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random ``crop_size`` crop where no class covers ``cat_max_ratio`` or more of the
+    labelled pixels; after ``max_tries`` rejected crops the last one is kept."""
+    for _ in range(max_tries):
+        top, left = crop_box(label.shape, crop_size, rng)
+        window = (slice(top, top + crop_size), slice(left, left + crop_size))
+        if cat_max_ratio >= 1 or max_class_ratio(label[window], ignore_index) < cat_max_ratio:
+            break
+    return image[window], label[window]
+
+
+def _affine(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmsegmentation's PhotoMetricDistortion on uint8 RGB: each with probability 1/2,
+    brightness +-32, contrast x[0.5, 1.5] (before or after the colour steps, at random),
+    saturation x[0.5, 1.5], hue +-18 (OpenCV's 0..180 hue scale)."""
+    if rng.integers(2):
+        image = _affine(image, beta=rng.uniform(-32, 32))
+    contrast_first = bool(rng.integers(2))
+    if contrast_first and rng.integers(2):
+        image = _affine(image, alpha=rng.uniform(0.5, 1.5))
+    if rng.integers(2):
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = _affine(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.integers(-18, 19)) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first and rng.integers(2):
+        image = _affine(image, alpha=rng.uniform(0.5, 1.5))
+    return image
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``(H, W, 3)`` -> float32 ``(3, H, W)``: ``(x / 255 - mean) / std``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return tensor.sub_(mean_t).div_(std_t)
+
+
+def pad_to(image: Tensor, label: Tensor, size: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Pad ``(3, H, W)`` / ``(H, W)`` at the bottom and right to ``size`` (image 0, label
+    ``ignore_index``)."""
+    height, width = label.shape
+    if height >= size and width >= size:
+        return image, label
+    padded_image = image.new_zeros(3, max(height, size), max(width, size))
+    padded_image[:, :height, :width] = image
+    padded_label = label.new_full((max(height, size), max(width, size)), ignore_index)
+    padded_label[:height, :width] = label
+    return padded_image, padded_label
+
+
+def _label_tensor(label: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+
+
+class TrainTransform:
+    """Segmenter training augmentation.
+
+    Random rescale of the short side to ``base_size * U(scale_range)``, random crop to
+    ``crop_size`` with at most ``cat_max_ratio`` of one class (10 tries), horizontal flip
+    (p = 0.5), photometric distortion, normalisation, padding to ``crop_size``.
+
+    Returns ``{"image": (3, crop, crop) float32, "label": (crop, crop) int64}``.
+    """
+
+    def __init__(
+        self,
+        base_size: int,
+        crop_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.base_size = base_size
+        self.crop_size = crop_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.scale_range = scale_range
+        self.cat_max_ratio = cat_max_ratio
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, Tensor]:
+        short_side = self.base_size * rng.uniform(*self.scale_range)
+        image = resize_short_side(image, short_side, cv2.INTER_LINEAR)
+        label = cv2.resize(label, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        image, label = random_crop(
+            image, label, self.crop_size, rng, self.cat_max_ratio, self.ignore_index
+        )
+        if rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        image = photometric_distortion(np.ascontiguousarray(image), rng)
+        image_t, label_t = pad_to(
+            normalize(image, self.mean, self.std),
+            _label_tensor(label),
+            self.crop_size,
+            self.ignore_index,
+        )
+        return {"image": image_t, "label": label_t}
+
+
+class ValTransform:
+    """Validation: the image's short side resized to ``base_size``, then normalised.
+
+    The label stays at its ORIGINAL resolution so that mIoU is measured there; the
+    evaluator upsamples the logits to the label's size. Images of one split therefore
+    differ in size: batch them one at a time (or with a padding collate).
+
+    Returns ``{"image": (3, h, w) float32, "label": (H, W) int64}``.
+    """
+
+    def __init__(self, base_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.base_size = base_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, Tensor]:
+        image = resize_short_side(image, self.base_size, cv2.INTER_LINEAR)
+        return {"image": normalize(image, self.mean, self.std), "label": _label_tensor(label)}
+
+
+class PolicyTransform:
+    """Policy-network samples: the whole image resized to ``size`` (label with nearest
+    interpolation), horizontal flip (p = 0.5 when ``flip``), and its superpatch targets.
+
+    Returns ``{"image": (3, H, W) float32, "target": (H / 2p, W / 2p) int64}`` with
+    targets from :func:`cts.sharing.policy_targets` (1 uniform, 0 not, ``ignore_index``).
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: int | tuple[int, int] = 512,
+        patch_size: int = 16,
+        flip: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.height, self.width = (size, size) if isinstance(size, int) else size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.patch_size = patch_size
+        self.flip = flip
+        self.ignore_index = ignore_index
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, Tensor]:
+        size = (self.width, self.height)
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+        if self.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        targets = policy_targets(_label_tensor(label)[None], self.patch_size, self.ignore_index)
+        return {"image": normalize(image, self.mean, self.std), "target": targets[0]}

@@ -1,0 +1,77 @@
+"""Shared fixtures: a local HTTP file server (127.0.0.1 only) and a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class FileServer:
+    """Serves ``files`` (name -> bytes) at ``url``; supports ``Range: bytes=N-``. With
+    ``drop_after`` set, the first GET sends the full headers but only that many bytes
+    before closing the connection. ``requests`` records (path, Range header) per GET."""
+
+    url: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    drop_after: int | None = None
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            name = self.path.lstrip("/")
+            state.requests.append((name, self.headers.get("Range")))
+            if name not in state.files:
+                self.send_error(404)
+                return
+            data = state.files[name]
+            start = 0
+            if self.headers.get("Range"):
+                start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+                if start >= len(data):
+                    self.send_error(416)
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            body = data[start:]
+            if state.drop_after is not None and len(state.requests) == 1:
+                body = body[: state.drop_after]
+                self.close_connection = True
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def file_server():
+    state = FileServer()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """4 train + 2 val synthetic scenes of 128x128 (read-only: copy before breaking it)."""
+    from cts.data.synthetic import generate_scene_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "tiny"
+    generate_scene_dataset(root, num_train=4, num_val=2, image_size=128, workers=1)
+    return root

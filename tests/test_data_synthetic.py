@@ -1,0 +1,101 @@
+"""Synthetic scenes: determinism, layout, and the properties CTS and the task depend on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cts.data.folder import SegmentationFolder
+from cts.data.info import load_dataset_info
+from cts.data.io import read_image, read_mask
+from cts.data.synthetic import STYLES, generate_scene_dataset, render_scene
+from cts.data.validate import split_statistics, validate_split
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    kwargs = dict(num_train=3, num_val=1, image_size=96, workers=1)
+    first = generate_scene_dataset(tmp_path / "a", seed=7, **kwargs)
+    generate_scene_dataset(tmp_path / "b", seed=7, **kwargs)
+    generate_scene_dataset(tmp_path / "c", seed=8, **kwargs)
+    a, b, c = (_files(tmp_path / n) for n in "abc")
+    assert a == b
+    images = [k for k in a if k.parts[0] in ("images", "masks")]
+    assert len(images) == 8
+    assert all(a[k] != c[k] for k in images)
+    assert first.num_classes == 12 and first.base_size == first.crop_size == 96
+
+
+def test_parallel_generation_matches_serial(tmp_path):
+    kwargs = dict(num_train=4, num_val=2, image_size=64, seed=3)
+    generate_scene_dataset(tmp_path / "serial", workers=1, **kwargs)
+    generate_scene_dataset(tmp_path / "pool", workers=2, **kwargs)
+    assert _files(tmp_path / "serial") == _files(tmp_path / "pool")
+
+
+def test_layout_and_labels(tiny_synthetic):
+    info = load_dataset_info(tiny_synthetic)
+    assert info.class_names == tuple(s.name for s in STYLES)
+    assert validate_split(tiny_synthetic, "train") == []
+    assert validate_split(tiny_synthetic, "val") == []
+    assert len(SegmentationFolder(tiny_synthetic, "train")) == 4
+    for mask_path in (tiny_synthetic / "masks" / "train").glob("*.png"):
+        image = read_image(tiny_synthetic / "images" / "train" / f"{mask_path.stem}.jpg")
+        label = read_mask(mask_path)
+        assert image.shape == (128, 128, 3) and label.shape == (128, 128)
+        classes = set(np.unique(label).tolist()) - {255}
+        assert classes <= set(range(12)) and len(classes) >= 3
+
+
+def test_scene_statistics_at_default_size():
+    rngs = [np.random.default_rng((0, 0, i)) for i in range(12)]
+    scenes = [render_scene(512, 12, rng) for rng in rngs]
+    labels = np.stack([label for _, label in scenes])
+    # Thin structures exist: some class is present only in narrow runs (poles, wires).
+    present = {c: (labels == c).any() for c in range(12)}
+    assert sum(present.values()) >= 10
+    assert (labels == 255).mean() < 0.05 and (labels == 255).any()
+    # Colour alone does not identify a class: nearest class-mean colour on per-image region
+    # means is far from perfect.
+    means, classes = [], []
+    for image, label in scenes:
+        for c in np.unique(label):
+            if c != 255 and (label == c).sum() > 50:
+                means.append(image[label == c].mean(0))
+                classes.append(c)
+    means, classes = np.array(means), np.array(classes)
+    centroids = {c: means[classes == c].mean(0) for c in np.unique(classes)}
+    keys = np.array(list(centroids))
+    distance = ((means[:, None] - np.stack(list(centroids.values()))[None]) ** 2).sum(-1)
+    accuracy = (keys[distance.argmin(1)] == classes).mean()
+    assert accuracy < 0.5
+
+
+def test_uniform_superpatch_fraction_in_ade20k_range(tmp_path):
+    generate_scene_dataset(tmp_path / "s", num_train=10, num_val=1, image_size=512, workers=1)
+    stats = split_statistics(tmp_path / "s", "train", crop_size=512, patch_size=16)
+    assert 0.4 <= stats.uniform_fraction <= 0.7
+    assert stats.classes["frequency"].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("num_classes", [3, 14])
+def test_class_count(tmp_path, num_classes):
+    info = generate_scene_dataset(
+        tmp_path / "s", num_train=6, num_val=1, image_size=96, num_classes=num_classes, workers=1
+    )
+    assert info.num_classes == num_classes
+    values = np.unique([read_mask(p) for p in (tmp_path / "s" / "masks").rglob("*.png")])
+    assert set(values.tolist()) - {255} <= set(range(num_classes))
+
+
+def test_existing_root_refused_and_nothing_left_behind(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        generate_scene_dataset(root, num_train=1, num_val=1, image_size=64)
+    with pytest.raises(ValueError, match="num_classes"):
+        generate_scene_dataset(tmp_path / "t", num_train=1, num_val=1, num_classes=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
