@@ -1,0 +1,99 @@
+import math
+
+import cv2
+import pytest
+import torch
+import torch.distributed as dist
+
+import cts  # noqa: F401  (applies the torchvision import fix)
+from cts.metrics import SegmentationMetric, confusion_matrix_image, per_class_table
+
+# Two 2x3 maps; the 255 pixel is predicted as class 2 and must not count anywhere.
+TARGET = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
+PRED = torch.tensor([[[0, 1, 1], [1, 0, 2]]])
+
+
+def test_hand_computed_values():
+    metric = SegmentationMetric(3)
+    metric.update(PRED, TARGET)
+    # valid (gt, pred) pairs: (0,0) (0,1) (1,1) (1,1) (2,0)
+    assert metric.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    # IoU: 1/(2+2-1), 2/(2+3-2), 0/(1+0-0); acc: 1/2, 2/2, 0/1; pixel acc 3/5
+    assert metric.per_class_iou() == pytest.approx([100 / 3, 200 / 3, 0.0])
+    assert metric.per_class_acc() == pytest.approx([50.0, 100.0, 0.0])
+    assert metric.compute() == pytest.approx({"mIoU": 100 / 3, "pixel_acc": 60.0, "mean_acc": 50.0})
+
+
+def test_updates_accumulate_like_one_batch():
+    a, b = SegmentationMetric(3), SegmentationMetric(3)
+    a.update(PRED, TARGET)
+    a.update(PRED.flip(-1), TARGET.flip(-1))
+    b.update(torch.cat([PRED, PRED.flip(-1)]), torch.cat([TARGET, TARGET.flip(-1)]))
+    assert torch.equal(a.confusion, b.confusion)
+    assert a.confusion.sum() == 10
+
+
+def test_ignore_only_batch_leaves_matrix_empty():
+    metric = SegmentationMetric(3)
+    metric.update(torch.ones(2, 4, 4, dtype=torch.int64), torch.full((2, 4, 4), 255))
+    assert metric.confusion.sum() == 0
+    assert all(math.isnan(v) for v in metric.compute().values())
+
+
+def test_absent_classes_are_excluded_from_means():
+    metric = SegmentationMetric(4)  # class 3 never appears: nan, left out of every mean
+    metric.update(PRED, TARGET)
+    iou = metric.per_class_iou()
+    assert math.isnan(iou[3]) and iou[:3] == pytest.approx([100 / 3, 200 / 3, 0.0])
+    assert metric.compute() == pytest.approx({"mIoU": 100 / 3, "pixel_acc": 60.0, "mean_acc": 50.0})
+
+
+def test_predicted_but_absent_from_gt_counts_as_zero_iou():
+    metric = SegmentationMetric(3)
+    metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]))
+    iou, acc = metric.per_class_iou(), metric.per_class_acc()
+    assert iou[:2] == pytest.approx([50.0, 0.0]) and math.isnan(iou[2])
+    assert acc[0] == pytest.approx(50.0) and math.isnan(acc[1]) and math.isnan(acc[2])
+    assert metric.compute() == pytest.approx({"mIoU": 25.0, "pixel_acc": 50.0, "mean_acc": 50.0})
+
+
+def test_uint8_labels():
+    metric = SegmentationMetric(3)
+    metric.update(PRED, TARGET.to(torch.uint8))
+    assert metric.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_reduce_distributed(tmp_path):
+    metric = SegmentationMetric(3)
+    metric.update(PRED, TARGET)
+    metric.reduce_distributed()  # not initialised: no-op
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        metric.reduce_distributed()
+    finally:
+        dist.destroy_process_group()
+    assert metric.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_per_class_table():
+    metric = SegmentationMetric(3)
+    metric.update(PRED, TARGET)
+    table = per_class_table(metric, ["wall", "floor", "sky"])
+    assert list(table.columns) == ["class", "iou", "acc", "gt_pixels"]
+    assert table["class"].tolist() == ["wall", "floor", "sky"]
+    assert table["gt_pixels"].tolist() == [2, 2, 1]
+    assert table["iou"].tolist() == pytest.approx([100 / 3, 200 / 3, 0.0])
+
+
+def test_confusion_matrix_image(tmp_path):
+    names = ["wall", "chest of drawers", "sky", "absent"]
+    metric = SegmentationMetric(4)
+    metric.update(PRED, TARGET)
+    path = tmp_path / "confusion.png"
+    confusion_matrix_image(metric.confusion, names, path, cell=20)
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] == image.shape[1] > 4 * 20
+    # Bottom-right cell is the empty row of the absent class: darkest colour of the map.
+    empty = cv2.applyColorMap(torch.zeros(1, 1, dtype=torch.uint8).numpy(), cv2.COLORMAP_VIRIDIS)
+    assert (image[-10, -10] == empty[0, 0]).all()
