@@ -9,7 +9,13 @@ from cts.models.segmenter import (
     SegmenterOutput,
     build_segmenter,
 )
-from cts.models.vit import PAPER_BACKBONES, CTSViTEncoder, create_vit, supported_backbones
+from cts.models.vit import (
+    PAPER_BACKBONES,
+    CTSViTEncoder,
+    backbone_normalization,
+    create_vit,
+    supported_backbones,
+)
 
 __all__ = [
     "PAPER_BACKBONES",
@@ -21,6 +27,7 @@ __all__ = [
     "Segmenter",
     "SegmenterConfig",
     "SegmenterOutput",
+    "backbone_normalization",
     "build_decoder",
     "build_segmenter",
     "create_vit",

@@ -131,3 +131,11 @@ class CTSViTEncoder(nn.Module):
         x = vit.blocks(x)
         x = vit.norm(x)
         return x[:, self.num_prefix_tokens :]
+
+
+def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the backbone was pretrained with (ViT augreg: 0.5; DeiT: ImageNet)."""
+    config = timm.get_pretrained_cfg(name)
+    if config is None:
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return tuple(config.mean), tuple(config.std)

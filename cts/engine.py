@@ -1,0 +1,281 @@
+"""Training engine: device and precision, distributed setup, resumable training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from cts.checkpoint import load_checkpoint, save_checkpoint, unwrap
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if name not in DEVICES:
+        raise ValueError(f"device={name!r}: allowed {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is available: use auto or cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``precision`` (fp32: none)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: allowed {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision=fp16 needs a CUDA device: use bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision=bf16 is not supported by {torch.cuda.get_device_name()}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Join the process group torchrun describes in the environment (nccl on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+def wrap_distributed(model: nn.Module, context: DistributedContext, device: torch.device):
+    if not context.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def poly_schedule(iterations: int, power: float = 0.9, warmup: int = 0) -> Callable[[int], float]:
+    """LR factor: linear warm-up, then polynomial decay to 0 at ``iterations``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(iterations - warmup, 1)
+        return max(1.0 - progress, 0.0) ** power
+
+    return factor
+
+
+def batches_from(loader: DataLoader, start_iteration: int = 0) -> Iterator[dict]:
+    """Endless batches, epoch after epoch, positioned at ``start_iteration`` (for resuming)."""
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError("the training loader yields no batch: fewer samples than batch_size")
+    epoch, skip = divmod(start_iteration, per_epoch)
+    while True:
+        loader.sampler.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            if index >= skip:
+                yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    iteration: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    fingerprint: str,
+) -> TrainState | None:
+    """Restore a run from its last checkpoint if it was made with the same settings."""
+    if not path.is_file():
+        return None
+    payload = load_checkpoint(path)
+    if payload.get("fingerprint") != fingerprint:
+        return None
+    unwrap(model).load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    return TrainState(payload["iteration"], payload["history"])
+
+
+@dataclass
+class TrainLoop:
+    """A resumable, iteration-based loop with gradient accumulation and mixed precision.
+
+    ``loss_fn(model, batch)`` returns the scalar loss of one micro-batch already on device.
+    ``evaluate(model)`` (optional, every ``eval_every``) returns metrics for the history.
+    ``checkpoint_payload()`` returns what to store besides the training state (config...).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable[[nn.Module, dict], Tensor]
+    iterations: int
+    device: torch.device
+    precision: str = "fp32"
+    grad_accum_steps: int = 1
+    checkpoint_path: Path | None = None
+    checkpoint_every: int = 0
+    checkpoint_payload: Callable[[], dict[str, Any]] = dict
+    fingerprint: str = ""
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    eval_every: int = 0
+    log_every: int = 10
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    context: DistributedContext = field(default_factory=DistributedContext)
+    description: str = "train"
+
+    def _save(self, state: TrainState) -> None:
+        if self.checkpoint_path is None or not self.context.is_main:
+            return
+        payload = self.checkpoint_payload()
+        payload.update(
+            model=unwrap(self.model).state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            iteration=state.iteration,
+            history=state.history,
+            fingerprint=self.fingerprint,
+            torch_rng=torch.get_rng_state(),
+        )
+        save_checkpoint(self.checkpoint_path, payload)
+
+    def _log(self, state: TrainState, row: dict[str, float]) -> None:
+        row = {"step": state.iteration, **row}
+        state.history.append(row)
+        if self.on_log is not None and self.context.is_main:
+            self.on_log(state.iteration, row)
+
+    def _step(self, batches: Iterator[dict]) -> float:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss."""
+        scaler_needed = self.precision == "fp16"
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum_steps):
+            batch = {
+                k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
+                for k, v in next(batches).items()
+            }
+            sync = micro == self.grad_accum_steps - 1 or not self.context.enabled
+            sync_context = contextlib.nullcontext() if sync else self.model.no_sync()
+            with sync_context, autocast(self.device, self.precision):
+                loss = self.loss_fn(self.model, batch) / self.grad_accum_steps
+            (self._scaler.scale(loss) if scaler_needed else loss).backward()
+            total += loss.detach()
+        if scaler_needed:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        value = total.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training diverged at iteration {self.scheduler.last_epoch}: loss={value}; "
+                "lower lr or use precision fp32"
+            )
+        return value
+
+    def run(self, state: TrainState, batches: Iterator[dict]) -> TrainState:
+        self._scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        self.model.train()
+        running, count = 0.0, 0
+        with progress_bar() as bar:
+            task = bar.add_task(
+                self.description,
+                total=self.iterations,
+                completed=state.iteration,
+                status="",
+                visible=self.context.is_main,
+            )
+            while state.iteration < self.iterations:
+                running += self._step(batches)
+                count += 1
+                state.iteration += 1
+                if state.iteration % self.log_every == 0 or state.iteration == self.iterations:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self._log(state, {"loss": running / count, "lr": lr})
+                    bar.update(task, status=f"loss {running / count:.4f}")
+                    running, count = 0.0, 0
+                if (
+                    self.evaluate is not None
+                    and self.eval_every
+                    and (
+                        state.iteration % self.eval_every == 0 or state.iteration == self.iterations
+                    )
+                ):
+                    # Rank 0 evaluates the bare module: a DDP forward would wait for the others.
+                    if self.context.is_main:
+                        self._log(state, self.evaluate(unwrap(self.model)))
+                    self.model.train()
+                if self.checkpoint_every and state.iteration % self.checkpoint_every == 0:
+                    self._save(state)
+                bar.update(task, completed=state.iteration)
+        self._save(state)
+        return state
