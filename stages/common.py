@@ -1,0 +1,76 @@
+"""What the stage modules share: artifact paths, building objects from params, output files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cts.checkpoint import load_policy_weights
+from cts.data.info import DatasetInfo, load_dataset_info
+from cts.data.io import write_bytes_atomic
+from cts.models import Segmenter, SegmenterConfig
+from stages.params import patch_size_of
+
+PREPROCESSED = Path("preprocessed")
+POLICY_TARGETS = PREPROCESSED / "policy_targets.npz"
+CHECKPOINTS = Path("checkpoints")
+POLICY_CHECKPOINT = CHECKPOINTS / "policy.pt"
+SEGMENTER_CHECKPOINT = CHECKPOINTS / "segmenter.pt"
+RESUME_DIR = CHECKPOINTS / "resume"
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORTS = Path("reports")
+
+
+class StageOrderError(RuntimeError):
+    """An input another stage produces is missing."""
+
+
+def require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise StageOrderError(f"{path} not found: run `cts {stage}` (or `dvc repro {stage}`) first")
+    return path
+
+
+def dataset_info(params: dict[str, Any]) -> DatasetInfo:
+    return load_dataset_info(params["data_root"])
+
+
+def segmenter_config(params: dict[str, Any], num_classes: int) -> SegmenterConfig:
+    return SegmenterConfig(
+        backbone=params["backbone"],
+        num_classes=num_classes,
+        crop_size=params["crop_size"],
+        num_tokens_shared=params["num_tokens_shared"],
+        policy=params["policy"],
+        decoder=params["decoder"],
+        depth=params["depth"],
+        pretrained=params["pretrained"],
+        drop_path_rate=params["drop_path_rate"],
+        policy_feature_stride=params["policy_feature_stride"],
+        policy_input_scale=params["policy_input_scale"],
+    )
+
+
+def build_segmenter_for_training(params: dict[str, Any], num_classes: int) -> Segmenter:
+    """Segmenter from params, with the trained policy network loaded when the policy uses it."""
+    model = Segmenter(segmenter_config(params, num_classes))
+    if model.policy_net is not None:
+        load_policy_weights(model.policy_net, require(POLICY_CHECKPOINT, "train_policy"))
+    return model
+
+
+def superpatch_patch_size(params: dict[str, Any]) -> int:
+    return patch_size_of(params["backbone"])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Metrics files are replaced atomically: a reader never sees half a file."""
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> Path:
+    return write_bytes_atomic(path, table.to_csv(index=False).encode())

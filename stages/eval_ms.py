@@ -1,0 +1,13 @@
+"""Stage `eval_ms`: multi-scale + horizontal-flip sliding-window evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages.evaluation import run_evaluation
+
+PARAMS = ("data_root", "ms_scales", "device", "precision", "num_workers", "mlflow_tracking_uri")
+
+
+def run(params: dict[str, Any]) -> None:
+    run_evaluation(params, "eval_ms", scales=params["ms_scales"], flip=True)

@@ -1,0 +1,13 @@
+"""Stage `eval_ss`: single-scale sliding-window evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages.evaluation import run_evaluation
+
+PARAMS = ("data_root", "device", "precision", "num_workers", "mlflow_tracking_uri")
+
+
+def run(params: dict[str, Any]) -> None:
+    run_evaluation(params, "eval_ss", scales=(1.0,), flip=False)

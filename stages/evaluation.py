@@ -1,0 +1,124 @@
+"""Evaluation shared by the `eval_ss` and `eval_ms` stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cts.checkpoint import load_segmenter
+from cts.data.folder import SegmentationFolder
+from cts.data.loader import build_loader
+from cts.data.transforms import ValTransform
+from cts.engine import autocast, resolve_device
+from cts.inference import evaluate
+from cts.metrics import confusion_matrix_image, per_class_table
+from cts.models import Segmenter
+from cts.tracking import log_metrics_file, stage_run
+from cts.visualize import denormalize, outline_shared, overlay, palette
+from stages.common import METRICS, REPORTS, SEGMENTER_CHECKPOINT, require, write_csv, write_json
+
+NUM_PICTURES = 4
+
+
+@torch.inference_mode()
+def write_pictures(model: Segmenter, dataset: SegmentationFolder, out_dir, device) -> list:
+    """Image | prediction overlay with shared superpatches outlined | ground truth, per image."""
+    config = model.config
+    colours = palette(config.num_classes)
+    crop = config.crop_size
+    paths = []
+    for index in range(min(NUM_PICTURES, len(dataset))):
+        sample = dataset[index]
+        image = F.interpolate(sample["image"][None], size=(crop, crop), mode="bilinear")
+        label = F.interpolate(
+            sample["label"][None, None].float(), size=(crop, crop), mode="nearest"
+        )[0, 0].long()
+        out = model(image.to(device), label[None].to(device))
+        rgb = denormalize(image[0].numpy(), config.mean, config.std)
+        prediction = out.logits.argmax(1)[0].cpu().numpy()
+        shared = out.shared[0].cpu().numpy()
+        panels = [
+            rgb,
+            outline_shared(overlay(rgb, prediction, colours), shared, 2 * model.patch_size),
+            overlay(rgb, label.numpy(), colours),
+        ]
+        path = out_dir / f"{sample['name']}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(panels, axis=1), cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
+
+
+def run_evaluation(
+    params: dict[str, Any], stage: str, scales: Sequence[float], flip: bool
+) -> dict[str, float]:
+    """Sliding-window evaluation of the trained Segmenter on the validation split."""
+    device = resolve_device(params["device"])
+    model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
+    info = SegmentationFolder(params["data_root"], "val").info
+    dataset = SegmentationFolder(
+        params["data_root"],
+        "val",
+        ValTransform(info.base_size, model.config.mean, model.config.std),
+    )
+    loader = build_loader(dataset, 1, False, params["num_workers"], 0, drop_last=False)
+    reports = REPORTS / stage
+    reports.mkdir(parents=True, exist_ok=True)
+    with stage_run(
+        stage,
+        params,
+        uri=params["mlflow_tracking_uri"],
+        upstream_metrics=[METRICS / "policy.json", METRICS / "train.json"],
+    ):
+        import mlflow
+
+        with autocast(device, params["precision"]):
+            metric = evaluate(
+                lambda images: model(images).logits,
+                loader,
+                info.num_classes,
+                info.base_size,
+                info.window,
+                info.stride,
+                device,
+                scales=tuple(scales),
+                flip=flip,
+            )
+        results = {
+            **metric.compute(),
+            "num_tokens_shared": model.num_tokens_shared,
+            "policy": model.config.policy,
+            "scales": list(scales),
+            "flip": flip,
+        }
+        table = per_class_table(metric, list(info.class_names))
+        write_csv(METRICS / f"per_class_iou_{stage.split('_')[1]}.csv", table)
+        confusion_matrix_image(
+            metric.confusion.cpu(), list(info.class_names), reports / "confusion_matrix.png"
+        )
+        pictures = write_pictures(
+            model,
+            SegmentationFolder(
+                params["data_root"],
+                "val",
+                ValTransform(info.base_size, model.config.mean, model.config.std),
+            ),
+            reports,
+            device,
+        )
+        write_json(METRICS / f"{stage}.json", results)
+        log_metrics_file(METRICS / f"{stage}.json")
+        if mlflow.active_run() is not None:
+            mlflow.log_artifact(str(METRICS / f"per_class_iou_{stage.split('_')[1]}.csv"))
+            mlflow.log_artifact(str(reports / "confusion_matrix.png"), artifact_path=stage)
+            for path in pictures:
+                mlflow.log_artifact(str(path), artifact_path=f"{stage}/predictions")
+    print(
+        f"{stage}: mIoU {results['mIoU']:.2f}  pixel acc {results['pixel_acc']:.2f}  "
+        f"mean acc {results['mean_acc']:.2f}"
+    )
+    return results

@@ -1,0 +1,191 @@
+"""Stage `train_policy`: train the policy network on superpatch targets, alone, before Segmenter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cts.checkpoint import policy_payload, save_checkpoint
+from cts.data.folder import SegmentationFolder
+from cts.data.loader import build_loader
+from cts.data.transforms import PolicyTransform
+from cts.engine import (
+    TrainLoop,
+    TrainState,
+    autocast,
+    batches_from,
+    init_distributed,
+    poly_schedule,
+    resolve_device,
+    resume,
+    seed_everything,
+    wrap_distributed,
+)
+from cts.metrics import PolicyMetric
+from cts.models import PolicyNet, backbone_normalization
+from cts.tracking import log_json_metrics, log_metrics_file, stage_run
+from stages.common import (
+    METRICS,
+    PLOTS,
+    POLICY_CHECKPOINT,
+    POLICY_TARGETS,
+    RESUME_DIR,
+    dataset_info,
+    require,
+    write_csv,
+    write_json,
+)
+from stages.fingerprint import fingerprint
+from stages.params import patch_size_of
+
+PARAMS = (
+    "data_root",
+    "backbone",
+    "pretrained",
+    "crop_size",
+    "policy_feature_stride",
+    "policy_input_scale",
+    "policy_iterations",
+    "policy_batch_size",
+    "policy_lr",
+    "policy_weight_decay",
+    "device",
+    "precision",
+    "seed",
+    "num_workers",
+    "mlflow_tracking_uri",
+)
+
+
+def paper_k(crop_size: int, patch_size: int) -> int:
+    """K of the paper's 30% token reduction: ceil(N / 10) (103 at 512, 90 at 480, 160 at 640)."""
+    return math.ceil((crop_size // patch_size) ** 2 / 10)
+
+
+@torch.inference_mode()
+def evaluate_policy(
+    policy: nn.Module,
+    loader,
+    targets: dict[str, np.ndarray],
+    grid: tuple[int, int],
+    ks: list[int],
+    device: torch.device,
+    precision: str,
+) -> PolicyMetric:
+    """Accuracy and precision@K on the validation split against the preprocessed targets."""
+    policy.eval()
+    metric = PolicyMetric(ks)
+    for batch in loader:
+        with autocast(device, precision):
+            scores = policy.share_scores(batch["image"].to(device), grid)
+        reference = torch.stack(
+            [torch.from_numpy(targets[f"val/{name}"].astype(np.int64)) for name in batch["name"]]
+        )
+        metric.update(scores.cpu(), reference.flatten(1))
+    return metric
+
+
+def run(params: dict[str, Any], resume_training: bool = True) -> None:
+    info = dataset_info(params)
+    targets = dict(np.load(require(POLICY_TARGETS, "preprocess")))
+    seed_everything(params["seed"])
+    device = resolve_device(params["device"])
+    context = init_distributed(device)
+    mean, std = backbone_normalization(params["backbone"])
+    patch = patch_size_of(params["backbone"])
+    crop = params["crop_size"]
+    grid = (crop // (2 * patch),) * 2
+
+    policy = PolicyNet(
+        pretrained=params["pretrained"],
+        feature_stride=params["policy_feature_stride"],
+        input_scale=params["policy_input_scale"],
+        input_mean=mean,
+        input_std=std,
+    ).to(device)
+    train_set = SegmentationFolder(
+        params["data_root"], "train", PolicyTransform(mean, std, crop, patch, flip=True)
+    )
+    val_set = SegmentationFolder(
+        params["data_root"], "val", PolicyTransform(mean, std, crop, patch, flip=False)
+    )
+    batch_size = params["policy_batch_size"]
+    train_loader = build_loader(
+        train_set,
+        batch_size,
+        True,
+        params["num_workers"],
+        params["seed"],
+        drop_last=True,
+        distributed=context.enabled,
+    )
+    val_loader = build_loader(val_set, batch_size, False, 0, params["seed"], drop_last=False)
+
+    iterations = params["policy_iterations"]
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=params["policy_lr"], weight_decay=params["policy_weight_decay"]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(iterations))
+    model = wrap_distributed(policy, context, device)
+    key = fingerprint(params, PARAMS)
+    resume_path = RESUME_DIR / f"policy-{key}.pt"
+    state = resume(resume_path, model, optimizer, scheduler, key) if resume_training else None
+    state = state or TrainState()
+    if state.iteration:
+        print(f"resuming policy training at iteration {state.iteration} from {resume_path}")
+
+    def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
+        logits = net(batch["image"], grid)
+        return F.cross_entropy(logits.float(), batch["target"], ignore_index=info.ignore_index)
+
+    num_superpatches = grid[0] * grid[1]
+    k = paper_k(crop, patch)
+    curve_ks = sorted({*range(0, num_superpatches + 1, max(num_superpatches // 32, 1)), k})
+
+    with stage_run("train_policy", params, uri=params["mlflow_tracking_uri"]):
+        loop = TrainLoop(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            iterations=iterations,
+            device=device,
+            precision=params["precision"],
+            checkpoint_path=resume_path,
+            checkpoint_every=max(iterations // 5, 1),
+            fingerprint=key,
+            log_every=10,
+            context=context,
+            description="train_policy",
+            on_log=lambda step, row: log_json_metrics({"train_loss": row["loss"]}, step=step),
+        )
+        state = loop.run(state, batches_from(train_loader, state.iteration))
+        if not context.is_main:
+            return
+        metric = evaluate_policy(
+            policy, val_loader, targets, grid, curve_ks, device, params["precision"]
+        )
+        save_checkpoint(POLICY_CHECKPOINT, policy_payload(policy, history=state.history))
+        results = {
+            "accuracy": metric.accuracy(),
+            "precision_at_k": metric.precision(k),
+            "k": k,
+            "iterations": iterations,
+            "final_loss": state.history[-1]["loss"],
+        }
+        write_json(METRICS / "policy.json", results)
+        curve = [{"k": kk, "precision": metric.precision(kk)} for kk in curve_ks if kk > 0]
+        write_csv(PLOTS / "policy_precision.csv", pd.DataFrame(curve))
+        write_csv(PLOTS / "policy_loss.csv", pd.DataFrame(state.history))
+        log_metrics_file(METRICS / "policy.json")
+    resume_path.unlink(missing_ok=True)
+    print(
+        f"policy: accuracy {results['accuracy']:.1f}%, precision@{k} "
+        f"{results['precision_at_k']:.1f}% -> {POLICY_CHECKPOINT}"
+    )

@@ -1,0 +1,214 @@
+"""Stage `train_segmenter`: Segmenter + CTS with the trained policy network frozen."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cts.checkpoint import save_checkpoint, segmenter_payload
+from cts.data.folder import SegmentationFolder
+from cts.data.loader import build_loader
+from cts.data.transforms import TrainTransform, ValTransform
+from cts.engine import (
+    TrainLoop,
+    TrainState,
+    autocast,
+    batches_from,
+    init_distributed,
+    poly_schedule,
+    resolve_device,
+    resume,
+    seed_everything,
+    wrap_distributed,
+)
+from cts.inference import evaluate
+from cts.tracking import log_json_metrics, log_metrics_file, stage_run
+from stages.common import (
+    METRICS,
+    PLOTS,
+    RESUME_DIR,
+    SEGMENTER_CHECKPOINT,
+    build_segmenter_for_training,
+    dataset_info,
+    write_csv,
+    write_json,
+)
+from stages.fingerprint import fingerprint
+
+PARAMS = (
+    "data_root",
+    "backbone",
+    "depth",
+    "pretrained",
+    "crop_size",
+    "num_tokens_shared",
+    "policy",
+    "decoder",
+    "drop_path_rate",
+    "policy_feature_stride",
+    "policy_input_scale",
+    "optimizer",
+    "iterations",
+    "batch_size",
+    "grad_accum_steps",
+    "lr",
+    "weight_decay",
+    "warmup_iterations",
+    "eval_every",
+    "checkpoint_every",
+    "device",
+    "precision",
+    "seed",
+    "num_workers",
+    "mlflow_tracking_uri",
+)
+
+
+def build_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if params["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=params["lr"], momentum=0.9, weight_decay=params["weight_decay"]
+        )
+    return torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
+
+
+def run(params: dict[str, Any], resume_training: bool = True) -> None:
+    info = dataset_info(params)
+    seed_everything(params["seed"])
+    device = resolve_device(params["device"])
+    context = init_distributed(device)
+    segmenter = build_segmenter_for_training(params, info.num_classes).to(device)
+    mean, std = segmenter.config.mean, segmenter.config.std
+
+    batch_size, accum = params["batch_size"], params["grad_accum_steps"]
+    if batch_size % accum:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of grad_accum_steps={accum}")
+    train_set = SegmentationFolder(
+        params["data_root"],
+        "train",
+        TrainTransform(
+            info.base_size, params["crop_size"], mean, std, ignore_index=info.ignore_index
+        ),
+    )
+    train_loader = build_loader(
+        train_set,
+        batch_size // accum // context.world_size,
+        True,
+        params["num_workers"],
+        params["seed"],
+        drop_last=True,
+        distributed=context.enabled,
+    )
+    val_set = SegmentationFolder(
+        params["data_root"], "val", ValTransform(info.base_size, mean, std)
+    )
+    val_loader = build_loader(val_set, 1, False, 0, params["seed"], drop_last=False)
+
+    iterations = params["iterations"]
+    optimizer = build_optimizer(segmenter, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_schedule(iterations, 0.9, params["warmup_iterations"])
+    )
+    model = wrap_distributed(segmenter, context, device)
+    key = fingerprint(params, PARAMS)
+    resume_path = RESUME_DIR / f"segmenter-{key}.pt"
+    state = resume(resume_path, model, optimizer, scheduler, key) if resume_training else None
+    state = state or TrainState()
+    if state.iteration:
+        print(f"resuming segmenter training at iteration {state.iteration} from {resume_path}")
+
+    def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
+        out = net(batch["image"], batch["label"])
+        return F.cross_entropy(out.logits.float(), batch["label"], ignore_index=info.ignore_index)
+
+    def validate(net: nn.Module) -> dict[str, float]:
+        net.eval()
+        with autocast(device, params["precision"]):
+            metric = evaluate(
+                lambda images: net(images).logits,
+                val_loader,
+                info.num_classes,
+                info.base_size,
+                info.window,
+                info.stride,
+                device,
+                progress=False,
+            )
+        return {"val_" + key: value for key, value in metric.compute().items()}
+
+    def on_log(step: int, row: dict[str, float]) -> None:
+        log_json_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    with stage_run(
+        "train_segmenter",
+        params,
+        uri=params["mlflow_tracking_uri"],
+        upstream_metrics=[METRICS / "policy.json"],
+    ):
+        started = time.perf_counter()
+        loop = TrainLoop(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            iterations=iterations,
+            device=device,
+            precision=params["precision"],
+            grad_accum_steps=accum,
+            checkpoint_path=resume_path,
+            checkpoint_every=params["checkpoint_every"],
+            fingerprint=key,
+            evaluate=validate,
+            eval_every=params["eval_every"],
+            log_every=10,
+            on_log=on_log,
+            context=context,
+            description="train_segmenter",
+        )
+        state = loop.run(state, batches_from(train_loader, state.iteration))
+        if not context.is_main:
+            return
+        seconds = time.perf_counter() - started
+        save_checkpoint(SEGMENTER_CHECKPOINT, segmenter_payload(segmenter, history=state.history))
+        losses = [row for row in state.history if "loss" in row]
+        evals = [row for row in state.history if "val_mIoU" in row]
+        write_csv(PLOTS / "train_loss.csv", pd.DataFrame(losses)[["step", "loss", "lr"]])
+        if evals:
+            curve = pd.DataFrame(evals).rename(columns={"val_mIoU": "mIoU"})
+            write_csv(PLOTS / "val_miou.csv", curve[["step", "mIoU"]])
+        results = {
+            "final_loss": losses[-1]["loss"],
+            "val_mIoU": evals[-1]["val_mIoU"] if evals else None,
+            "iterations": iterations,
+            "train_seconds_this_run": seconds,
+        }
+        write_json(METRICS / "train.json", results)
+        log_metrics_file(METRICS / "train.json")
+        log_model(segmenter)
+    resume_path.unlink(missing_ok=True)
+    print(f"segmenter: final loss {results['final_loss']:.4f} -> {SEGMENTER_CHECKPOINT}")
+
+
+def log_model(model: nn.Module) -> None:
+    """The model via MLflow's pytorch flavour, next to the checkpoint artifact."""
+    import logging
+
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    # Pickle is the format that needs no example input; its safety warning is for loaders.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    mlflow.log_artifact(str(SEGMENTER_CHECKPOINT), artifact_path="checkpoints")
+    mlflow.pytorch.log_model(
+        model.cpu().eval(),
+        name="model",
+        serialization_format="pickle",
+        pip_requirements=["torch", "timm", "cts"],
+    )
