@@ -56,12 +56,18 @@ def segmenter_payload(model: Segmenter, **extra: Any) -> dict[str, Any]:
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:
     """Rebuild a Segmenter from a checkpoint written by :func:`segmenter_payload`, eval mode."""
-    payload = load_checkpoint(path, map_location)
-    if payload.get("kind") != "cts.segmenter":
-        raise ValueError(
-            f"checkpoint {path} is not a cts Segmenter checkpoint (keys: {sorted(payload)[:6]})"
-        )
-    config = dict(payload["config"], pretrained=False)
+    return segmenter_from_payload(load_checkpoint(path, map_location), path)
+
+
+def segmenter_from_payload(payload: dict, path: str | os.PathLike = "checkpoint") -> Segmenter:
+    """The Segmenter a :func:`segmenter_payload` dict describes, weights loaded, eval mode."""
+    if not isinstance(payload, dict) or payload.get("kind") != "cts.segmenter":
+        keys = sorted(payload)[:6] if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"checkpoint {path} is not a cts Segmenter checkpoint (keys: {keys})")
+    # The weights are in the checkpoint: no hub download, no pretrained files needed.
+    config = dict(
+        payload["config"], pretrained=False, pretrained_path=None, policy_pretrained_path=None
+    )
     model = Segmenter(SegmenterConfig(**config))
     model.load_state_dict(payload["model"])
     return model.eval()

@@ -100,6 +100,112 @@ def benchmark(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
     _run("benchmark", params, set_)
 
 
+def _report_error(command: str, error: Exception) -> None:
+    """One line for the user, as the stages do; CTS_DEBUG=1 shows the traceback."""
+    if os.environ.get("CTS_DEBUG"):
+        raise error
+    text = str(error) or type(error).__name__
+    if not isinstance(error, ValueError | FileNotFoundError | RuntimeError | OSError):
+        text = f"{type(error).__name__}: {text}"
+    _fail(f"{command}: {text}")
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    path: Annotated[
+        Path,
+        typer.Argument(help="Original checkpoint.pth, its folder, or the variant.yml beside it."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="cts checkpoint to write.")] = Path(
+        "checkpoints/imported.pt"
+    ),
+    num_tokens_shared: Annotated[
+        int | None,
+        typer.Option(
+            "--num-tokens-shared",
+            "-k",
+            help="K superpatches sharing a token (default: the CTS checkpoint's; 0 without).",
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="none | policy_net | random | oracle (default: policy_net when the "
+            "checkpoint holds one, else none)."
+        ),
+    ] = None,
+) -> None:
+    """Convert a rstrudel/segmenter or tue-mps/cts-segmenter checkpoint to cts's format."""
+    try:
+        from cts.convert import import_to_file
+
+        written, model, source = import_to_file(path, out, num_tokens_shared, policy)
+    except KeyboardInterrupt:
+        _fail("import-checkpoint interrupted")
+    except Exception as error:
+        _report_error("import-checkpoint", error)
+    config = model.config
+    unused = len(source["dropped_keys"])
+    dropped = f", dropped {unused} unused keys" if unused else ""
+    typer.echo(
+        f"imported {source['layout']} {source['backbone']} -> {config.backbone} "
+        f"({config.depth} blocks, {config.num_classes} classes, crop {config.crop_size}, "
+        f"policy {config.policy}, K {model.num_tokens_shared}{dropped}): {written}"
+    )
+
+
+@app.command("predict")
+def predict(
+    inputs: Annotated[
+        Path, typer.Argument(help="An image, or a folder of .jpg/.png images (recursive).")
+    ],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="cts checkpoint, or an original Segmenter/CTS checkpoint."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")],
+    num_tokens_shared: Annotated[
+        int | None,
+        typer.Option("--num-tokens-shared", "-k", help="K (default: the checkpoint's)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    short_side: Annotated[
+        int | None, typer.Option(help="Resize images to this short side (default: the crop).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option(help="Sliding-window stride (default: the crop).")
+    ] = None,
+) -> None:
+    """Segment images: label ids, colours, overlay and the shared superpatches per image."""
+    try:
+        from cts.convert import load_model
+        from cts.engine import resolve_device
+        from cts.predict import Predictor, find_images, predict_images
+
+        find_images(inputs)  # a missing input fails before the model loads
+        target = resolve_device(device)
+        predictor = Predictor(
+            load_model(model, target, num_tokens_shared),
+            target,
+            num_tokens_shared,
+            short_side,
+            stride,
+        )
+        report = predict_images(predictor, inputs, out)
+    except KeyboardInterrupt:
+        _fail("predict interrupted")
+    except Exception as error:
+        _report_error("predict", error)
+    for image, reason in report.skipped:
+        typer.secho(f"skipped {image}: {reason}", fg=typer.colors.YELLOW, err=True)
+    skipped = f", skipped {len(report.skipped)} unreadable" if report.skipped else ""
+    typer.echo(f"predicted {len(report.written)} image(s) into {out}{skipped}")
+    if not report.written:
+        _fail("predict: no image could be read")
+
+
 def main() -> None:
     # The pipeline layer lives next to params.yaml; make it importable from the repository.
     sys.path.insert(0, os.getcwd())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import timm
@@ -9,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cts.models.pretrained import check_hub_weights, load_backbone_weights
+
+BACKBONE = "efficientnet_lite0"
 # efficientnet_lite0 feature levels by stride: (level index, channels).
 _LEVELS = {8: (2, 40), 16: (3, 112), 32: (4, 320)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,6 +29,8 @@ class PolicyNet(nn.Module):
         input_scale: the image is resized by this factor before the backbone (1.0: paper).
         input_mean, input_std: normalisation of the images the segmenter receives; they are
             re-normalised to ImageNet statistics, which the backbone was trained with.
+        pretrained_path: local weights file for the backbone (a timm efficientnet_lite0
+            state dict, .pth/.safetensors) instead of the hub; implies ``pretrained``.
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class PolicyNet(nn.Module):
         input_scale: float = 1.0,
         input_mean: Sequence[float] = IMAGENET_MEAN,
         input_std: Sequence[float] = IMAGENET_STD,
+        pretrained_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if feature_stride not in _LEVELS:
@@ -43,9 +50,14 @@ class PolicyNet(nn.Module):
         level, channels = _LEVELS[feature_stride]
         self.feature_stride = feature_stride
         self.input_scale = input_scale
+        from_hub = pretrained and pretrained_path is None
+        if from_hub:
+            check_hub_weights([(BACKBONE, "policy_pretrained_path")])
         self.backbone = timm.create_model(
-            "efficientnet_lite0", pretrained=pretrained, features_only=True, out_indices=(level,)
+            BACKBONE, pretrained=from_hub, features_only=True, out_indices=(level,)
         )
+        if pretrained_path is not None:
+            load_backbone_weights(self.backbone, pretrained_path, BACKBONE)
         self.head = nn.Conv2d(channels, 2, kernel_size=1)
         in_mean, in_std = torch.tensor(input_mean), torch.tensor(input_std)
         net_mean, net_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)

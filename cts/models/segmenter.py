@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cts.models.decoder import build_decoder
-from cts.models.policy import PolicyNet
+from cts.models.decoder import MaskTransformer, build_decoder
+from cts.models.policy import BACKBONE as POLICY_BACKBONE
+from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
+from cts.models.pretrained import check_hub_weights, require_weights_file
 from cts.models.vit import CTSViTEncoder, create_vit
 from cts.sharing import (
     IGNORE_INDEX,
@@ -28,7 +30,19 @@ DECODERS = ("mask_transformer", "linear")
 
 @dataclass
 class SegmenterConfig:
-    """Everything needed to rebuild a model; stored in checkpoints."""
+    """Everything needed to rebuild a model; stored in checkpoints.
+
+    ``pretrained_path`` / ``policy_pretrained_path``: local weights files for the ViT /
+    the policy net's efficientnet_lite0 (each implies pretrained weights for its model;
+    None: ``pretrained`` decides, through the Hugging Face hub or its cache).
+    ``extra`` keys the model reads (all optional; set by ``cts import-checkpoint`` so an
+    imported Segmenter computes exactly what its original code does):
+    ``layer_norm_eps`` (every encoder/decoder LayerNorm; timm's blocks: 1e-6, Segmenter's:
+    1e-5),
+    ``decoder_layers`` (mask transformer blocks, default 2) and ``policy_input_norm``
+    (``imagenet``: re-normalise the images to ImageNet statistics for the policy net, the
+    default; ``none``: feed them as the segmenter gets them, as the CTS authors' code does).
+    """
 
     backbone: str = "vit_small_patch16_384"
     num_classes: int = 150
@@ -39,6 +53,8 @@ class SegmenterConfig:
     depth: int | None = None
     patch_size: int | None = None
     pretrained: bool = False
+    pretrained_path: str | None = None
+    policy_pretrained_path: str | None = None
     drop_path_rate: float = 0.1
     dropout: float = 0.1
     policy_feature_stride: int = 32
@@ -61,6 +77,22 @@ class SegmenterOutput(NamedTuple):
     num_tokens: int
 
 
+def _check_pretrained(config: SegmenterConfig) -> None:
+    """Before anything is built: weights files exist, hub weights are reachable or cached
+    (one error naming every model whose weights cannot be had)."""
+    needs = []
+    if config.pretrained_path is not None:
+        require_weights_file(config.pretrained_path, "pretrained_path")
+    elif config.pretrained:
+        needs.append((config.backbone, "pretrained_path"))
+    if config.policy == "policy_net":
+        if config.policy_pretrained_path is not None:
+            require_weights_file(config.policy_pretrained_path, "policy_pretrained_path")
+        elif config.pretrained:
+            needs.append((POLICY_BACKBONE, "policy_pretrained_path"))
+    check_hub_weights(needs)
+
+
 class Segmenter(nn.Module):
     """ViT encoder + decoder, with a policy choosing which superpatches share a token."""
 
@@ -72,6 +104,10 @@ class Segmenter(nn.Module):
             raise ValueError(
                 f"unknown decoder '{config.decoder}': use one of {', '.join(DECODERS)}"
             )
+        policy_input_norm = config.extra.get("policy_input_norm", "imagenet")
+        if policy_input_norm not in ("imagenet", "none"):
+            raise ValueError(f"extra policy_input_norm={policy_input_norm!r}: use imagenet or none")
+        _check_pretrained(config)
         overrides = {"depth": config.depth} if config.depth else {}
         if config.patch_size:
             overrides["patch_size"] = config.patch_size
@@ -80,6 +116,7 @@ class Segmenter(nn.Module):
             img_size=config.crop_size,
             pretrained=config.pretrained,
             drop_path_rate=config.drop_path_rate,
+            pretrained_path=config.pretrained_path,
             **overrides,
         )
         if config.mean is None or config.std is None:
@@ -98,17 +135,32 @@ class Segmenter(nn.Module):
         if config.policy != "none":
             check_num_shared(config.num_tokens_shared, side * side, f"crop_size {config.crop_size}")
             self.num_tokens_shared = config.num_tokens_shared
-        self.decoder = build_decoder(
-            config.decoder, config.num_classes, self.encoder.embed_dim, config.dropout
-        )
+        decoder_layers = config.extra.get("decoder_layers")
+        if config.decoder == "mask_transformer" and decoder_layers is not None:
+            self.decoder = MaskTransformer(
+                config.num_classes,
+                self.encoder.embed_dim,
+                num_layers=int(decoder_layers),
+                dropout=config.dropout,
+            )
+        else:
+            self.decoder = build_decoder(
+                config.decoder, config.num_classes, self.encoder.embed_dim, config.dropout
+            )
+        if config.extra.get("layer_norm_eps") is not None:
+            for module in (*self.encoder.modules(), *self.decoder.modules()):
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = float(config.extra["layer_norm_eps"])
         self.policy_net: PolicyNet | None = None
         if config.policy == "policy_net":
+            as_is = policy_input_norm == "none"
             self.policy_net = PolicyNet(
                 pretrained=config.pretrained,
                 feature_stride=config.policy_feature_stride,
                 input_scale=config.policy_input_scale,
-                input_mean=config.mean,
-                input_std=config.std,
+                input_mean=IMAGENET_MEAN if as_is else config.mean,
+                input_std=IMAGENET_STD if as_is else config.std,
+                pretrained_path=config.policy_pretrained_path,
             )
             self.policy_net.requires_grad_(False)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from cts.models.pretrained import check_hub_weights, load_vit_weights
 from cts.sharing import TokenLayout, downsample_superpatches, share_tokens
 
 # The paper's backbones; any other timm VisionTransformer name works too.
@@ -30,9 +34,16 @@ def create_vit(
     img_size: int | tuple[int, int],
     pretrained: bool = False,
     drop_path_rate: float = 0.0,
+    pretrained_path: str | os.PathLike | None = None,
     **overrides,
 ) -> VisionTransformer:
-    """Create a timm ViT without classifier head, position embedding sized for ``img_size``."""
+    """Create a timm ViT without classifier head, position embedding sized for ``img_size``.
+
+    ``pretrained`` loads timm's ImageNet weights from the Hugging Face hub (or its cache);
+    ``pretrained_path`` loads a local file instead (timm state dict .pth/.safetensors, or
+    JAX .npz) and implies ``pretrained``. A ``depth`` override below the weights' depth
+    loads their first ``depth`` blocks, with a warning.
+    """
     if name not in timm.list_models():
         paper = ", ".join(PAPER_BACKBONES)
         raise ValueError(
@@ -40,9 +51,12 @@ def create_vit(
             f"`timm.list_models('vit_*')` / `timm.list_models('deit*')` "
             f"({len(supported_backbones())} names)"
         )
+    from_hub = pretrained and pretrained_path is None
+    if from_hub:
+        check_hub_weights([(name, "pretrained_path")])
     vit = timm.create_model(
         name,
-        pretrained=pretrained,
+        pretrained=from_hub,
         img_size=img_size,
         num_classes=0,
         drop_path_rate=drop_path_rate,
@@ -53,6 +67,17 @@ def create_vit(
             f"backbone '{name}' is not a timm VisionTransformer with absolute position "
             f"embedding; supported: {', '.join(PAPER_BACKBONES)} and other vit_*/deit* names"
         )
+    if pretrained_path is not None:
+        load_vit_weights(vit, pretrained_path, name)
+    elif from_hub and "depth" in overrides:
+        with torch.device("meta"):
+            full_depth = len(timm.create_model(name, num_classes=0).blocks)
+        if full_depth > len(vit.blocks):
+            warnings.warn(
+                f"{name}: loaded the first {len(vit.blocks)} of its {full_depth} pretrained "
+                f"transformer blocks (depth={len(vit.blocks)})",
+                stacklevel=2,
+            )
     return vit
 
 

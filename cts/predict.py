@@ -1,0 +1,197 @@
+"""Segment images of any size with a trained or imported Segmenter; write pictures.
+
+Per image ``NAME`` the output folder gets ``NAME_labels.png`` (class ids, uint8; uint16
+above 255 classes), ``NAME_color.png`` (the ids in the palette colours), ``NAME_overlay.png``
+(the colours over the image) and ``NAME_shared.png`` (the image resized to the crop, its
+prediction overlaid, every superpatch that shared one token outlined in white).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cts.data.io import IMAGE_SUFFIXES, CorruptFileError, read_image, write_image
+from cts.inference import predict_logits
+from cts.models import Segmenter
+from cts.sharing import check_num_shared
+from cts.visualize import colorize, denormalize, outline_shared, overlay, palette
+
+OUTPUTS = ("labels", "color", "overlay", "shared")
+
+
+@dataclass
+class PredictionReport:
+    """What :func:`predict_images` did: images written and images skipped (path, reason)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def find_images(path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The image itself, or a folder's .jpg/.jpeg/.png files (recursive, sorted; hidden
+    files and anything under ``exclude`` left out)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found (an image or a folder of images)")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    images = []
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
+            continue
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if skip is not None and (skip == file.resolve() or skip in file.resolve().parents):
+            continue
+        images.append(file)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return images
+
+
+def output_stems(images: Sequence[Path], root: Path, out_dir: Path) -> list[Path]:
+    """``out_dir/<relative folder>/<stem>`` per image; the full name where stems collide."""
+    relative = [image.relative_to(root) for image in images]
+    stems = [r.parent / r.stem for r in relative]
+    taken = {s: stems.count(s) for s in stems}
+    return [
+        out_dir / (s if taken[s] == 1 else r.parent / r.name.replace(".", "_"))
+        for s, r in zip(stems, relative, strict=True)
+    ]
+
+
+class Predictor:
+    """Sliding-window segmentation of whole images plus the one-crop sharing picture.
+
+    Args:
+        model: a Segmenter (eval mode is set).
+        device: where it runs.
+        num_tokens_shared: K for every forward (default: the model's).
+        short_side: images are resized to this short side first (default: the crop size).
+        stride: window stride (default: the crop size; the window is the crop).
+        batch_size: windows per forward.
+    """
+
+    def __init__(
+        self,
+        model: Segmenter,
+        device: torch.device | str = "cpu",
+        num_tokens_shared: int | None = None,
+        short_side: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        config = model.config
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.crop = config.crop_size
+        side = self.crop // (2 * model.patch_size)
+        k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
+        check_num_shared(k, side * side, f"crop_size {self.crop}")
+        if config.policy == "none" and k:
+            raise ValueError(f"the model has policy none: it cannot share tokens (K={k} given)")
+        if config.policy == "oracle" and k:
+            raise ValueError("policy oracle needs ground-truth labels: predict with K=0")
+        self.num_tokens_shared = k
+        self.short_side = short_side or self.crop
+        self.stride = stride or self.crop
+        for name, value in (("short_side", self.short_side), ("stride", self.stride)):
+            if value <= 0:
+                raise ValueError(f"{name}={value}: must be positive")
+        self.batch_size = batch_size
+        self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
+        self.colours = palette(config.num_classes)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, num_tokens_shared=self.num_tokens_shared).logits.float()
+
+    @torch.inference_mode()
+    def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` int64 and the sharing picture."""
+        image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
+        image = (image - self.mean) / self.std
+        probs = predict_logits(
+            self._forward,
+            image,
+            self.model.config.num_classes,
+            self.short_side,
+            self.crop,
+            self.stride,
+            batch_size=self.batch_size,
+        )
+        labels = probs.argmax(1)[0].cpu().numpy()
+
+        size = (self.crop, self.crop)
+        crop = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        out = self.model(crop, num_tokens_shared=self.num_tokens_shared)
+        crop_rgb = denormalize(crop[0].cpu().numpy(), self.model.config.mean, self.model.config.std)
+        crop_labels = out.logits.argmax(1)[0].cpu().numpy()
+        picture = outline_shared(
+            overlay(crop_rgb, crop_labels, self.colours),
+            out.shared[0].cpu().numpy(),
+            2 * self.model.patch_size,
+        )
+        return labels, picture
+
+    def write(self, rgb: np.ndarray, stem: Path) -> list[Path]:
+        """Predict one image and write its four pictures next to ``stem``."""
+        labels, picture = self.predict(rgb)
+        ids = labels.astype(np.uint8 if self.model.config.num_classes <= 256 else np.uint16)
+        pictures = {
+            "labels": ids,
+            "color": colorize(labels, self.colours),
+            "overlay": overlay(rgb, labels, self.colours),
+            "shared": picture,
+        }
+        return [
+            write_image(stem.parent / f"{stem.name}_{kind}.png", pictures[kind]) for kind in OUTPUTS
+        ]
+
+
+def predict_images(
+    predictor: Predictor,
+    inputs: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+) -> PredictionReport:
+    """Segment an image or every image of a folder into ``out_dir``.
+
+    An image that cannot be read is skipped and listed in the report; the others are still
+    written. Subfolders are mirrored in ``out_dir``.
+    """
+    inputs, out_dir = Path(inputs), Path(out_dir)
+    images = find_images(inputs, exclude=out_dir)
+    root = inputs if inputs.is_dir() else inputs.parent
+    stems = output_stems(images, root, out_dir)
+    report = PredictionReport()
+    columns = (
+        TextColumn("predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("", total=len(images))
+        for image, stem in zip(images, stems, strict=True):
+            bar.update(task, description=image.name)
+            try:
+                rgb = read_image(image)
+            except (CorruptFileError, ValueError, OSError) as error:
+                report.skipped.append((image, str(error)))
+            else:
+                predictor.write(rgb, stem)
+                report.written.append(image)
+            bar.advance(task)
+    return report
