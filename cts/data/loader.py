@@ -121,4 +121,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         worker_init_fn=_init_worker if num_workers > 0 else None,
+        # Its own generator: drawing worker seeds from the global one would shift the model's
+        # random stream (dropout, drop-path) at every epoch start and break exact resuming.
+        generator=torch.Generator().manual_seed(seed),
     )

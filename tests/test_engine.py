@@ -1,0 +1,126 @@
+import pytest
+import torch
+from torch import nn
+
+from cts.data.loader import SampleKey, build_loader
+from cts.engine import (
+    TrainLoop,
+    TrainState,
+    autocast,
+    batches_from,
+    poly_schedule,
+    resolve_device,
+    resume,
+    seed_everything,
+)
+
+
+class Points(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, key: SampleKey) -> dict:
+        generator = torch.Generator().manual_seed(key.index)
+        x = torch.randn(4, generator=generator)
+        return {"x": x, "y": (x.sum() > 0).long()}
+
+
+def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+
+
+def _loop(tmp_path, iterations=6, fail_at=None, accum=1):
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(iterations, warmup=2))
+    loader = build_loader(Points(), 4 // accum, True, 0, seed=0, drop_last=True)
+    calls = {"n": 0}
+
+    def loss_fn(net, batch):
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return _loss(net, batch)
+
+    loop = TrainLoop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        iterations=iterations,
+        device=torch.device("cpu"),
+        grad_accum_steps=accum,
+        checkpoint_path=tmp_path / "last.pt",
+        checkpoint_every=2,
+        fingerprint="f",
+        log_every=1,
+    )
+    state = resume(tmp_path / "last.pt", model, optimizer, scheduler, "f") or TrainState()
+    return loop, state, loader, model
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        loop, state, loader, model = _loop(tmp_path / name)
+        state = loop.run(state, batches_from(loader, state.iteration))
+        runs.append(([row["loss"] for row in state.history], model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for key in runs[0][1]:
+        assert torch.equal(runs[0][1][key], runs[1][1][key])
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path):
+    (tmp_path / "full").mkdir()
+    loop, state, loader, reference = _loop(tmp_path / "full")
+    loop.run(state, batches_from(loader))
+
+    (tmp_path / "cut").mkdir()
+    loop, state, loader, _ = _loop(tmp_path / "cut", fail_at=5)  # dies in iteration 5
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(state, batches_from(loader))
+    loop, state, loader, model = _loop(tmp_path / "cut")
+    assert state.iteration == 4  # the checkpoint written every 2 iterations
+    state = loop.run(state, batches_from(loader, state.iteration))
+    assert state.iteration == 6
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_resume_ignores_a_checkpoint_of_other_settings(tmp_path):
+    loop, state, loader, model = _loop(tmp_path)
+    loop.run(state, batches_from(loader))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(6))
+    assert resume(tmp_path / "last.pt", model, optimizer, scheduler, "other") is None
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    loop, state, loader, whole = _loop(tmp_path / "one", iterations=1)
+    whole[1].p = 0.0
+    loop.run(state, batches_from(loader))
+    loop, state, loader, split = _loop(tmp_path / "two", iterations=1, accum=2)
+    split[1].p = 0.0
+    loop.run(state, batches_from(loader))
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(split.state_dict()[key], value)
+
+
+def test_device_and_precision_errors_name_the_allowed_values():
+    with pytest.raises(ValueError, match="allowed auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        autocast(torch.device("cpu"), "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_poly_schedule_warms_up_then_decays_to_zero():
+    factor = poly_schedule(10, power=1.0, warmup=2)
+    assert factor(0) == 0.5 and factor(1) == 1.0
+    assert factor(2) == 1.0 and factor(10) == 0.0
