@@ -49,6 +49,8 @@ def segmenter_config(params: dict[str, Any], num_classes: int) -> SegmenterConfi
         decoder=params["decoder"],
         depth=params["depth"],
         pretrained=params["pretrained"],
+        pretrained_path=params["pretrained_path"],
+        policy_pretrained_path=params["policy_pretrained_path"],
         drop_path_rate=params["drop_path_rate"],
         policy_feature_stride=params["policy_feature_stride"],
         policy_input_scale=params["policy_input_scale"],

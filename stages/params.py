@@ -89,6 +89,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "backbone": _text(),
     "depth": _integer(1, optional=True),
     "pretrained": _boolean,
+    "pretrained_path": _text(optional=True),
+    "policy_pretrained_path": _text(optional=True),
     "crop_size": _integer(32),
     "num_tokens_shared": _integer(0),
     "policy": _choice("none", "policy_net", "oracle", "random"),
@@ -147,7 +149,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ParamError(f"override {text!r}: expected key=value")
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; the user meant a number.
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
 
 
 def load_params(

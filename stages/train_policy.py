@@ -48,6 +48,7 @@ PARAMS = (
     "data_root",
     "backbone",
     "pretrained",
+    "policy_pretrained_path",
     "crop_size",
     "policy_feature_stride",
     "policy_input_scale",
@@ -108,6 +109,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         input_scale=params["policy_input_scale"],
         input_mean=mean,
         input_std=std,
+        pretrained_path=params["policy_pretrained_path"],
     ).to(device)
     train_set = SegmentationFolder(
         params["data_root"], "train", PolicyTransform(mean, std, crop, patch, flip=True)

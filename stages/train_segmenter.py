@@ -45,6 +45,8 @@ PARAMS = (
     "backbone",
     "depth",
     "pretrained",
+    "pretrained_path",
+    "policy_pretrained_path",
     "crop_size",
     "num_tokens_shared",
     "policy",

@@ -1,0 +1,187 @@
+"""End to end: the real `dvc repro` on a micro configuration in a copy of the repository."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MICRO = {
+    "synthetic_num_train": 6,
+    "synthetic_num_val": 2,
+    "synthetic_image_size": 128,
+    "crop_size": 128,
+    "num_tokens_shared": 4,
+    "depth": 1,
+    "policy_iterations": 3,
+    "policy_batch_size": 2,
+    "iterations": 4,
+    "batch_size": 2,
+    "eval_every": 2,
+    "checkpoint_every": 2,
+    "warmup_iterations": 1,
+    "ms_scales": [1.0, 1.25],
+    "bench_batch_size": 1,
+    "bench_repeats": 1,
+    "device": "cpu",
+}
+
+pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="needs dvc")
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
+def _set_params(repo: Path, **values) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params.update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    repo.mkdir()
+    for name in ("cts", "stages", ".dvc", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(
+                source, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
+            )
+        else:
+            shutil.copy(source, repo / name)
+    store = repo.parent / "mlruns.db"
+    _set_params(repo, **MICRO, mlflow_tracking_uri=f"sqlite:///{store}")
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "micro"], repo, env)
+    output = _run(["dvc", "repro"], repo, env)
+    return repo, env, store, output
+
+
+def _metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / name).read_text())
+
+
+def test_every_stage_writes_its_metrics(pipeline):
+    repo, _, _, _ = pipeline
+    assert {"accuracy", "precision_at_k"} <= set(_metrics(repo, "policy.json"))
+    for name in ("eval_ss.json", "eval_ms.json"):
+        metrics = _metrics(repo, name)
+        for key in ("mIoU", "pixel_acc", "mean_acc"):
+            assert 0.0 <= metrics[key] <= 100.0
+    benchmark = _metrics(repo, "benchmark.json")
+    for key in (
+        "ims_per_sec",
+        "ims_per_sec_no_sharing",
+        "speedup",
+        "tokens",
+        "tokens_no_sharing",
+        "gflops",
+        "gflops_no_sharing",
+        "device",
+        "batch_size",
+        "precision",
+    ):
+        assert key in benchmark
+    assert benchmark["tokens"] == 64 - 3 * 4 and benchmark["tokens_no_sharing"] == 64
+    assert benchmark["gflops"] < benchmark["gflops_no_sharing"]
+    for name in ("per_class_iou_ss.csv", "per_class_iou_ms.csv"):
+        assert (repo / "metrics" / name).read_text().startswith("class,iou")
+    for name in ("train_loss.csv", "val_miou.csv"):
+        assert (repo / "plots" / name).is_file()
+    assert (repo / "dvc.lock").is_file()
+
+
+def test_one_mlflow_parent_run_holds_every_stage(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    _, _, store, _ = pipeline
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("cts")
+    parents = client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["num_tokens_shared"] == "4"
+    for metric in (
+        "policy.accuracy",
+        "eval_ss.mIoU",
+        "eval_ms.mIoU",
+        "benchmark.ims_per_sec",
+        "benchmark.speedup",
+    ):
+        assert metric in parent.data.metrics, metric
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    stages = {run.data.tags["cts.stage"]: run for run in children}
+    assert set(stages) == {
+        "download",
+        "preprocess",
+        "train_policy",
+        "train_segmenter",
+        "eval_ss",
+        "eval_ms",
+        "benchmark",
+    }
+    history = client.get_metric_history(stages["train_segmenter"].info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(stages["eval_ss"].info.run_id)}
+    assert "per_class_iou_ss.csv" in artifacts and "eval_ss" in artifacts
+    trained = {a.path for a in client.list_artifacts(stages["train_segmenter"].info.run_id)}
+    assert "checkpoints" in trained
+    assert client.search_logged_models([experiment.experiment_id])
+
+
+def test_changing_k_reruns_only_training_evaluation_and_benchmark(pipeline):
+    repo, env, _, _ = pipeline
+    _set_params(repo, num_tokens_shared=2)
+    output = _run(["dvc", "repro"], repo, env)
+    ran = set(re.findall(r"Running stage '(\w+)'", output))
+    assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark"}
+    assert _metrics(repo, "benchmark.json")["tokens"] == 64 - 3 * 2
+    status = _run(["dvc", "status"], repo, env)
+    assert "up to date" in status
+
+
+def test_training_runs_under_torchrun_with_two_cpu_processes(pipeline):
+    repo, env, _, _ = pipeline
+    checkpoint = repo / "checkpoints" / "segmenter.pt"
+    checkpoint.unlink()
+    _run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            "cts",
+            "train_segmenter",
+            "--no-resume",
+            "--set",
+            "eval_every=0",
+        ],
+        repo,
+        env,
+    )
+    assert checkpoint.is_file()
