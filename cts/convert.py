@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from cts.checkpoint import save_checkpoint, segmenter_from_payload, segmenter_payload
 from cts.models import POLICIES, Segmenter, SegmenterConfig
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD
+from cts.models.pretrained import fit_report
 from cts.sharing import check_num_shared
 
 LAYOUT_SEGMENTER = "rstrudel/segmenter"
@@ -331,22 +332,6 @@ def config_from_variant(
     )
 
 
-def _fit_problems(own: dict[str, Tensor], loaded: dict[str, Tensor]) -> list[str]:
-    problems = []
-    missing = [k for k in own if k not in loaded]
-    unexpected = [k for k in loaded if k not in own]
-    shapes = [
-        f"{k} {tuple(loaded[k].shape)} vs ours {tuple(own[k].shape)}"
-        for k in own
-        if k in loaded and loaded[k].shape != own[k].shape
-    ]
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-        if keys:
-            more = f" (+{len(keys) - 6} more)" if len(keys) > 6 else ""
-            problems.append(f"{label} keys ({len(keys)}): {', '.join(keys[:6])}{more}")
-    return problems
-
-
 def import_checkpoint(
     path: str | os.PathLike,
     num_tokens_shared: int | None = None,
@@ -377,7 +362,9 @@ def import_checkpoint(
         dropped += [k for k in converted if k.startswith("policy_net.")]
         converted = {k: v for k, v in converted.items() if not k.startswith("policy_net.")}
     model = Segmenter(config)
-    problems = _fit_problems(model.state_dict(), converted)
+    problems = fit_report(
+        model.state_dict(), converted, shown=6, line="{label} keys ({count}): {keys}"
+    )
     if problems:
         raise ValueError(
             f"{checkpoint} ({layout}) does not fit the model {variant_path} describes "

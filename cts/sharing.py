@@ -108,11 +108,14 @@ class TokenLayout(NamedTuple):
 
     kept_patches: ``(B, N - 4K)`` raster indices of the patches that keep their own token.
     shared_superpatches: ``(B, K)`` raster indices (in the superpatch grid) of shared ones.
+    shared_patches: ``(B, 4K)`` raster indices of the patches each shared token covers,
+        four per shared superpatch, in the order of ``shared_superpatches``.
     grid: patch grid ``(h, w)``.
     """
 
     kept_patches: Tensor
     shared_superpatches: Tensor
+    shared_patches: Tensor
     grid: tuple[int, int]
 
     @property
@@ -131,14 +134,14 @@ def plan_layout(shared_idx: Tensor, grid: tuple[int, int]) -> TokenLayout:
     """Token layout for the shared superpatches ``(B, K)`` on patch grid ``(h, w)``."""
     h, w = grid
     batch, num_shared = shared_idx.shape
-    shared_patches = _superpatch_patch_indices(grid, shared_idx.device)[shared_idx]  # (B, K, 4)
+    shared_patches = _superpatch_patch_indices(grid, shared_idx.device)[shared_idx].flatten(1)
     is_shared = torch.zeros(batch, h * w, dtype=torch.int8, device=shared_idx.device)
-    is_shared.scatter_(1, shared_patches.flatten(1), 1)
+    is_shared.scatter_(1, shared_patches, 1)
     # A stable sort puts the not-shared patches first, still in raster order, so K = 0
     # reproduces the plain ViT sequence exactly.
     order = torch.sort(is_shared, dim=1, stable=True).indices
     kept = order[:, : h * w - 4 * num_shared]
-    return TokenLayout(kept, shared_idx, grid)
+    return TokenLayout(kept, shared_idx, shared_patches, grid)
 
 
 def share_tokens(patch_tokens: Tensor, superpatch_tokens: Tensor, layout: TokenLayout) -> Tensor:
@@ -173,9 +176,7 @@ def unshare_tokens(tokens: Tensor, layout: TokenLayout) -> Tensor:
     batch, _, dim = tokens.shape
     h, w = layout.grid
     num_kept = layout.kept_patches.shape[1]
-    superpatch_patches = _superpatch_patch_indices(layout.grid, tokens.device)
-    shared_patches = superpatch_patches[layout.shared_superpatches].flatten(1)  # (B, 4K)
-    destination = torch.cat([layout.kept_patches, shared_patches], dim=1)  # (B, N)
+    destination = torch.cat([layout.kept_patches, layout.shared_patches], dim=1)  # (B, N)
     values = torch.cat(
         [tokens[:, :num_kept], tokens[:, num_kept:].repeat_interleave(4, dim=1)], dim=1
     )

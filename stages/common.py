@@ -12,7 +12,6 @@ from cts.checkpoint import load_policy_weights
 from cts.data.info import DatasetInfo, load_dataset_info
 from cts.data.io import write_bytes_atomic
 from cts.models import Segmenter, SegmenterConfig
-from stages.params import patch_size_of
 
 PREPROCESSED = Path("preprocessed")
 POLICY_TARGETS = PREPROCESSED / "policy_targets.npz"
@@ -63,10 +62,6 @@ def build_segmenter_for_training(params: dict[str, Any], num_classes: int) -> Se
     if model.policy_net is not None:
         load_policy_weights(model.policy_net, require(POLICY_CHECKPOINT, "train_policy"))
     return model
-
-
-def superpatch_patch_size(params: dict[str, Any]) -> int:
-    return patch_size_of(params["backbone"])
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:

@@ -20,7 +20,15 @@ from cts.metrics import confusion_matrix_image, per_class_table
 from cts.models import Segmenter
 from cts.tracking import log_metrics_file, stage_run
 from cts.visualize import denormalize, outline_shared, overlay, palette
-from stages.common import METRICS, REPORTS, SEGMENTER_CHECKPOINT, require, write_csv, write_json
+from stages.common import (
+    METRICS,
+    REPORTS,
+    SEGMENTER_CHECKPOINT,
+    dataset_info,
+    require,
+    write_csv,
+    write_json,
+)
 
 NUM_PICTURES = 4
 
@@ -59,7 +67,7 @@ def run_evaluation(
     """Sliding-window evaluation of the trained Segmenter on the validation split."""
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
-    info = SegmentationFolder(params["data_root"], "val").info
+    info = dataset_info(params)
     dataset = SegmentationFolder(
         params["data_root"],
         "val",
@@ -100,16 +108,7 @@ def run_evaluation(
         confusion_matrix_image(
             metric.confusion.cpu(), list(info.class_names), reports / "confusion_matrix.png"
         )
-        pictures = write_pictures(
-            model,
-            SegmentationFolder(
-                params["data_root"],
-                "val",
-                ValTransform(info.base_size, model.config.mean, model.config.std),
-            ),
-            reports,
-            device,
-        )
+        pictures = write_pictures(model, dataset, reports, device)
         write_json(METRICS / f"{stage}.json", results)
         log_metrics_file(METRICS / f"{stage}.json")
         if mlflow.active_run() is not None:

@@ -120,8 +120,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights file {path} cannot be read: {error}") from error
 
 
-def _fit_report(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> list[str]:
-    """Missing keys, unexpected keys and shape mismatches, as readable lines."""
+def fit_report(
+    own: dict[str, torch.Tensor],
+    loaded: dict[str, torch.Tensor],
+    shown: int = 5,
+    line: str = "{label} {count}: {keys}",
+) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches, one ``line`` each, ``shown`` keys."""
     problems = []
     missing = [k for k in own if k not in loaded]
     unexpected = [k for k in loaded if k not in own]
@@ -132,8 +137,9 @@ def _fit_report(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -
     ]
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
         if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            problems.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")
+            more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+            listed = f"{', '.join(keys[:shown])}{more}"
+            problems.append(line.format(label=label, count=len(keys), keys=listed))
     return problems
 
 
@@ -186,7 +192,7 @@ def load_vit_weights(vit: nn.Module, path: str | os.PathLike, name: str) -> None
         for k, v in state.items()
         if k in own or not (k.split(".")[0] in ("head", "head_dist") or _beyond(k, depth))
     }
-    problems = _fit_report(own, state)
+    problems = fit_report(own, state)
     if problems:
         raise ValueError(f"{path} does not fit backbone {name}: {'; '.join(problems)}")
     vit.load_state_dict(state)
@@ -209,7 +215,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, name: st
         raise ValueError(f"{path}: {name} weights must be a .pth/.safetensors state dict")
     state = read_state_dict(path)
     own = backbone.state_dict()
-    problems = _fit_report(own, {k: v for k, v in state.items() if k in own})
+    problems = fit_report(own, {k: v for k, v in state.items() if k in own})
     if problems:
         raise ValueError(f"{path} does not fit {name}: {'; '.join(problems)}")
     backbone.load_state_dict({k: state[k] for k in own})
