@@ -110,6 +110,103 @@ def _report_error(command: str, error: Exception) -> None:
     _fail(f"{command}: {text}")
 
 
+@app.command("throughput")
+def throughput(
+    rows: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--row",
+            "-r",
+            help="Rows to measure (repeatable): vit_ti_512, vit_s_512, vit_b_512, vit_l_640, "
+            "vit_s_768. Default: all.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward (default: 32 on a GPU, 2 on CPU).")
+    ] = None,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option("--precision", help="fp32 and/or bf16 (repeatable; default: both)."),
+    ] = None,
+    allow_fp32_fallback: Annotated[
+        bool, typer.Option(help="Measure fp32 only when the device has no bf16.")
+    ] = False,
+    compile_mode: Annotated[
+        str,
+        typer.Option(
+            "--compile",
+            help="auto (GPU: reduce-overhead, i.e. Inductor + CUDA graphs; CPU: none) | none "
+            "| default | reduce-overhead | max-autotune.",
+        ),
+    ] = "auto",
+    paper_policy: Annotated[
+        bool,
+        typer.Option(
+            help="Policy net as in the paper: full-resolution input, stride-32 features "
+            "(default: half-resolution input, stride-16 features, the same grid)."
+        ),
+    ] = False,
+    depth: Annotated[
+        int | None, typer.Option(help="Encoder blocks (default: the backbone's; for smoke tests).")
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help="Untimed runs (default: GPU 5, CPU 1).")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Timed runs, median reported (default: GPU 20, CPU 3).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for throughput.json and throughput.md.")
+    ] = Path("reports/throughput"),
+) -> None:
+    """The paper's throughput table with random weights: no sharing vs CTS, fp32 and bf16."""
+    try:
+        from cts import benchmark as bench
+        from cts.engine import resolve_device
+
+        target = resolve_device(device)
+        gpu = target.type == "cuda"
+        settings = bench.TableSettings(
+            batch_size=batch_size or (32 if gpu else 2),
+            precisions=bench.resolve_precisions(
+                precision or bench.BENCH_PRECISIONS, target, allow_fp32_fallback
+            ),
+            compile_mode=bench.resolve_compile_mode(compile_mode, target),
+            warmup=(5 if gpu else 1) if warmup is None else warmup,
+            repeats=(20 if gpu else 3) if repeats is None else repeats,
+            policy_feature_stride=32 if paper_policy else 16,
+            policy_input_scale=1.0 if paper_policy else 0.5,
+            depth=depth,
+        )
+        if settings.batch_size < 1 or settings.repeats < 1 or settings.warmup < 0:
+            raise ValueError("--batch-size and --repeats must be at least 1, --warmup at least 0")
+        selected = bench.select_rows(rows)
+        if "bf16" in (precision or bench.BENCH_PRECISIONS) and "bf16" not in settings.precisions:
+            typer.secho(
+                f"bf16 is not supported on {bench.device_name(target)}: measuring fp32 only",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+        env = bench.environment(target, settings)
+        records = []
+        for row in selected:
+            typer.echo(f"measuring {row.label} (K={row.num_tokens_shared}) on {env['device']} ...")
+            for record in bench.measure_row(row, settings, target):
+                records.append(record)
+                typer.echo(
+                    f"  {record['precision']}: {record['ims_per_sec_no_sharing']:,.1f} -> "
+                    f"{record['ims_per_sec']:,.1f} im/s ({record['speedup']:.2f}x)"
+                )
+            json_path, md_path = bench.write_table(records, env, out)
+    except KeyboardInterrupt:
+        _fail("throughput interrupted")
+    except Exception as error:
+        _report_error("throughput", error)
+    typer.echo(bench.markdown_table(records, env))
+    typer.echo(f"written: {json_path}, {md_path}")
+
+
 @app.command("import-checkpoint")
 def import_checkpoint(
     path: Annotated[

@@ -1,21 +1,58 @@
-"""Stage `benchmark`: the trained model with sharing and with sharing off, same process."""
+"""Stage `benchmark`: the trained model with sharing and with sharing off, same process.
+
+The timing machinery is the one of `cts throughput` (the paper's table, random weights);
+here it runs on the trained weights and on validation images, so that the bf16/fp32 label
+agreement is measured on real content.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from cts.benchmark import compare_sharing
-from cts.checkpoint import load_segmenter
-from cts.engine import resolve_device
-from cts.tracking import log_metrics_file, stage_run
-from stages.common import METRICS, SEGMENTER_CHECKPOINT, require, write_json
+import torch
+import torch.nn.functional as F
 
-PARAMS = ("bench_batch_size", "bench_repeats", "device", "precision", "mlflow_tracking_uri")
+from cts.benchmark import compare_sharing, label_agreement
+from cts.checkpoint import load_segmenter
+from cts.data.folder import SegmentationFolder
+from cts.data.transforms import ValTransform
+from cts.engine import resolve_device
+from cts.models import Segmenter
+from cts.tracking import log_metrics_file, stage_run
+from stages.common import METRICS, SEGMENTER_CHECKPOINT, dataset_info, require, write_json
+
+PARAMS = (
+    "data_root",
+    "bench_batch_size",
+    "bench_repeats",
+    "bench_compile",
+    "device",
+    "precision",
+    "mlflow_tracking_uri",
+)
+
+
+def validation_batch(params: dict[str, Any], model: Segmenter, batch_size: int) -> torch.Tensor:
+    """``(B, 3, crop, crop)``: the first validation images resized to the crop size,
+    repeated in turn when the split holds fewer than ``batch_size``."""
+    info = dataset_info(params)
+    transform = ValTransform(info.base_size, model.config.mean, model.config.std)
+    dataset = SegmentationFolder(params["data_root"], "val", transform)
+    if len(dataset) == 0:
+        raise ValueError(f"{params['data_root']}: the val split holds no image")
+    crop = model.config.crop_size
+    images = []
+    for i in range(min(batch_size, len(dataset))):
+        image = dataset[i][0].unsqueeze(0)
+        images.append(F.interpolate(image, size=(crop, crop), mode="bilinear", align_corners=False))
+    batch = torch.cat(images)
+    return batch.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]
 
 
 def run(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
+    images = validation_batch(params, model, params["bench_batch_size"]).to(device)
     with stage_run(
         "benchmark",
         params,
@@ -24,17 +61,20 @@ def run(params: dict[str, Any]) -> None:
     ):
         results = compare_sharing(
             model,
-            batch_size=params["bench_batch_size"],
-            image_size=model.config.crop_size,
+            images,
             num_tokens_shared=model.num_tokens_shared,
             precision=params["precision"],
+            compile_mode=params["bench_compile"],
             warmup=2,
             repeats=params["bench_repeats"],
         )
+        results["bf16_fp32_agreement"] = label_agreement(model, images, model.num_tokens_shared)
+        results["bf16_fp32_agreement_no_sharing"] = label_agreement(model, images, 0)
         write_json(METRICS / "benchmark.json", results)
         log_metrics_file(METRICS / "benchmark.json")
     print(
         f"benchmark on {results['device']}: {results['ims_per_sec']:.2f} im/s with sharing "
         f"({results['tokens']} tokens), {results['ims_per_sec_no_sharing']:.2f} im/s without "
-        f"({results['tokens_no_sharing']} tokens): speed-up {results['speedup']:.2f}x"
+        f"({results['tokens_no_sharing']} tokens): speed-up {results['speedup']:.2f}x; "
+        f"bf16 labels = fp32 labels on {100 * results['bf16_fp32_agreement']:.2f}% of pixels"
     )

@@ -182,15 +182,15 @@ class Segmenter(nn.Module):
             return oracle_scores(labels, self.patch_size, self.config.ignore_index)
         return torch.rand(images.shape[0], grid[0] * grid[1], device=images.device)
 
-    def forward(
-        self, images: Tensor, labels: Tensor | None = None, num_tokens_shared: int | None = None
-    ) -> SegmenterOutput:
-        """Segment images.
+    def _token_scores(
+        self, images: Tensor, labels: Tensor | None, num_tokens_shared: int | None
+    ) -> tuple[Tensor, Tensor, int, tuple[int, int]]:
+        """Class scores on the patch grid, before upsampling.
 
-        Args:
-            images: ``(B, 3, H, W)`` normalised; any size (padded to multiples of 2p inside).
-            labels: ``(B, H, W)`` label maps, needed by the ``oracle`` policy only.
-            num_tokens_shared: K for this call (default: the configured K; 0 with policy none).
+        Returns:
+            scores ``(B, n_cls, h, w)`` on the (padded) patch grid, in the compute dtype;
+            shared ``(B, hs, ws)`` bool superpatch map; tokens the encoder processed;
+            the padded image size ``(H', W')``.
         """
         height, width = images.shape[-2:]
         superpatch = 2 * self.patch_size
@@ -223,9 +223,46 @@ class Segmenter(nn.Module):
         if layout is not None:
             scores = unshare_tokens(scores, layout)
         scores = scores.transpose(1, 2).reshape(images.shape[0], -1, *grid)
-        logits = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        logits = logits[..., :height, :width]
-        return SegmenterOutput(logits, shared_mask(shared_idx, super_grid), tokens.shape[1])
+        padded = (images.shape[-2], images.shape[-1])
+        return scores, shared_mask(shared_idx, super_grid), tokens.shape[1], padded
+
+    def forward(
+        self, images: Tensor, labels: Tensor | None = None, num_tokens_shared: int | None = None
+    ) -> SegmenterOutput:
+        """Segment images.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised; any size (padded to multiples of 2p inside).
+            labels: ``(B, H, W)`` label maps, needed by the ``oracle`` policy only.
+            num_tokens_shared: K for this call (default: the configured K; 0 with policy none).
+        """
+        height, width = images.shape[-2:]
+        scores, shared, num_tokens, padded = self._token_scores(images, labels, num_tokens_shared)
+        logits = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
+        return SegmenterOutput(logits[..., :height, :width], shared, num_tokens)
+
+    def predict(self, images: Tensor, num_tokens_shared: int | None = None) -> Tensor:
+        """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images.
+
+        Inference only: upsampling and argmax are one step (:func:`upsample_argmax`), which
+        ``torch.compile`` fuses into one kernel that never writes the ``(B, n_cls, H, W)``
+        scores to memory.
+        """
+        height, width = images.shape[-2:]
+        scores, _, _, padded = self._token_scores(images, None, num_tokens_shared)
+        return upsample_argmax(scores, padded)[:, :height, :width]
+
+
+def upsample_argmax(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(B, n_cls, h, w)`` scores -> ``(B, H, W)`` labels of their bilinear upsampling.
+
+    The upsampling is in fp32 whatever the autocast: rounding the scores to bf16 before the
+    argmax would flip near-tied pixels, and once fused with the argmax the fp32 arithmetic
+    costs no memory traffic (only the small ``(B, n_cls, h, w)`` input is read).
+    """
+    with torch.autocast(scores.device.type, enabled=False):
+        upsampled = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+    return upsampled.argmax(dim=1)
 
 
 def build_segmenter(**kwargs) -> Segmenter:
