@@ -43,7 +43,7 @@ def validation_batch(params: dict[str, Any], model: Segmenter, batch_size: int) 
     crop = model.config.crop_size
     images = []
     for i in range(min(batch_size, len(dataset))):
-        image = dataset[i][0].unsqueeze(0)
+        image = dataset[i]["image"].unsqueeze(0)
         images.append(F.interpolate(image, size=(crop, crop), mode="bilinear", align_corners=False))
     batch = torch.cat(images)
     return batch.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]

@@ -103,8 +103,12 @@ def test_every_stage_writes_its_metrics(pipeline):
         "device",
         "batch_size",
         "precision",
+        "compile",
     ):
         assert key in benchmark
+    assert benchmark["compile"] == "none"  # auto: eager on CPU
+    for key in ("bf16_fp32_agreement", "bf16_fp32_agreement_no_sharing"):
+        assert 0.0 < benchmark[key] <= 1.0
     assert benchmark["tokens"] == 64 - 3 * 4 and benchmark["tokens_no_sharing"] == 64
     # At this micro size the policy net costs more than the tokens save: only check both counted.
     assert benchmark["gflops"] > 0 and benchmark["gflops_no_sharing"] > 0
