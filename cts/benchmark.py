@@ -9,10 +9,12 @@ turns within one process, so that their ratio is fair on a shared, noisy machine
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,16 @@ from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
 
 BENCH_PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = (
+    "auto",
+    "none",
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
+# Untimed calls per K before timing a compiled forward: compile, warm up, record the graph.
+COMPILED_PREWARM = 3
 
 
 @dataclass(frozen=True)
@@ -87,11 +98,6 @@ def forward_cost(model: Segmenter, image_size: int, num_tokens_shared: int) -> F
     return ForwardCost(counter.get_total_flops() / 2 / 1e9, int(out.num_tokens))
 
 
-def count_gmacs(model: Segmenter, image_size: int, num_tokens_shared: int) -> float:
-    """Multiply-accumulates per image in G (the paper's "GFLOPs"), forward pass."""
-    return forward_cost(model, image_size, num_tokens_shared).gmacs
-
-
 # --- devices, precisions, compilation -------------------------------------------------------
 
 
@@ -122,12 +128,18 @@ def resolve_precisions(
 
 
 def resolve_compile_mode(mode: str, device: torch.device) -> str:
-    """``auto``: CUDA graphs + Inductor (``reduce-overhead``) on a GPU, eager on CPU."""
+    """``auto``: Inductor + CUDA graphs (``reduce-overhead``) on a GPU, eager on CPU."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: allowed {', '.join(COMPILE_MODES)}")
     if mode == "auto":
         return "reduce-overhead" if device.type == "cuda" else "none"
     return mode
+
+
+def uses_cuda_graphs(compile_mode: str) -> bool:
+    return compile_mode != "none" and bool(
+        torch._inductor.list_mode_options(compile_mode).get("triton.cudagraphs", False)
+    )
 
 
 Predict = Callable[[Tensor, int], Tensor]
@@ -136,21 +148,31 @@ Predict = Callable[[Tensor, int], Tensor]
 def inference_fn(model: Segmenter, compile_mode: str) -> Predict:
     """``(images, K) -> labels``: the model's :meth:`Segmenter.predict`, compiled or not.
 
-    Shapes are static (``dynamic=False``): each K and batch size gets its own graph, which
-    is what lets CUDA graphs replay the whole forward as one launch.
+    Compiled as one graph (``fullgraph``: a graph break is an error, not a slower number)
+    with static shapes, so that each K and batch size gets its own graph, which CUDA graphs
+    replay as one launch. With CUDA graphs, the labels returned are overwritten by the next
+    call: clone them to keep them.
     """
     if compile_mode == "none":
         return model.predict
-    compiled = torch.compile(model.predict, mode=compile_mode, dynamic=False)
-    if compile_mode != "reduce-overhead":
+    compiled = torch.compile(model.predict, mode=compile_mode, dynamic=False, fullgraph=True)
+    if not uses_cuda_graphs(compile_mode):
         return compiled
 
     def run(images: Tensor, k: int) -> Tensor:
-        # Each call is a new inference step: CUDA-graph outputs of the last may be reused.
+        # Each call is a new inference step: the graph may reuse the last call's outputs.
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(images, k)
 
     return run
+
+
+def release_compiled(device: torch.device) -> None:
+    """Drop compiled graphs and their CUDA-graph memory pools (and the allocator's cache)."""
+    torch.compiler.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --- timing and memory ----------------------------------------------------------------------
@@ -167,29 +189,44 @@ def median_seconds_interleaved(
     warmup: int,
     repeats: int,
 ) -> dict[Any, float]:
-    """Median wall time of each call; the calls are timed in turns, repeat after repeat, so
-    a change in the machine's load affects them alike."""
+    """Median wall time of each call. The calls are timed in turns, in alternating order,
+    repeat after repeat, so that a change in the machine's load affects them alike."""
     times: dict[Any, list[float]] = {key: [] for key in calls}
     for i in range(warmup + repeats):
-        for key, call in calls.items():
+        order = list(calls) if i % 2 == 0 else list(reversed(calls))
+        for key in order:
             _synchronize(device)
             start = time.perf_counter()
-            call()
+            calls[key]()
             _synchronize(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def peak_memory_mb(call: Callable[[], object], device: torch.device) -> float | None:
-    """The CUDA allocator's high-water mark over one call (weights included); None on CPU."""
-    if device.type != "cuda":
-        return None
-    _synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    call()
-    _synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+def prewarm_peak_memory_mib(
+    calls: dict[Any, Callable[[], object]], device: torch.device, prewarm: int
+) -> dict[Any, float | None]:
+    """Run each call ``prewarm`` times, one after the other, and return for each the memory
+    it needs on its own in MiB: what was allocated before any ran (weights, inputs) plus the
+    high-water mark of its own runs above what was allocated when they began. CUDA-graph
+    replays allocate nothing, so the first runs (compile, warm-up, recording) are where the
+    working memory shows. None on CPU."""
+    peaks: dict[Any, float | None] = {}
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    for key, call in calls.items():
+        if device.type == "cuda":
+            _synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(prewarm):
+            call()
+        if device.type == "cuda":
+            _synchronize(device)
+            peaks[key] = (base + torch.cuda.max_memory_allocated(device) - before) / 2**20
+        else:
+            peaks[key] = None
+    return peaks
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -210,7 +247,11 @@ def largest_fitting_batch(fits: Callable[[int], bool], too_large: int) -> int:
 
 
 def check_batch_fits(
-    run_batch: Callable[[int], object], batch_size: int, device: torch.device, what: str
+    run_batch: Callable[[int], object],
+    batch_size: int,
+    device: torch.device,
+    what: str,
+    batch_option: str = "--batch-size",
 ) -> None:
     """Run one batch; if the device runs out of memory, raise one clear error that names the
     largest batch that fits instead of a CUDA traceback."""
@@ -220,7 +261,7 @@ def check_batch_fits(
             run_batch(batch)
             _synchronize(device)
             return True
-        except (torch.OutOfMemoryError, RuntimeError) as error:
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(error):
                 raise
         if device.type == "cuda":
@@ -234,7 +275,7 @@ def check_batch_fits(
     if device.type == "cuda":
         memory = f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
     hint = (
-        f"the largest batch that fits is {largest}: pass --batch-size {largest}"
+        f"the largest batch that fits is {largest}: set {batch_option} {largest}"
         if largest
         else "not even a batch of 1 fits"
     )
@@ -253,6 +294,23 @@ def random_images(batch_size: int, image_size: int, device: torch.device, seed: 
     return images.to(device)
 
 
+@contextmanager
+def out_of_memory_as_error(what: str, advice: str, device: torch.device) -> Iterator[None]:
+    """Turn a device out-of-memory error in the block into one clear line."""
+    failed = False
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(error):
+            raise
+        failed = True
+    if failed:  # outside the handler: the traceback's tensors are freed first
+        release_compiled(device)
+        raise BenchmarkOutOfMemoryError(
+            f"out of memory while {what} on {device_name(device)}: {advice}"
+        )
+
+
 def measure_sharing(
     model: Segmenter,
     images: Tensor,
@@ -264,19 +322,26 @@ def measure_sharing(
 ) -> dict[str, float | None]:
     """Images per second and peak memory of one batch with K shared tokens and with none.
 
-    Returns ``ims_per_sec``, ``ims_per_sec_no_sharing``, ``speedup``, ``ms_per_batch``,
-    ``ms_per_batch_no_sharing``, ``peak_memory_mb``, ``peak_memory_mb_no_sharing``.
+    Compiled forwards get at least :data:`COMPILED_PREWARM` untimed calls per K before
+    ``warmup`` more; their graphs are released afterwards. Returns ``ims_per_sec``,
+    ``ims_per_sec_no_sharing``, ``speedup``, ``ms_per_batch``, ``ms_per_batch_no_sharing``,
+    ``peak_memory_mib``, ``peak_memory_mib_no_sharing`` (None on CPU).
     """
     device = images.device
-    predict = inference_fn(model, resolve_compile_mode(compile_mode, device))
+    compile_mode = resolve_compile_mode(compile_mode, device)
+    predict = inference_fn(model, compile_mode)
     calls = {
         num_tokens_shared: lambda: predict(images, num_tokens_shared),
         0: lambda: predict(images, 0),
     }
+    prewarm = 1 if compile_mode == "none" else COMPILED_PREWARM
     model.eval()
-    with torch.inference_mode(), autocast(device, precision):
-        seconds = median_seconds_interleaved(calls, device, warmup, repeats)
-        peaks = {k: peak_memory_mb(call, device) for k, call in calls.items()}
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            peaks = prewarm_peak_memory_mib(calls, device, prewarm)
+            seconds = median_seconds_interleaved(calls, device, warmup, repeats)
+    finally:
+        release_compiled(device)
     batch = images.shape[0]
     shared, plain = seconds[num_tokens_shared], seconds[0]
     return {
@@ -285,18 +350,21 @@ def measure_sharing(
         "speedup": plain / shared,
         "ms_per_batch": shared * 1e3,
         "ms_per_batch_no_sharing": plain * 1e3,
-        "peak_memory_mb": peaks[num_tokens_shared],
-        "peak_memory_mb_no_sharing": peaks[0],
+        "peak_memory_mib": peaks[num_tokens_shared],
+        "peak_memory_mib_no_sharing": peaks[0],
     }
 
 
-def label_agreement(model: Segmenter, images: Tensor, num_tokens_shared: int) -> float:
-    """Fraction of pixels whose bf16-autocast label equals the fp32 label, same weights.
+def label_agreement(model: Segmenter, images: Tensor, num_tokens_shared: int) -> float | None:
+    """Fraction of pixels whose bf16-autocast label equals the fp32 label, same weights and
+    eager forwards; None where the device has no bf16.
 
     The policy net runs in each precision too, so a superpatch whose score is tied at the
     K-th place may be shared in one and not in the other; that counts as disagreement.
     """
     device = images.device
+    if not bf16_supported(device):
+        return None
     model.eval()
     with torch.inference_mode():
         reference = model.predict(images, num_tokens_shared)
@@ -305,9 +373,12 @@ def label_agreement(model: Segmenter, images: Tensor, num_tokens_shared: int) ->
     return (reference == low).float().mean().item()
 
 
-def ensure_batch_fits(model: Segmenter, images: Tensor, precision: str, what: str) -> None:
+def ensure_batch_fits(
+    model: Segmenter, images: Tensor, precision: str, what: str, batch_option: str
+) -> None:
     """One eager forward without sharing (the larger of the two); on out-of-memory, a clear
-    error naming the largest batch that fits."""
+    error naming the largest batch that fits. Eager is the conservative test: it writes the
+    upsampled scores that a compiled forward never materialises."""
     device = images.device
     with torch.inference_mode(), autocast(device, precision):
         check_batch_fits(
@@ -315,45 +386,74 @@ def ensure_batch_fits(model: Segmenter, images: Tensor, precision: str, what: st
             images.shape[0],
             device,
             f"{what} ({images.shape[-2]}x{images.shape[-1]}, {precision})",
+            batch_option,
         )
 
 
-def compare_sharing(
+def measure_model(
     model: Segmenter,
     images: Tensor,
     num_tokens_shared: int,
-    precision: str = "fp32",
-    compile_mode: str = "none",
-    warmup: int = 3,
-    repeats: int = 10,
-) -> dict[str, Any]:
-    """The same weights with K shared tokens and with sharing off: throughput, GMACs,
-    tokens and peak memory on one batch, as one flat record (the benchmark stage's metrics).
+    precisions: Sequence[str],
+    compile_mode: str,
+    warmup: int,
+    repeats: int,
+    what: str,
+    batch_option: str = "--batch-size",
+    compile_option: str = "--compile",
+    agreement_images: int = 8,
+) -> list[dict[str, Any]]:
+    """One record per precision: the same weights with K shared tokens and with sharing
+    off, on one batch: throughput, speed-up, GFLOPs (multiply-accumulates, as the paper
+    counts them), tokens, peak memory, and the bf16/fp32 label agreement.
+
+    ``what`` names the model in errors; ``batch_option`` / ``compile_option`` name the
+    settings an out-of-memory error tells the user to change.
     """
     device = images.device
     compile_mode = resolve_compile_mode(compile_mode, device)
     model.eval()
-    ensure_batch_fits(model, images, precision, model.config.backbone)
-    timing = measure_sharing(
-        model, images, num_tokens_shared, precision, compile_mode, warmup, repeats
-    )
     image_size = images.shape[-1]
     shared = forward_cost(model, image_size, num_tokens_shared)
     plain = forward_cost(model, image_size, 0)
-    return {
-        **timing,
-        "tokens": shared.tokens,
-        "tokens_no_sharing": plain.tokens,
-        "gflops": shared.gmacs,
-        "gflops_no_sharing": plain.gmacs,
-        "device": device_name(device),
-        "batch_size": images.shape[0],
-        "precision": precision,
-        "compile": compile_mode,
-        "image_size": image_size,
-        "num_tokens_shared": num_tokens_shared,
-        "torch": torch.__version__,
-    }
+    records = []
+    for precision in precisions:
+        ensure_batch_fits(model, images, precision, what, batch_option)
+        advice = (
+            f"set a smaller {batch_option}, or {compile_option} none"
+            if compile_mode != "none"
+            else f"set a smaller {batch_option}"
+        )
+        with out_of_memory_as_error(
+            f"timing {what} ({precision}, compile {compile_mode})", advice, device
+        ):
+            timing = measure_sharing(
+                model, images, num_tokens_shared, precision, compile_mode, warmup, repeats
+            )
+        records.append(
+            {
+                "precision": precision,
+                "compile": compile_mode,
+                "batch_size": images.shape[0],
+                "image_size": image_size,
+                "num_tokens_shared": num_tokens_shared,
+                "tokens": shared.tokens,
+                "tokens_no_sharing": plain.tokens,
+                "gflops": shared.gmacs,
+                "gflops_no_sharing": plain.gmacs,
+                **timing,
+            }
+        )
+    # After the batch was found to fit: the agreement batch is no larger.
+    agreement_batch = images[:agreement_images]
+    with out_of_memory_as_error(
+        f"comparing bf16 with fp32 labels of {what}", f"set a smaller {batch_option}", device
+    ):
+        agreement = {
+            "bf16_fp32_agreement": label_agreement(model, agreement_batch, num_tokens_shared),
+            "bf16_fp32_agreement_no_sharing": label_agreement(model, agreement_batch, 0),
+        }
+    return [{**record, **agreement} for record in records]
 
 
 # --- the paper's table ----------------------------------------------------------------------
@@ -406,46 +506,31 @@ def measure_row(
     row: TableRow, settings: TableSettings, device: torch.device
 ) -> list[dict[str, Any]]:
     """One record per precision for a row of the table."""
-    compile_mode = resolve_compile_mode(settings.compile_mode, device)
-    torch._dynamo.reset()  # a fresh graph cache per model: no recompile limit is reached
+    release_compiled(device)  # each model starts from an empty graph cache
     model = build_row_model(row, settings, device)
-    shared = forward_cost(model, row.crop_size, row.num_tokens_shared)
-    plain = forward_cost(model, row.crop_size, 0)
     images = random_images(settings.batch_size, row.crop_size, device, settings.seed)
-    records = []
-    for precision in settings.precisions:
-        ensure_batch_fits(model, images, precision, row.label)
-        timing = measure_sharing(
-            model,
-            images,
-            row.num_tokens_shared,
-            precision,
-            compile_mode,
-            settings.warmup,
-            settings.repeats,
-        )
-        records.append(
-            {
-                **asdict(row),
-                "precision": precision,
-                "tokens": shared.tokens,
-                "tokens_no_sharing": plain.tokens,
-                "gmacs": shared.gmacs,
-                "gmacs_no_sharing": plain.gmacs,
-                **timing,
-            }
-        )
-    # After the batch was found to fit: the agreement batch is no larger.
-    agreement_batch = images[: settings.agreement_images]
-    agreement = {
-        "bf16_fp32_agreement": label_agreement(model, agreement_batch, row.num_tokens_shared),
-        "bf16_fp32_agreement_no_sharing": label_agreement(model, agreement_batch, 0),
+    records = measure_model(
+        model,
+        images,
+        row.num_tokens_shared,
+        settings.precisions,
+        settings.compile_mode,
+        settings.warmup,
+        settings.repeats,
+        what=row.label,
+        agreement_images=settings.agreement_images,
+    )
+    del model, images
+    release_compiled(device)
+    return [{**asdict(row), **record} for record in records]
+
+
+def numerics(device: torch.device) -> dict[str, Any]:
+    """What "fp32" means on this device: TF32 is allowed for matmuls / cuDNN convolutions."""
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) and device.type == "cuda",
     }
-    records = [{**record, **agreement} for record in records]
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return records
 
 
 def environment(device: torch.device, settings: TableSettings) -> dict[str, Any]:
@@ -455,11 +540,16 @@ def environment(device: torch.device, settings: TableSettings) -> dict[str, Any]
         "date": datetime.date.today().isoformat(),
         **asdict(settings),
         "compile_mode": resolve_compile_mode(settings.compile_mode, device),
+        **numerics(device),
     }
 
 
 def _memory(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def markdown_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> str:
@@ -469,9 +559,10 @@ def markdown_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> st
         f"{env['batch_size']}, compile {env['compile_mode']}, policy net input x"
         f"{env['policy_input_scale']} stride {env['policy_feature_stride']}"
         + (f", depth {env['depth']}" if env["depth"] else "")
-        + f"; median of {env['repeats']} runs after {env['warmup']} warm-up.",
+        + f"; median of {env['repeats']} runs after {env['warmup']} warm-up; "
+        "random weights (bf16/fp32 label agreement: eager, random inputs).",
         "",
-        "| Model | Dataset | K | Tokens | GMACs | Precision | im/s no sharing | im/s CTS "
+        "| Model | Dataset | K | Tokens | GFLOPs | Precision | im/s no sharing | im/s CTS "
         "| Speed-up | Peak MiB no sharing / CTS | bf16 = fp32 labels no sharing / CTS |",
         "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|",
     ]
@@ -479,12 +570,12 @@ def markdown_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> st
         lines.append(
             f"| {r['label']} | {r['dataset']} | {r['num_tokens_shared']} "
             f"| {r['tokens_no_sharing']} -> {r['tokens']} "
-            f"| {r['gmacs_no_sharing']:.1f} -> {r['gmacs']:.1f} | {r['precision']} "
+            f"| {r['gflops_no_sharing']:.1f} -> {r['gflops']:.1f} | {r['precision']} "
             f"| {r['ims_per_sec_no_sharing']:,.1f} | {r['ims_per_sec']:,.1f} "
             f"| {r['speedup']:.2f}x "
-            f"| {_memory(r['peak_memory_mb_no_sharing'])} / {_memory(r['peak_memory_mb'])} "
-            f"| {100 * r['bf16_fp32_agreement_no_sharing']:.2f}% "
-            f"/ {100 * r['bf16_fp32_agreement']:.2f}% |"
+            f"| {_memory(r['peak_memory_mib_no_sharing'])} / {_memory(r['peak_memory_mib'])} "
+            f"| {_share(r['bf16_fp32_agreement_no_sharing'])} "
+            f"/ {_share(r['bf16_fp32_agreement'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -504,6 +595,8 @@ def write_table(
 
 
 __all__ = [
+    "BENCH_PRECISIONS",
+    "COMPILE_MODES",
     "PAPER_TABLE",
     "BenchmarkOutOfMemoryError",
     "ForwardCost",
@@ -511,21 +604,24 @@ __all__ = [
     "TableSettings",
     "bf16_supported",
     "build_row_model",
-    "random_images",
     "check_batch_fits",
-    "ensure_batch_fits",
-    "compare_sharing",
-    "count_gmacs",
     "device_name",
+    "ensure_batch_fits",
     "environment",
     "forward_cost",
+    "inference_fn",
     "label_agreement",
     "largest_fitting_batch",
     "markdown_table",
+    "measure_model",
     "measure_row",
     "measure_sharing",
+    "numerics",
+    "random_images",
+    "release_compiled",
     "resolve_compile_mode",
     "resolve_precisions",
     "select_rows",
+    "uses_cuda_graphs",
     "write_table",
 ]

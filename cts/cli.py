@@ -136,7 +136,7 @@ def throughput(
         typer.Option(
             "--compile",
             help="auto (GPU: reduce-overhead, i.e. Inductor + CUDA graphs; CPU: none) | none "
-            "| default | reduce-overhead | max-autotune.",
+            "| default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
         ),
     ] = "auto",
     paper_policy: Annotated[
@@ -168,7 +168,7 @@ def throughput(
         target = resolve_device(device)
         gpu = target.type == "cuda"
         settings = bench.TableSettings(
-            batch_size=batch_size or (32 if gpu else 2),
+            batch_size=(32 if gpu else 2) if batch_size is None else batch_size,
             precisions=bench.resolve_precisions(
                 precision or bench.BENCH_PRECISIONS, target, allow_fp32_fallback
             ),

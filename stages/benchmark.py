@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cts.benchmark import compare_sharing, label_agreement
+from cts.benchmark import device_name, measure_model, numerics
 from cts.checkpoint import load_segmenter
 from cts.data.folder import SegmentationFolder
 from cts.data.transforms import ValTransform
@@ -59,22 +59,30 @@ def run(params: dict[str, Any]) -> None:
         uri=params["mlflow_tracking_uri"],
         upstream_metrics=[METRICS / "policy.json", METRICS / "train.json"],
     ):
-        results = compare_sharing(
+        (record,) = measure_model(
             model,
             images,
-            num_tokens_shared=model.num_tokens_shared,
-            precision=params["precision"],
+            model.num_tokens_shared,
+            precisions=[params["precision"]],
             compile_mode=params["bench_compile"],
             warmup=2,
             repeats=params["bench_repeats"],
+            what=f"{model.config.backbone} (bench_batch_size {images.shape[0]})",
+            batch_option="bench_batch_size",
+            compile_option="bench_compile",
         )
-        results["bf16_fp32_agreement"] = label_agreement(model, images, model.num_tokens_shared)
-        results["bf16_fp32_agreement_no_sharing"] = label_agreement(model, images, 0)
+        results = {
+            **record,
+            "device": device_name(device),
+            "torch": torch.__version__,
+            **numerics(device),
+        }
         write_json(METRICS / "benchmark.json", results)
         log_metrics_file(METRICS / "benchmark.json")
+    agreement = results["bf16_fp32_agreement"]
     print(
         f"benchmark on {results['device']}: {results['ims_per_sec']:.2f} im/s with sharing "
         f"({results['tokens']} tokens), {results['ims_per_sec_no_sharing']:.2f} im/s without "
-        f"({results['tokens_no_sharing']} tokens): speed-up {results['speedup']:.2f}x; "
-        f"bf16 labels = fp32 labels on {100 * results['bf16_fp32_agreement']:.2f}% of pixels"
+        f"({results['tokens_no_sharing']} tokens): speed-up {results['speedup']:.2f}x"
+        + ("" if agreement is None else f"; bf16 labels = fp32 labels on {100 * agreement:.2f}%")
     )

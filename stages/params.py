@@ -114,7 +114,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "ms_scales": _scales,
     "bench_batch_size": _integer(1),
     "bench_repeats": _integer(1),
-    "bench_compile": _choice("auto", "none", "default", "reduce-overhead", "max-autotune"),
+    "bench_compile": _choice(
+        "auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ),
     "device": _choice("auto", "cpu", "cuda"),
     "precision": _choice("fp32", "bf16", "fp16"),
     "seed": _integer(0),

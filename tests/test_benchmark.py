@@ -6,14 +6,17 @@ from typer.testing import CliRunner
 
 from cts import benchmark
 from cts.benchmark import (
+    COMPILE_MODES,
     BenchmarkOutOfMemoryError,
     TableSettings,
     check_batch_fits,
     largest_fitting_batch,
     markdown_table,
+    out_of_memory_as_error,
     resolve_compile_mode,
     resolve_precisions,
     select_rows,
+    uses_cuda_graphs,
 )
 from cts.cli import app
 from cts.models import build_segmenter
@@ -42,6 +45,20 @@ def test_predict_is_the_argmax_of_the_logits(policy, k):
         logits = model(images).logits
     assert labels.shape == (2, 120, 100)
     assert torch.equal(labels, logits.argmax(1))
+
+
+def test_k_zero_runs_no_policy_net(monkeypatch):
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384", num_classes=3, crop_size=64, depth=1, num_tokens_shared=2
+    ).eval()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the policy net ran for K = 0")
+
+    monkeypatch.setattr(model.policy_net, "forward", refuse)
+    with torch.no_grad():
+        assert model.predict(torch.randn(1, 3, 64, 64), 0).shape == (1, 64, 64)
 
 
 def test_policy_net_runs_channels_last_with_unchanged_results():
@@ -80,7 +97,7 @@ def test_out_of_memory_names_the_largest_batch_that_fits():
         check_batch_fits(run, 64, CPU, "ViT-L/16 640 (bf16)")
     message = str(error.value)
     assert "batch 64 of ViT-L/16 640 (bf16) does not fit" in message
-    assert "the largest batch that fits is 5: pass --batch-size 5" in message
+    assert "the largest batch that fits is 5: set --batch-size 5" in message
     assert "\n" not in message
 
     with pytest.raises(BenchmarkOutOfMemoryError, match="not even a batch of 1"):
@@ -103,6 +120,57 @@ def test_bf16_without_device_support_falls_back_only_when_allowed(monkeypatch):
     assert resolve_precisions(["bf16"], CPU, True) == ("fp32",)
     with pytest.raises(ValueError, match="precision"):
         resolve_precisions(["fp8"], CPU, True)
+
+
+def test_predict_compiles_to_one_graph_for_every_k_and_precision():
+    # What CUDA graphs need: no graph break, no host sync (backend "eager": tracing only).
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=5,
+        crop_size=128,
+        depth=1,
+        num_tokens_shared=4,
+        policy_feature_stride=16,
+        policy_input_scale=0.5,
+    ).eval()
+    images = torch.randn(2, 3, 128, 128)
+    torch.compiler.reset()
+    compiled = torch.compile(model.predict, backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        for k in (4, 0):
+            assert torch.equal(compiled(images, k), model.predict(images, k))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(images, 4)
+    torch.compiler.reset()
+
+
+def test_out_of_memory_during_timing_is_one_line():
+    def timed():
+        with out_of_memory_as_error(
+            "timing ViT-B/16 512 (bf16)", "set a smaller --batch-size", CPU
+        ):
+            raise torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 20.00 GiB")
+
+    with pytest.raises(BenchmarkOutOfMemoryError) as error:
+        timed()
+    assert str(error.value) == (
+        "out of memory while timing ViT-B/16 512 (bf16) on cpu: set a smaller --batch-size"
+    )
+    with pytest.raises(ValueError), out_of_memory_as_error("x", "y", CPU):
+        raise ValueError("not memory")
+
+
+def test_compile_modes_match_the_pipeline_param_choices():
+    from stages.params import CHECKS
+
+    assert CHECKS["bench_compile"]("max-autotune-no-cudagraphs") is None
+    for mode in COMPILE_MODES:
+        assert CHECKS["bench_compile"](mode) is None
+    assert CHECKS["bench_compile"]("fast") is not None
+    assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune")
+    assert not uses_cuda_graphs("default") and not uses_cuda_graphs("none")
+    assert not uses_cuda_graphs("max-autotune-no-cudagraphs")
 
 
 def test_compile_mode_auto_is_eager_on_cpu_and_unknown_modes_are_refused():
@@ -154,10 +222,12 @@ def test_throughput_command_writes_the_table(tmp_path):
     assert [r["precision"] for r in rows] == ["fp32", "bf16"]
     for r in rows:
         assert (r["tokens_no_sharing"], r["tokens"]) == (1024, 715)
-        assert 0 < r["gmacs"] < r["gmacs_no_sharing"]
+        assert 0 < r["gflops"] < r["gflops_no_sharing"]
+        assert r["peak_memory_mib"] is None  # CPU
         assert r["ims_per_sec"] > 0 and r["ims_per_sec_no_sharing"] > 0
         assert r["speedup"] == pytest.approx(r["ims_per_sec"] / r["ims_per_sec_no_sharing"])
         assert 0.5 < r["bf16_fp32_agreement"] <= 1.0
+        assert 0.5 < r["bf16_fp32_agreement_no_sharing"] <= 1.0
     table = (out / "throughput.md").read_text()
     assert table == markdown_table(rows, data["environment"])
     assert "| ViT-Ti/16 512 | ADE20K | 103 | 1024 -> 715 |" in table

@@ -104,6 +104,8 @@ def test_every_stage_writes_its_metrics(pipeline):
         "batch_size",
         "precision",
         "compile",
+        "peak_memory_mib",
+        "float32_matmul_precision",
     ):
         assert key in benchmark
     assert benchmark["compile"] == "none"  # auto: eager on CPU

@@ -189,8 +189,8 @@ class Segmenter(nn.Module):
 
         Returns:
             scores ``(B, n_cls, h, w)`` on the (padded) patch grid, in the compute dtype;
-            shared ``(B, hs, ws)`` bool superpatch map; tokens the encoder processed;
-            the padded image size ``(H', W')``.
+            shared superpatch indices ``(B, K)``; tokens the encoder processed; the padded
+            image size ``(H', W')``.
         """
         height, width = images.shape[-2:]
         superpatch = 2 * self.patch_size
@@ -207,24 +207,19 @@ class Segmenter(nn.Module):
             k = 0
         check_num_shared(k, super_grid[0] * super_grid[1], f"image size {height}x{width}")
 
-        if self.config.policy == "none":
-            layout = None
-            shared_idx = images.new_zeros(images.shape[0], 0, dtype=torch.long)
-            tokens = self.encoder(images)
-        else:
-            if k > 0:
-                shared_idx = select_shared(self._share_scores(images, labels, super_grid), k)
-            else:
-                shared_idx = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+        # K = 0 is the plain Segmenter: no policy net, no gather or scatter.
+        layout = None
+        shared_idx = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+        if k > 0:
+            shared_idx = select_shared(self._share_scores(images, labels, super_grid), k)
             layout = plan_layout(shared_idx, grid)
-            tokens = self.encoder(images, layout)
+        tokens = self.encoder(images, layout)
 
         scores = self.decoder(tokens)
         if layout is not None:
             scores = unshare_tokens(scores, layout)
         scores = scores.transpose(1, 2).reshape(images.shape[0], -1, *grid)
-        padded = (images.shape[-2], images.shape[-1])
-        return scores, shared_mask(shared_idx, super_grid), tokens.shape[1], padded
+        return scores, shared_idx, tokens.shape[1], (images.shape[-2], images.shape[-1])
 
     def forward(
         self, images: Tensor, labels: Tensor | None = None, num_tokens_shared: int | None = None
@@ -237,16 +232,20 @@ class Segmenter(nn.Module):
             num_tokens_shared: K for this call (default: the configured K; 0 with policy none).
         """
         height, width = images.shape[-2:]
-        scores, shared, num_tokens, padded = self._token_scores(images, labels, num_tokens_shared)
+        scores, shared_idx, num_tokens, padded = self._token_scores(
+            images, labels, num_tokens_shared
+        )
         logits = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
+        super_grid = (padded[0] // (2 * self.patch_size), padded[1] // (2 * self.patch_size))
+        shared = shared_mask(shared_idx, super_grid)
         return SegmenterOutput(logits[..., :height, :width], shared, num_tokens)
 
     def predict(self, images: Tensor, num_tokens_shared: int | None = None) -> Tensor:
         """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images.
 
-        Inference only: upsampling and argmax are one step (:func:`upsample_argmax`), which
-        ``torch.compile`` fuses into one kernel that never writes the ``(B, n_cls, H, W)``
-        scores to memory.
+        Inference only: upsampling and argmax are one step (:func:`upsample_argmax`). Compiled
+        (``torch.compile``), that step is one kernel that never writes the ``(B, n_cls, H, W)``
+        scores to memory; eager, the fp32 upsampled scores are materialised first.
         """
         height, width = images.shape[-2:]
         scores, _, _, padded = self._token_scores(images, None, num_tokens_shared)
