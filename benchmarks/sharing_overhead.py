@@ -10,26 +10,12 @@ patch embedding + mean position embedding), share and unshare. Prints medians an
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from cts.benchmark import median_seconds_interleaved
 from cts.models import build_segmenter
 from cts.sharing import plan_layout, select_shared, share_tokens, unshare_tokens
-
-
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])  # the first two warm up
 
 
 def main() -> None:
@@ -73,8 +59,9 @@ def main() -> None:
             share_tokens(patches, superpatches, layout)
             unshare_tokens(decoded, layout)
 
-        forward = _median_seconds(lambda: model(images), args.repeats, device)
-        sharing = _median_seconds(sharing_ops, args.repeats * 5, device)
+        forward = median_seconds_interleaved({0: lambda: model(images)}, device, 2, args.repeats)
+        sharing = median_seconds_interleaved({0: sharing_ops}, device, 2, args.repeats * 5)
+        forward, sharing = forward[0], sharing[0]
     print(
         f"device={device} backbone={args.backbone} crop={args.crop} K={args.k} "
         f"batch={args.batch} torch={torch.__version__}"

@@ -474,6 +474,38 @@ class TableSettings:
     agreement_images: int = 8
     seed: int = 0
 
+    @classmethod
+    def for_device(
+        cls,
+        device: torch.device,
+        batch_size: int | None = None,
+        precisions: Sequence[str] = BENCH_PRECISIONS,
+        allow_fp32_fallback: bool = False,
+        compile_mode: str = "auto",
+        warmup: int | None = None,
+        repeats: int | None = None,
+        paper_policy: bool = False,
+        depth: int | None = None,
+    ) -> TableSettings:
+        """Settings with the device's defaults for what is None (GPU: batch 32, 5 warm-up
+        and 20 timed runs; CPU: 2, 1 and 3), checked. ``paper_policy``: the policy net on
+        the full-resolution image with stride-32 features, as the paper (else half
+        resolution, stride 16)."""
+        gpu = device.type == "cuda"
+        settings = cls(
+            batch_size=(32 if gpu else 2) if batch_size is None else batch_size,
+            precisions=resolve_precisions(precisions, device, allow_fp32_fallback),
+            compile_mode=resolve_compile_mode(compile_mode, device),
+            warmup=(5 if gpu else 1) if warmup is None else warmup,
+            repeats=(20 if gpu else 3) if repeats is None else repeats,
+            policy_feature_stride=32 if paper_policy else 16,
+            policy_input_scale=1.0 if paper_policy else 0.5,
+            depth=depth,
+        )
+        if settings.batch_size < 1 or settings.repeats < 1 or settings.warmup < 0:
+            raise ValueError("--batch-size and --repeats must be at least 1, --warmup at least 0")
+        return settings
+
 
 def select_rows(keys: Iterable[str] | None) -> tuple[TableRow, ...]:
     """Rows by key, in the paper's order (None or empty: all)."""
@@ -525,9 +557,12 @@ def measure_row(
     return [{**asdict(row), **record} for record in records]
 
 
-def numerics(device: torch.device) -> dict[str, Any]:
-    """What "fp32" means on this device: TF32 is allowed for matmuls / cuDNN convolutions."""
+def runtime(device: torch.device) -> dict[str, Any]:
+    """Device, torch version, and what "fp32" means there: whether TF32 is allowed for
+    matmuls / cuDNN convolutions."""
     return {
+        "device": device_name(device),
+        "torch": torch.__version__,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) and device.type == "cuda",
     }
@@ -535,12 +570,10 @@ def numerics(device: torch.device) -> dict[str, Any]:
 
 def environment(device: torch.device, settings: TableSettings) -> dict[str, Any]:
     return {
-        "device": device_name(device),
-        "torch": torch.__version__,
+        **runtime(device),
         "date": datetime.date.today().isoformat(),
         **asdict(settings),
         "compile_mode": resolve_compile_mode(settings.compile_mode, device),
-        **numerics(device),
     }
 
 
@@ -616,11 +649,12 @@ __all__ = [
     "measure_model",
     "measure_row",
     "measure_sharing",
-    "numerics",
+    "median_seconds_interleaved",
     "random_images",
     "release_compiled",
     "resolve_compile_mode",
     "resolve_precisions",
+    "runtime",
     "select_rows",
     "uses_cuda_graphs",
     "write_table",

@@ -45,13 +45,8 @@ def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -
         module.run(params, **kwargs)
     except KeyboardInterrupt:
         _fail(f"{stage} interrupted; run it again to resume")
-    except Exception as error:  # the user gets one line; CTS_DEBUG=1 shows the traceback
-        if os.environ.get("CTS_DEBUG"):
-            raise
-        text = str(error) or type(error).__name__
-        if not isinstance(error, ValueError | FileNotFoundError | RuntimeError | OSError):
-            text = f"{type(error).__name__}: {text}"
-        _fail(f"{stage}: {text}")
+    except Exception as error:
+        _report_error(stage, error)
 
 
 @app.command("download")
@@ -166,21 +161,17 @@ def throughput(
         from cts.engine import resolve_device
 
         target = resolve_device(device)
-        gpu = target.type == "cuda"
-        settings = bench.TableSettings(
-            batch_size=(32 if gpu else 2) if batch_size is None else batch_size,
-            precisions=bench.resolve_precisions(
-                precision or bench.BENCH_PRECISIONS, target, allow_fp32_fallback
-            ),
-            compile_mode=bench.resolve_compile_mode(compile_mode, target),
-            warmup=(5 if gpu else 1) if warmup is None else warmup,
-            repeats=(20 if gpu else 3) if repeats is None else repeats,
-            policy_feature_stride=32 if paper_policy else 16,
-            policy_input_scale=1.0 if paper_policy else 0.5,
+        settings = bench.TableSettings.for_device(
+            target,
+            batch_size=batch_size,
+            precisions=precision or bench.BENCH_PRECISIONS,
+            allow_fp32_fallback=allow_fp32_fallback,
+            compile_mode=compile_mode,
+            warmup=warmup,
+            repeats=repeats,
+            paper_policy=paper_policy,
             depth=depth,
         )
-        if settings.batch_size < 1 or settings.repeats < 1 or settings.warmup < 0:
-            raise ValueError("--batch-size and --repeats must be at least 1, --warmup at least 0")
         selected = bench.select_rows(rows)
         if "bf16" in (precision or bench.BENCH_PRECISIONS) and "bf16" not in settings.precisions:
             typer.secho(

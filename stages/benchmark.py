@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cts.benchmark import device_name, measure_model, numerics
+from cts.benchmark import measure_model, runtime
 from cts.checkpoint import load_segmenter
 from cts.data.folder import SegmentationFolder
 from cts.data.transforms import ValTransform
@@ -71,12 +71,7 @@ def run(params: dict[str, Any]) -> None:
             batch_option="bench_batch_size",
             compile_option="bench_compile",
         )
-        results = {
-            **record,
-            "device": device_name(device),
-            "torch": torch.__version__,
-            **numerics(device),
-        }
+        results = {**record, **runtime(device)}
         write_json(METRICS / "benchmark.json", results)
         log_metrics_file(METRICS / "benchmark.json")
     agreement = results["bf16_fp32_agreement"]
