@@ -294,6 +294,45 @@ def predict(
         _fail("predict: no image could be read")
 
 
+@app.command("export")
+def export(
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="cts checkpoint, or an original Segmenter/CTS checkpoint."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path(
+        "model.onnx"
+    ),
+    num_tokens_shared: Annotated[
+        int | None,
+        typer.Option("--num-tokens-shared", "-k", help="K (default: the checkpoint's)."),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or later).")] = 18,
+    scores: Annotated[
+        bool, typer.Option(help="Add a second output: the class scores (B, n_cls, crop, crop).")
+    ] = False,
+) -> None:
+    """Export the whole inference (policy net to labels) as one ONNX graph at the crop size."""
+    try:
+        from cts.convert import load_model
+        from cts.export import export_onnx
+
+        segmenter = load_model(model, "cpu", num_tokens_shared)
+        written = export_onnx(segmenter, out, num_tokens_shared, opset, scores)
+    except KeyboardInterrupt:
+        _fail("export interrupted")
+    except Exception as error:
+        _report_error("export", error)
+    crop = segmenter.config.crop_size
+    k = segmenter.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
+    typer.echo(
+        f"exported {segmenter.config.backbone} (K {k}, opset {opset}): images float32 "
+        f"(B, 3, {crop}, {crop}) -> labels int64 (B, {crop}, {crop}): {written}"
+    )
+
+
 def main() -> None:
     # The pipeline layer lives next to params.yaml; make it importable from the repository.
     sys.path.insert(0, os.getcwd())

@@ -137,9 +137,11 @@ def plan_layout(shared_idx: Tensor, grid: tuple[int, int]) -> TokenLayout:
     shared_patches = _superpatch_patch_indices(grid, shared_idx.device)[shared_idx].flatten(1)
     is_shared = torch.zeros(batch, h * w, dtype=torch.int8, device=shared_idx.device)
     is_shared.scatter_(1, shared_patches, 1)
-    # A stable sort puts the not-shared patches first, still in raster order, so K = 0
-    # reproduces the plain ViT sequence exactly.
-    order = torch.sort(is_shared, dim=1, stable=True).indices
+    # Sorting (shared, raster index) puts the not-shared patches first, still in raster
+    # order, so K = 0 reproduces the plain ViT sequence exactly. The keys are unique, so
+    # no stable sort is needed (ONNX has none).
+    raster = torch.arange(h * w, device=shared_idx.device)
+    order = torch.sort(is_shared.long() * (h * w) + raster, dim=1).indices
     kept = order[:, : h * w - 4 * num_shared]
     return TokenLayout(kept, shared_idx, shared_patches, grid)
 
