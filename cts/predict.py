@@ -116,11 +116,16 @@ class Predictor:
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images, num_tokens_shared=self.num_tokens_shared).logits.float()
 
-    @torch.inference_mode()
-    def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` int64 and the sharing picture."""
+    def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
         image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
-        image = (image - self.mean) / self.std
+        return (image - self.mean) / self.std
+
+    @torch.inference_mode()
+    def labels(self, rgb: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` int64 (sliding window of the crop)."""
+        return self._labels(self._normalise(rgb))
+
+    def _labels(self, image: torch.Tensor) -> np.ndarray:
         probs = predict_logits(
             self._forward,
             image,
@@ -130,8 +135,13 @@ class Predictor:
             self.stride,
             batch_size=self.batch_size,
         )
-        labels = probs.argmax(1)[0].cpu().numpy()
+        return probs.argmax(1)[0].cpu().numpy()
 
+    @torch.inference_mode()
+    def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` int64 and the sharing picture."""
+        image = self._normalise(rgb)
+        labels = self._labels(image)
         size = (self.crop, self.crop)
         crop = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         out = self.model(crop, num_tokens_shared=self.num_tokens_shared)

@@ -19,7 +19,14 @@ from cts.data.transforms import ValTransform
 from cts.engine import resolve_device
 from cts.models import Segmenter
 from cts.tracking import log_metrics_file, stage_run
-from stages.common import METRICS, SEGMENTER_CHECKPOINT, dataset_info, require, write_json
+from stages.common import (
+    METRICS,
+    SEGMENTER_CHECKPOINT,
+    dataset_info,
+    other_stage_metrics,
+    require,
+    write_json,
+)
 
 PARAMS = (
     "data_root",
@@ -57,7 +64,7 @@ def run(params: dict[str, Any]) -> None:
         "benchmark",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=[METRICS / "policy.json", METRICS / "train.json"],
+        upstream_metrics=other_stage_metrics("benchmark"),
     ):
         (record,) = measure_model(
             model,

@@ -24,6 +24,24 @@ PLOTS = Path("plots")
 REPORTS = Path("reports")
 
 
+# The metrics file of each stage that writes one, in pipeline order.
+STAGE_METRICS = {
+    "preprocess": METRICS / "dataset.json",
+    "train_policy": METRICS / "policy.json",
+    "train_segmenter": METRICS / "train.json",
+    "eval_ss": METRICS / "eval_ss.json",
+    "eval_ms": METRICS / "eval_ms.json",
+    "benchmark": METRICS / "benchmark.json",
+}
+
+
+def other_stage_metrics(stage: str) -> list[Path]:
+    """Every other stage's metrics file: a new MLflow parent run is seeded with those that
+    exist, so that it holds the results of the stages this execution does not rerun (a
+    stage that does rerun logs its new results over them)."""
+    return [path for name, path in STAGE_METRICS.items() if name != stage]
+
+
 class StageOrderError(RuntimeError):
     """An input another stage produces is missing."""
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from cts.data import prepare_dataset
 from cts.tracking import stage_run
+from stages.common import other_stage_metrics
 
 PARAMS = (
     "dataset",
@@ -31,7 +32,12 @@ def run(params: dict[str, Any]) -> None:
             image_size=params["synthetic_image_size"],
             seed=params["seed"],
         )
-    with stage_run("download", params, uri=params["mlflow_tracking_uri"]):
+    with stage_run(
+        "download",
+        params,
+        uri=params["mlflow_tracking_uri"],
+        upstream_metrics=other_stage_metrics("download"),
+    ):
         info = prepare_dataset(
             params["dataset"],
             params["data_root"],

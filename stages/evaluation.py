@@ -25,6 +25,7 @@ from stages.common import (
     REPORTS,
     SEGMENTER_CHECKPOINT,
     dataset_info,
+    other_stage_metrics,
     require,
     write_csv,
     write_json,
@@ -80,7 +81,7 @@ def run_evaluation(
         stage,
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=[METRICS / "policy.json", METRICS / "train.json"],
+        upstream_metrics=other_stage_metrics(stage),
     ):
         import mlflow
 

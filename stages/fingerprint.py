@@ -8,7 +8,13 @@ from collections.abc import Iterable
 from typing import Any
 
 # Settings that do not change what is computed.
-_IRRELEVANT = {"num_workers", "mlflow_tracking_uri", "checkpoint_every", "eval_every"}
+_IRRELEVANT = {
+    "num_workers",
+    "mlflow_tracking_uri",
+    "mlflow_registered_model",
+    "checkpoint_every",
+    "eval_every",
+}
 
 
 def fingerprint(params: dict[str, Any], keys: Iterable[str]) -> str:

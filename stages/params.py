@@ -122,6 +122,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "seed": _integer(0),
     "num_workers": _integer(0),
     "mlflow_tracking_uri": _text(optional=True),
+    "mlflow_registered_model": _text(optional=True),
 }
 
 

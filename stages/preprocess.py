@@ -16,7 +16,15 @@ from cts.data.io import read_mask, write_bytes_atomic
 from cts.data.validate import split_statistics, validate_split
 from cts.sharing import policy_targets
 from cts.tracking import log_metrics_file, stage_run
-from stages.common import METRICS, POLICY_TARGETS, PREPROCESSED, dataset_info, write_csv, write_json
+from stages.common import (
+    METRICS,
+    POLICY_TARGETS,
+    PREPROCESSED,
+    dataset_info,
+    other_stage_metrics,
+    write_csv,
+    write_json,
+)
 from stages.params import patch_size_of
 
 PARAMS = ("data_root", "backbone", "crop_size", "mlflow_tracking_uri")
@@ -49,7 +57,12 @@ def run(params: dict[str, Any]) -> None:
     patch = patch_size_of(params["backbone"])
     PREPROCESSED.mkdir(exist_ok=True)
     manifest, summary, targets = [], {}, {}
-    with stage_run("preprocess", params, uri=params["mlflow_tracking_uri"]):
+    with stage_run(
+        "preprocess",
+        params,
+        uri=params["mlflow_tracking_uri"],
+        upstream_metrics=other_stage_metrics("preprocess"),
+    ):
         for split in SPLITS:
             dataset = SegmentationFolder(root, split)
             manifest += [

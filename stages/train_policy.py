@@ -37,6 +37,7 @@ from stages.common import (
     POLICY_TARGETS,
     RESUME_DIR,
     dataset_info,
+    other_stage_metrics,
     require,
     write_csv,
     write_json,
@@ -150,7 +151,12 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     k = paper_k(crop, patch)
     curve_ks = sorted({*range(0, num_superpatches + 1, max(num_superpatches // 32, 1)), k})
 
-    with stage_run("train_policy", params, uri=params["mlflow_tracking_uri"]):
+    with stage_run(
+        "train_policy",
+        params,
+        uri=params["mlflow_tracking_uri"],
+        upstream_metrics=other_stage_metrics("train_policy"),
+    ):
         loop = TrainLoop(
             model=model,
             optimizer=optimizer,

@@ -35,6 +35,7 @@ from stages.common import (
     SEGMENTER_CHECKPOINT,
     build_segmenter_for_training,
     dataset_info,
+    other_stage_metrics,
     write_csv,
     write_json,
 )
@@ -68,6 +69,7 @@ PARAMS = (
     "seed",
     "num_workers",
     "mlflow_tracking_uri",
+    "mlflow_registered_model",
 )
 
 
@@ -151,7 +153,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         "train_segmenter",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=[METRICS / "policy.json"],
+        upstream_metrics=other_stage_metrics("train_segmenter"),
     ):
         started = time.perf_counter()
         loop = TrainLoop(
@@ -192,25 +194,23 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         }
         write_json(METRICS / "train.json", results)
         log_metrics_file(METRICS / "train.json")
-        log_model(segmenter)
+        log_model(params["mlflow_registered_model"])
     resume_path.unlink(missing_ok=True)
     print(f"segmenter: final loss {results['final_loss']:.4f} -> {SEGMENTER_CHECKPOINT}")
 
 
-def log_model(model: nn.Module) -> None:
-    """The model via MLflow's pytorch flavour, next to the checkpoint artifact."""
+def log_model(registered_model_name: str | None) -> None:
+    """The checkpoint as an artifact and as a pyfunc model (uint8 images -> labels, as
+    `cts predict` computes them), registered under ``registered_model_name`` unless None."""
     import logging
 
     import mlflow
 
+    from cts.serving import log_segmenter_model
+
     if mlflow.active_run() is None:
         return
-    # Pickle is the format that needs no example input; its safety warning is for loaders.
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    # The model is logged by reference to cts (cloudpickle); its safety warning is for loaders.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     mlflow.log_artifact(str(SEGMENTER_CHECKPOINT), artifact_path="checkpoints")
-    mlflow.pytorch.log_model(
-        model.cpu().eval(),
-        name="model",
-        serialization_format="pickle",
-        pip_requirements=["torch", "timm", "cts"],
-    )
+    log_segmenter_model(SEGMENTER_CHECKPOINT, registered_model_name)

@@ -159,14 +159,30 @@ def test_one_mlflow_parent_run_holds_every_stage(pipeline):
     trained = {a.path for a in client.list_artifacts(stages["train_segmenter"].info.run_id)}
     assert "checkpoints" in trained
     assert client.search_logged_models([experiment.experiment_id])
+    (version,) = client.search_model_versions("name = 'cts-segmenter'")
+    assert version.run_id == stages["train_segmenter"].info.run_id
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name.startswith("vit_tiny_patch16_384 d1 K=4 ")
 
 
 def test_changing_k_reruns_only_training_evaluation_and_benchmark(pipeline):
-    repo, env, _, _ = pipeline
+    from mlflow.tracking import MlflowClient
+
+    repo, env, store, _ = pipeline
     _set_params(repo, num_tokens_shared=2)
     output = _run(["dvc", "repro"], repo, env)
     ran = set(re.findall(r"Running stage '(\w+)'", output))
     assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark"}
+    # The new parent holds every stage's results, those of the stages not rerun included.
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("cts")
+    parent = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`cts.run_kind` = 'pipeline' and params.num_tokens_shared = '2'",
+    )[0]
+    for prefix in ("dataset", "policy", "train", "eval_ss", "eval_ms", "benchmark"):
+        assert any(m.startswith(f"{prefix}.") for m in parent.data.metrics), prefix
+    assert parent.data.metrics["benchmark.tokens"] == 64 - 3 * 2
     assert _metrics(repo, "benchmark.json")["tokens"] == 64 - 3 * 2
     status = _run(["dvc", "status"], repo, env)
     assert "up to date" in status
@@ -192,3 +208,12 @@ def test_training_runs_under_torchrun_with_two_cpu_processes(pipeline):
         env,
     )
     assert checkpoint.is_file()
+
+
+def test_plots_page_loads_nothing_remote(pipeline):
+    repo, env, _, _ = pipeline
+    _run(["dvc", "plots", "show"], repo, env)
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "vegaEmbed(" in page and 'var e="5.20.2"' in page  # plots, vega inlined
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=", page)
+    assert "cdn.jsdelivr" not in page

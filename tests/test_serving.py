@@ -1,0 +1,159 @@
+"""The registered pyfunc model, served by the real `mlflow models serve` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cts.checkpoint import save_checkpoint, segmenter_payload
+from cts.cli import app
+from cts.data.io import read_mask, write_image
+from cts.models import build_segmenter
+from cts.serving import log_segmenter_model
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAME = "cts-segmenter-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: object) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny CTS checkpoint logged and registered in a fresh sqlite store."""
+    folder = tmp_path_factory.mktemp("serving")
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=5,
+        crop_size=64,
+        depth=1,
+        policy="policy_net",
+        num_tokens_shared=2,
+        drop_path_rate=0.0,
+    )
+    checkpoint = save_checkpoint(folder / "segmenter.pt", segmenter_payload(model))
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment("serving-test")
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
+        info = log_segmenter_model(checkpoint, NAME)
+    mlflow.set_tracking_uri(None)
+    return folder, checkpoint, uri, info
+
+
+def test_model_is_registered_with_a_signature(registered):
+    _, _, uri, info = registered
+    client = mlflow.MlflowClient(uri)
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    signature = info.signature.to_dict()
+    assert "uint8" in signature["inputs"] and "[-1, -1, -1, 3]" in signature["inputs"]
+    assert "int64" in signature["outputs"]
+    assert info.saved_input_example_info is not None
+
+
+def test_served_model_answers_like_cts_predict(registered, tmp_path):
+    folder, checkpoint, uri, _ = registered
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 70, 90, 3), dtype=np.uint8)
+    for i, image in enumerate(rgb):
+        write_image(tmp_path / "images" / f"{i}.png", image)
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "images"),
+            "--model",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    expected = np.stack([read_mask(tmp_path / "out" / f"{i}_labels.png") for i in range(2)])
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/latest"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed in finally)
+    server = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not start within 180 s"
+            time.sleep(1)
+
+        status, body = _post(f"{base}/invocations", {"inputs": rgb.tolist()})
+        assert status == 200, body
+        labels = np.asarray(body["predictions"])
+        assert labels.shape == (2, 70, 90)
+        assert (labels == expected).all()
+
+        for bad, reason in (
+            (rgb[0].tolist(), "shape"),  # rank 3
+            (rgb[..., :2].tolist(), "shape"),  # 2 channels
+            ((rgb.astype(np.int64) + 300).tolist(), "out of bounds for uint8"),  # not uint8
+            ("an image", "Failed to convert"),
+        ):
+            status, body = _post(f"{base}/invocations", {"inputs": bad})
+            assert status == 400, body
+            assert reason in body["message"].splitlines()[-1], body["message"][-300:]
+        status, body = _post(f"{base}/invocations", {"inputs": rgb[:1].tolist()})
+        assert status == 200 and np.array_equal(body["predictions"], expected[:1])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
