@@ -35,6 +35,10 @@ _KEY_TAG = "cts.pipeline_key"
 _KIND_TAG = "cts.run_kind"
 _STAGE_TAG = "cts.stage"
 _PARENT_TAG = "mlflow.parentRunId"
+# The MLflow UI (3.x) opens an experiment of this kind in its model-training view (runs
+# table); without the tag it guesses, and an empty experiment opens in the GenAI overview.
+_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_EXPERIMENT_KIND = (_EXPERIMENT_KIND_TAG, "custom_model_development")
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -104,6 +108,19 @@ def pipeline_key(params: Mapping[str, Any], start: Path | None = None) -> str:
     return f"{(_git_head(repo_root(start)) or 'nogit')[:12]}-{digest.hexdigest()[:12]}"
 
 
+def parent_run_name(params: Mapping[str, Any], key: str) -> str:
+    """The DVC experiment name under `dvc exp run` (as `dvc exp show` lists it); otherwise
+    a name a person can tell apart in the runs table: backbone, depth, K, short commit and
+    params digest (``vit_tiny_patch16_384 d4 K=103 21da977-77fd33``)."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return key
+    backbone = params.get("backbone", "model")
+    depth = f" d{params['depth']}" if params.get("depth") else ""
+    k = 0 if params.get("policy") == "none" else params.get("num_tokens_shared", "?")
+    commit, _, digest = key.partition("-")
+    return f"{backbone}{depth} K={k} {commit[:7]}-{digest[:6]}"
+
+
 def _quiet_mlflow() -> None:
     # The sqlite store announces its schema creation and every alembic migration at INFO.
     for name in ("alembic", "mlflow.store.db.utils"):
@@ -113,9 +130,13 @@ def _quiet_mlflow() -> None:
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     # MLflow would put artifacts under the cwd, which for `dvc exp run --temp` is deleted.
     if experiment := client.get_experiment_by_name(name):
+        if _EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *_EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        return client.create_experiment(
+            name, artifact_location=_artifact_location(uri), tags=dict([_EXPERIMENT_KIND])
+        )
     except MlflowException:  # created concurrently by another stage process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -165,7 +186,7 @@ def stage_run(
     with mlflow.start_run(
         run_id=parent_id,
         experiment_id=experiment_id,
-        run_name=key,
+        run_name=parent_run_name(params, key),
         tags={_KEY_TAG: key, _KIND_TAG: "pipeline"},
     ):
         if parent_id is None:

@@ -9,6 +9,7 @@ import cts  # noqa: F401  (applies the torchvision import fix)
 from cts.tracking import (
     log_json_metrics,
     log_metrics_file,
+    parent_run_name,
     pipeline_key,
     repo_root,
     stage_run,
@@ -115,6 +116,31 @@ def test_new_params_make_new_parent_seeded_with_upstream(store, tmp_path):
     expected = {"policy.accuracy": 0.9, "policy.precision.at_k": 0.8}
     assert parents[0].data.metrics == expected
     assert parents[1].data.metrics == {**expected, "eval_ss.mIoU": 44.0}
+
+
+def test_parent_name_is_readable_and_experiment_opens_in_model_training_view(store):
+    experiment = "readable"
+    params = {"backbone": "vit_tiny_patch16_384", "depth": 4, "num_tokens_shared": 103}
+    with stage_run("train_segmenter", params, experiment, store):
+        pass
+    (parent,), _ = runs(store, experiment)
+    commit, digest = parent.data.tags["cts.pipeline_key"].split("-")
+    assert parent.info.run_name == f"vit_tiny_patch16_384 d4 K=103 {commit[:7]}-{digest[:6]}"
+    kind = MlflowClient(store).get_experiment_by_name(experiment).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
+    none = {**params, "depth": None, "policy": "none"}
+    assert parent_run_name(none, "abcdef0123456-0123456789ab") == (
+        "vit_tiny_patch16_384 K=0 abcdef0-012345"
+    )
+
+
+def test_existing_experiment_gets_the_kind_tag(store):
+    client = MlflowClient(store)
+    client.create_experiment("older")
+    with stage_run("eval_ss", PARAMS, "older", store):
+        pass
+    tags = client.get_experiment_by_name("older").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_dvc_experiment_name_keys_the_parent(store, monkeypatch):
