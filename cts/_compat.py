@@ -5,6 +5,10 @@ libraries. With a CPU build of torch those ops cannot load, and torchvision's fa
 registrations for them then fail at import. cts uses none of those ops, so when the
 library cannot load we skip only that registration module; everything timm needs
 (layers, transforms) imports normally.
+
+Needed only where scripts/install.sh takes its second path (a local CPU torch wheel and
+no coherent torch/torchvision pair on disk: PyPI has no CPU torchvision, and its CUDA pair
+is several GB). Where the pair is coherent the library loads and this does nothing.
 """
 
 import glob
