@@ -63,11 +63,13 @@ def registered(tmp_path_factory):
     )
     checkpoint = save_checkpoint(folder / "segmenter.pt", segmenter_payload(model))
     uri = f"sqlite:///{folder / 'mlruns.db'}"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment("serving-test")
-    with mlflow.start_run(experiment_id=experiment.experiment_id):
-        info = log_segmenter_model(checkpoint, NAME)
-    mlflow.set_tracking_uri(None)
+    experiment_id = mlflow.MlflowClient(uri).create_experiment("serving-test")
+    mlflow.set_tracking_uri(uri)  # no set_experiment: it would leak into other tests
+    try:
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = log_segmenter_model(checkpoint, NAME)
+    finally:
+        mlflow.set_tracking_uri(None)
     return folder, checkpoint, uri, info
 
 
