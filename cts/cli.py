@@ -24,6 +24,15 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Override a parameter: key=value (repeatable)."),
 ]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="DANGEROUS: unpickle any Python object the checkpoint holds, which can run "
+        "code it contains. Only for files from a source you trust; by default only tensors "
+        "and plain values are read.",
+    ),
+]
 ResumeOption = Annotated[
     bool,
     typer.Option(help="Resume from this stage's last checkpoint when its settings match."),
@@ -222,12 +231,15 @@ def import_checkpoint(
             "checkpoint holds one, else none)."
         ),
     ] = None,
+    trust_checkpoint: TrustOption = False,
 ) -> None:
     """Convert a rstrudel/segmenter or tue-mps/cts-segmenter checkpoint to cts's format."""
     try:
         from cts.convert import import_to_file
 
-        written, model, source = import_to_file(path, out, num_tokens_shared, policy)
+        written, model, source = import_to_file(
+            path, out, num_tokens_shared, policy, trust=trust_checkpoint
+        )
     except KeyboardInterrupt:
         _fail("import-checkpoint interrupted")
     except Exception as error:
@@ -265,6 +277,7 @@ def predict(
     stride: Annotated[
         int | None, typer.Option(help="Sliding-window stride (default: the crop).")
     ] = None,
+    trust_checkpoint: TrustOption = False,
 ) -> None:
     """Segment images: label ids, colours, overlay and the shared superpatches per image."""
     try:
@@ -275,7 +288,7 @@ def predict(
         find_images(inputs)  # a missing input fails before the model loads
         target = resolve_device(device)
         predictor = Predictor(
-            load_model(model, target, num_tokens_shared),
+            load_model(model, target, num_tokens_shared, trust=trust_checkpoint),
             target,
             num_tokens_shared,
             short_side,
