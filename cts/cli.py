@@ -50,7 +50,7 @@ def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -
         from stages.params import load_params
 
         module = importlib.import_module(f"stages.{stage}")
-        params = load_params(params_file, overrides or (), keys=module.PARAMS)
+        params = load_params(params_file, overrides or (), keys=module.PARAMS, stage=stage)
         module.run(params, **kwargs)
     except KeyboardInterrupt:
         _fail(f"{stage} interrupted; run it again to resume")
