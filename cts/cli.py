@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,9 +40,26 @@ ResumeOption = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `timeout`, `docker stop`, DVC's queue): unwinds like Ctrl-C, so
+    resume checkpoints stay, temporary files go and MLflow runs end KILLED."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise Terminated()
+
+
+def _fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def _interrupted(command: str, error: KeyboardInterrupt, hint: str = "") -> None:
+    """One line; exit status 143 after SIGTERM (128 + 15, what the sender expects), else 1."""
+    if isinstance(error, Terminated):
+        _fail(f"{command} terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
+    _fail(f"{command} interrupted{hint}")
 
 
 def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
@@ -51,9 +69,13 @@ def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -
 
         module = importlib.import_module(f"stages.{stage}")
         params = load_params(params_file, overrides or (), keys=module.PARAMS, stage=stage)
+        if int(os.environ.get("RANK", 0)) == 0:
+            from stages.common import clean_leftovers
+
+            clean_leftovers(params)
         module.run(params, **kwargs)
-    except KeyboardInterrupt:
-        _fail(f"{stage} interrupted; run it again to resume")
+    except KeyboardInterrupt as error:
+        _interrupted(stage, error, "; run it again to resume")
     except Exception as error:
         _report_error(stage, error)
 
@@ -199,8 +221,8 @@ def throughput(
                     f"{record['ims_per_sec']:,.1f} im/s ({record['speedup']:.2f}x)"
                 )
             json_path, md_path = bench.write_table(records, env, out)
-    except KeyboardInterrupt:
-        _fail("throughput interrupted")
+    except KeyboardInterrupt as error:
+        _interrupted("throughput", error)
     except Exception as error:
         _report_error("throughput", error)
     typer.echo(bench.markdown_table(records, env))
@@ -240,8 +262,8 @@ def import_checkpoint(
         written, model, source = import_to_file(
             path, out, num_tokens_shared, policy, trust=trust_checkpoint
         )
-    except KeyboardInterrupt:
-        _fail("import-checkpoint interrupted")
+    except KeyboardInterrupt as error:
+        _interrupted("import-checkpoint", error)
     except Exception as error:
         _report_error("import-checkpoint", error)
     config = model.config
@@ -295,8 +317,8 @@ def predict(
             stride,
         )
         report = predict_images(predictor, inputs, out)
-    except KeyboardInterrupt:
-        _fail("predict interrupted")
+    except KeyboardInterrupt as error:
+        _interrupted("predict", error)
     except Exception as error:
         _report_error("predict", error)
     for image, reason in report.skipped:
@@ -310,6 +332,7 @@ def predict(
 def main() -> None:
     # The pipeline layer lives next to params.yaml; make it importable from the repository.
     sys.path.insert(0, os.getcwd())
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -13,9 +13,12 @@ parallel and reproduced bit for bit.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,6 +431,19 @@ def render_scene(
 # --- dataset -------------------------------------------------------------------------------
 
 
+def _init_worker(parent: int) -> None:
+    """Pool worker set-up: one OpenCV thread each, and die with the parent, even when it is
+    SIGKILLed (an orphaned worker would wait on its task queue forever)."""
+    cv2.setNumThreads(1)
+    # The parent handles Ctrl-C and SIGTERM and then terminates the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _write_sample(args: tuple[Path, str, int, int, int, int]) -> None:
     folder, split, index, seed, size, num_classes = args
     # One generator per image from (seed, split, index): independent of the worker that
@@ -488,7 +504,8 @@ def generate_scene_dataset(
             for job in jobs:
                 _write_sample(job)
         else:
-            with ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-                list(pool.map(_write_sample, jobs, chunksize=8))
+            # Pool.__exit__ terminates the workers, also when an interrupt unwinds this block.
+            with multiprocessing.Pool(workers, _init_worker, (os.getpid(),)) as pool:
+                pool.map(_write_sample, jobs, chunksize=8)
         write_dataset_info(folder, info)
     return info
