@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import math
-import multiprocessing
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -504,8 +504,15 @@ def generate_scene_dataset(
             for job in jobs:
                 _write_sample(job)
         else:
-            # Pool.__exit__ terminates the workers, also when an interrupt unwinds this block.
-            with multiprocessing.Pool(workers, _init_worker, (os.getpid(),)) as pool:
-                pool.map(_write_sample, jobs, chunksize=8)
+            pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
+            try:
+                list(pool.map(_write_sample, jobs, chunksize=8))
+            except BaseException:
+                # An interrupt must not wait for the queued images: stop the workers now.
+                for process in list(pool._processes.values()):
+                    process.terminate()
+                raise
+            finally:
+                pool.shutdown(cancel_futures=True)
         write_dataset_info(folder, info)
     return info
