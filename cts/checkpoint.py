@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from cts.data.io import temp_file
 from cts.models import PolicyNet, Segmenter, SegmenterConfig
 
 
@@ -17,7 +19,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """torch.save to a temporary file in the same folder, then rename: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
         torch.save(payload, tmp)
@@ -28,14 +30,58 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint holds objects that only a full (code-running) unpickle can rebuild."""
+
+
+def _numpy_globals() -> list:
+    """numpy scalars and arrays of plain dtypes, which old training scripts leave in their
+    snapshots (an epoch counter as ``np.int64``, a scheduler's ``np.float64``)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    plain = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSUV"}
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *plain]
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False
+) -> Any:
+    """``torch.load`` restricted to tensors, plain containers and numpy values.
+
+    Unpickling other objects can run any code the file contains, so a checkpoint that needs
+    more is refused unless ``trust`` is set (the CLI's ``--trust-checkpoint``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or save?")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found is None:
+            raise ValueError(f"checkpoint {path} cannot be read: {_reason(error)}") from error
+        if not trust:
+            raise UntrustedCheckpointError(
+                f"checkpoint {path} holds Python objects beyond tensors and plain values "
+                f"({found.group(1)}); "
+                "refusing to unpickle it, which could run code: pass --trust-checkpoint "
+                "(Python: trust=True) only if you trust where the file comes from"
+            ) from error
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ValueError(f"checkpoint {path} cannot be read: {_reason(error)}") from error
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
-        raise ValueError(f"checkpoint {path} cannot be read: {error}") from error
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read: {_reason(error)}") from error
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,15 +25,41 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Override a parameter: key=value (repeatable)."),
 ]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="DANGEROUS: unpickle any Python object the checkpoint holds, which can run "
+        "code it contains. Only for files from a source you trust; by default only tensors "
+        "and plain values are read.",
+    ),
+]
 ResumeOption = Annotated[
     bool,
     typer.Option(help="Resume from this stage's last checkpoint when its settings match."),
 ]
 
 
-def _fail(message: str) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `timeout`, `docker stop`, DVC's queue): unwinds like Ctrl-C, so
+    resume checkpoints stay, temporary files go and MLflow runs end KILLED."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise Terminated()
+
+
+def _fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def _interrupted(command: str, error: KeyboardInterrupt, hint: str = "") -> None:
+    """One line; exit status 143 after SIGTERM (128 + 15, what the sender expects), else 1."""
+    if isinstance(error, Terminated):
+        _fail(f"{command} terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
+    _fail(f"{command} interrupted{hint}")
 
 
 def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
@@ -41,10 +68,14 @@ def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -
         from stages.params import load_params
 
         module = importlib.import_module(f"stages.{stage}")
-        params = load_params(params_file, overrides or (), keys=module.PARAMS)
+        params = load_params(params_file, overrides or (), keys=module.PARAMS, stage=stage)
+        if int(os.environ.get("RANK", 0)) == 0:
+            from stages.common import clean_leftovers
+
+            clean_leftovers(params)
         module.run(params, **kwargs)
-    except KeyboardInterrupt:
-        _fail(f"{stage} interrupted; run it again to resume")
+    except KeyboardInterrupt as error:
+        _interrupted(stage, error, "; run it again to resume")
     except Exception as error:
         _report_error(stage, error)
 
@@ -190,8 +221,8 @@ def throughput(
                     f"{record['ims_per_sec']:,.1f} im/s ({record['speedup']:.2f}x)"
                 )
             json_path, md_path = bench.write_table(records, env, out)
-    except KeyboardInterrupt:
-        _fail("throughput interrupted")
+    except KeyboardInterrupt as error:
+        _interrupted("throughput", error)
     except Exception as error:
         _report_error("throughput", error)
     typer.echo(bench.markdown_table(records, env))
@@ -222,14 +253,17 @@ def import_checkpoint(
             "checkpoint holds one, else none)."
         ),
     ] = None,
+    trust_checkpoint: TrustOption = False,
 ) -> None:
     """Convert a rstrudel/segmenter or tue-mps/cts-segmenter checkpoint to cts's format."""
     try:
         from cts.convert import import_to_file
 
-        written, model, source = import_to_file(path, out, num_tokens_shared, policy)
-    except KeyboardInterrupt:
-        _fail("import-checkpoint interrupted")
+        written, model, source = import_to_file(
+            path, out, num_tokens_shared, policy, trust=trust_checkpoint
+        )
+    except KeyboardInterrupt as error:
+        _interrupted("import-checkpoint", error)
     except Exception as error:
         _report_error("import-checkpoint", error)
     config = model.config
@@ -265,6 +299,7 @@ def predict(
     stride: Annotated[
         int | None, typer.Option(help="Sliding-window stride (default: the crop).")
     ] = None,
+    trust_checkpoint: TrustOption = False,
 ) -> None:
     """Segment images: label ids, colours, overlay and the shared superpatches per image."""
     try:
@@ -275,15 +310,15 @@ def predict(
         find_images(inputs)  # a missing input fails before the model loads
         target = resolve_device(device)
         predictor = Predictor(
-            load_model(model, target, num_tokens_shared),
+            load_model(model, target, num_tokens_shared, trust=trust_checkpoint),
             target,
             num_tokens_shared,
             short_side,
             stride,
         )
         report = predict_images(predictor, inputs, out)
-    except KeyboardInterrupt:
-        _fail("predict interrupted")
+    except KeyboardInterrupt as error:
+        _interrupted("predict", error)
     except Exception as error:
         _report_error("predict", error)
     for image, reason in report.skipped:
@@ -336,6 +371,7 @@ def export(
 def main() -> None:
     # The pipeline layer lives next to params.yaml; make it importable from the repository.
     sys.path.insert(0, os.getcwd())
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

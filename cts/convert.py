@@ -12,7 +12,6 @@ weights strictly: anything that does not fit is an error naming the keys.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,12 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from cts.checkpoint import save_checkpoint, segmenter_from_payload, segmenter_payload
+from cts.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    segmenter_from_payload,
+    segmenter_payload,
+)
 from cts.models import POLICIES, Segmenter, SegmenterConfig
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD
 from cts.models.pretrained import fit_report
@@ -109,18 +113,10 @@ def read_variant(path: str | os.PathLike) -> dict[str, Any]:
     return variant
 
 
-def read_payload(path: str | os.PathLike) -> Any:
-    """torch.load, tensors only when possible; the original snapshots hold plain types."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read: {error}") from error
-    try:  # an old pickle with other objects inside (optimizer / scheduler state)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read: {error}") from error
+def read_payload(path: str | os.PathLike, trust: bool = False) -> Any:
+    """The checkpoint's content: tensors and plain values only unless ``trust`` is set (the
+    original snapshots hold nothing else; unpickling other objects can run code)."""
+    return load_checkpoint(path, trust=trust)
 
 
 def _state_dict(payload: Any, path: Path) -> dict[str, Tensor]:
@@ -337,6 +333,7 @@ def import_checkpoint(
     num_tokens_shared: int | None = None,
     policy: str | None = None,
     payload: Any = None,
+    trust: bool = False,
 ) -> tuple[Segmenter, dict[str, Any]]:
     """Build this project's Segmenter from an original checkpoint (eval mode, CPU).
 
@@ -346,13 +343,14 @@ def import_checkpoint(
         policy: none | policy_net | random | oracle (default: policy_net when the checkpoint
             holds a policy network, else none).
         payload: the checkpoint file's content when already read.
+        trust: unpickle any object the file holds (can run code: trusted files only).
 
     Returns:
         The model and a description of the source (layout, files, dropped keys).
     """
     checkpoint, variant_path = locate(path)
     if payload is None or Path(path).expanduser().resolve() != checkpoint.resolve():
-        payload = read_payload(checkpoint)
+        payload = read_payload(checkpoint, trust)
     state = _state_dict(payload, checkpoint)
     layout = detect_layout(state, checkpoint)
     variant = read_variant(variant_path)
@@ -387,9 +385,10 @@ def import_to_file(
     out: str | os.PathLike,
     num_tokens_shared: int | None = None,
     policy: str | None = None,
+    trust: bool = False,
 ) -> tuple[Path, Segmenter, dict[str, Any]]:
     """Import and write a cts checkpoint (``segmenter_payload`` + ``source``) atomically."""
-    model, source = import_checkpoint(path, num_tokens_shared, policy)
+    model, source = import_checkpoint(path, num_tokens_shared, policy, trust=trust)
     written = save_checkpoint(out, segmenter_payload(model, source=source))
     return written, model, source
 
@@ -399,18 +398,20 @@ def load_model(
     device: str | torch.device = "cpu",
     num_tokens_shared: int | None = None,
     policy: str | None = None,
+    trust: bool = False,
 ) -> Segmenter:
     """A Segmenter in eval mode from a cts checkpoint or an original one (imported on the fly).
 
     Calling it on normalised ``(B, 3, H, W)`` float images returns a ``SegmenterOutput``
     (logits first). ``num_tokens_shared`` overrides K; ``policy`` applies to imports only.
+    ``trust`` unpickles any object the file holds: it can run code, trusted files only.
     """
     path = Path(path).expanduser()
     payload = None
     if path.is_file() and path.suffix.lower() not in (".yml", ".yaml"):
-        payload = read_payload(path)
+        payload = read_payload(path, trust)
     if not (isinstance(payload, dict) and payload.get("kind") == "cts.segmenter"):
-        model, _ = import_checkpoint(path, num_tokens_shared, policy, payload=payload)
+        model, _ = import_checkpoint(path, num_tokens_shared, policy, payload=payload, trust=trust)
         return model.to(device).eval()
     if policy is not None:
         raise ValueError(f"{path} is a cts checkpoint with a fixed policy; policy is for imports")

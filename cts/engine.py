@@ -14,18 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cts.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from cts.progress import progress_bar
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -121,18 +114,6 @@ def batches_from(loader: DataLoader, start_iteration: int = 0) -> Iterator[dict]
             if index >= skip:
                 yield batch
         epoch, skip = epoch + 1, 0
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
 
 
 @dataclass
@@ -261,7 +242,8 @@ class TrainLoop:
                 if state.iteration % self.log_every == 0 or state.iteration == self.iterations:
                     lr = self.optimizer.param_groups[0]["lr"]
                     self._log(state, {"loss": running / count, "lr": lr})
-                    bar.update(task, status=f"loss {running / count:.4f}")
+                    status = f"loss {running / count:.4f}"
+                    bar.update(task, completed=state.iteration, status=status)
                     running, count = 0.0, 0
                 if (
                     self.evaluate is not None

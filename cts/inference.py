@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import Tensor, nn
 
 from cts.metrics import SegmentationMetric
+from cts.progress import progress_bar
 
 Model = Callable[[Tensor], Tensor]
 
@@ -134,27 +134,30 @@ def evaluate(
         model.eval()
     metric = SegmentationMetric(num_classes, ignore_index, device)
     total = len(loader) if hasattr(loader, "__len__") else None
-    for batch in track(loader, description="eval", total=total, disable=not progress):
-        images, labels = batch["image"], batch["label"]
-        if isinstance(images, Tensor):
-            pairs = [(images, labels)]
-        else:
-            images, labels = [x[None] for x in images], [y[None] for y in labels]
-            pairs = zip(images, labels, strict=True)
-        for image, label in pairs:
-            label = label.to(device, torch.int64, non_blocking=True)
-            probs = predict_logits(
-                model,
-                image.to(device, non_blocking=True),
-                num_classes,
-                short_side,
-                window,
-                stride,
-                scales,
-                flip,
-                out_size=tuple(label.shape[-2:]),
-                batch_size=batch_size,
-            )
-            metric.update(probs.argmax(1), label)
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("eval", total=total, status="")
+        for batch in loader:
+            images, labels = batch["image"], batch["label"]
+            if isinstance(images, Tensor):
+                pairs = [(images, labels)]
+            else:
+                images, labels = [x[None] for x in images], [y[None] for y in labels]
+                pairs = zip(images, labels, strict=True)
+            for image, label in pairs:
+                label = label.to(device, torch.int64, non_blocking=True)
+                probs = predict_logits(
+                    model,
+                    image.to(device, non_blocking=True),
+                    num_classes,
+                    short_side,
+                    window,
+                    stride,
+                    scales,
+                    flip,
+                    out_size=tuple(label.shape[-2:]),
+                    batch_size=batch_size,
+                )
+                metric.update(probs.argmax(1), label)
+            bar.advance(task)
     metric.reduce_distributed()
     return metric

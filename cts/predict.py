@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from cts.data.io import IMAGE_SUFFIXES, CorruptFileError, read_image, write_image
 from cts.inference import predict_logits
 from cts.models import Segmenter
+from cts.progress import progress_bar
 from cts.sharing import check_num_shared
 from cts.visualize import colorize, denormalize, outline_shared, overlay, palette
 
@@ -192,7 +193,7 @@ def predict_images(
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with progress_bar(*columns, disable=not progress) as bar:
         task = bar.add_task("", total=len(images))
         for image, stem in zip(images, stems, strict=True):
             bar.update(task, description=image.name)

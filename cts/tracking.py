@@ -11,16 +11,27 @@ common parent run through a "pipeline key" tag:
 Final stage results are logged on the child and, prefixed (`eval_ss.mIoU`), on the parent,
 so that comparing parents in the MLflow UI shows all params next to all results.
 
+Run states stay truthful when a stage dies: an exception marks the stage run FAILED, an
+interrupt (Ctrl-C, SIGTERM) KILLED, and the parent takes the state of the latest stage but is
+never set RUNNING again once it has ended. A SIGKILLed stage cannot end its runs, so every
+run records its process (`cts.process`: host, pid, start time) and the next stage of the
+experiment closes the RUNNING runs whose process is gone as FAILED. Finding or creating
+the parent holds a file lock, so stages starting at once share one parent.
+
 The default store is `sqlite:///<repo root>/mlruns.db` with artifacts in
 `<repo root>/mlartifacts`, where the repo root is that of the original repository even
 when DVC runs the stage in a copy under `.dvc/tmp/exps/` (`dvc exp run --temp/--queue`).
 """
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +46,7 @@ _KEY_TAG = "cts.pipeline_key"
 _KIND_TAG = "cts.run_kind"
 _STAGE_TAG = "cts.stage"
 _PARENT_TAG = "mlflow.parentRunId"
+_PROCESS_TAG = "cts.process"
 # The MLflow UI (3.x) opens an experiment of this kind in its model-training view (runs
 # table); without the tag it guesses, and an empty experiment opens in the GenAI overview.
 _EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -156,6 +168,87 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
+def _process_start(pid: int) -> str:
+    """The process's start time since boot (Linux), "" elsewhere: pids are reused, a pid
+    with its start time is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _is_alive(process: str) -> bool:
+    """Whether the process a `cts.process` tag names still runs (another host's: assumed)."""
+    try:
+        host, pid, start = process.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _process_start(pid) == start
+
+
+def close_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs whose process is gone (SIGKILL, power loss), whatever
+    their pipeline key; returns their ids. Runs without a process tag or of another host
+    are left: nothing tells whether they still run."""
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{_PROCESS_TAG}` != ''",
+        max_results=10_000,
+    )
+    stale = [
+        run.info.run_id
+        for run in running
+        if _PROCESS_TAG in run.data.tags and not _is_alive(run.data.tags[_PROCESS_TAG])
+    ]
+    for run_id in stale:
+        client.set_terminated(run_id, "FAILED")
+    if stale:
+        print(
+            f"mlflow: marked {len(stale)} run(s) of a killed earlier execution FAILED",
+            file=sys.stderr,
+        )
+    return stale
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock per tracking store among this machine's processes (flock: released
+    by the kernel when the holder dies, so a killed stage never leaves it held)."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).resolve()
+        path = database.parent / f".{database.name}.lock"
+    else:
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        path = Path(tempfile.gettempdir()) / f"cts-mlflow-{digest}.lock"
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _end_parent(client: MlflowClient, parent_id: str, status: str) -> None:
+    """The parent takes the latest stage's state; an ended parent is never set RUNNING."""
+    if status == "FINISHED" and client.get_run(parent_id).info.status == "FINISHED":
+        return
+    client.set_terminated(parent_id, status)
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -171,8 +264,8 @@ def stage_run(
     the parent outside DVC experiments. A newly created parent also receives the scalar
     values of the existing `upstream_metrics` JSON files, prefixed with the file stem
     (`policy.json` -> `policy.accuracy`). The child is the active run, so plain
-    `mlflow.log_*` calls inside the body go to it. An exception marks both runs FAILED
-    and propagates.
+    `mlflow.log_*` calls inside the body go to it. An exception marks both runs FAILED,
+    an interrupt (KeyboardInterrupt, which SIGTERM raises in `cts`) KILLED; it propagates.
     """
     _quiet_mlflow()
     uri = tracking_uri(uri)
@@ -181,27 +274,38 @@ def stage_run(
     experiment_id = _experiment_id(client, experiment, uri)
     key = pipeline_key(params)
     flat_params = _flatten(params)
+    process = {_PROCESS_TAG: _this_process()}
 
-    parent_id = _find_parent(client, experiment_id, key)
-    with mlflow.start_run(
-        run_id=parent_id,
-        experiment_id=experiment_id,
-        run_name=parent_run_name(params, key),
-        tags={_KEY_TAG: key, _KIND_TAG: "pipeline"},
-    ):
+    with _store_lock(uri):
+        close_stale_runs(client, experiment_id)
+        parent_id = _find_parent(client, experiment_id, key)
         if parent_id is None:
-            mlflow.log_params(flat_params)
+            tags = {_KEY_TAG: key, _KIND_TAG: "pipeline", **process}
+            name = parent_run_name(params, key)
+            parent_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            mlflow.log_params(flat_params, run_id=parent_id)
             for path in map(Path, upstream_metrics):
                 if path.is_file():
-                    mlflow.log_metrics(_scalars(_read_json(path), f"{path.stem}."))
-        with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=stage,
-            nested=True,
-            tags={_KEY_TAG: key, _KIND_TAG: "stage", _STAGE_TAG: stage},
-        ) as child:
-            mlflow.log_params(flat_params)
-            yield child
+                    mlflow.log_metrics(
+                        _scalars(_read_json(path), f"{path.stem}."), run_id=parent_id
+                    )
+    child = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        parent_run_id=parent_id,
+        tags={_KEY_TAG: key, _KIND_TAG: "stage", _STAGE_TAG: stage, **process},
+    )
+    status = "FAILED"
+    try:
+        mlflow.log_params(flat_params)
+        yield child
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        _end_parent(client, parent_id, status)
 
 
 def log_json_metrics(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pandas as pd
 
 from cts.checkpoint import load_policy_weights
 from cts.data.info import DatasetInfo, load_dataset_info
-from cts.data.io import write_bytes_atomic
+from cts.data.io import remove_leftovers, write_bytes_atomic
 from cts.models import Segmenter, SegmenterConfig
 
 PREPROCESSED = Path("preprocessed")
@@ -89,3 +90,43 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def write_csv(path: Path, table: pd.DataFrame) -> Path:
     return write_bytes_atomic(path, table.to_csv(index=False).encode())
+
+
+def retire_results(*paths: Path) -> None:
+    """Delete a stage's previous results before its new checkpoint replaces the old one: a
+    kill in between then leaves no metrics that describe another model (the stage just
+    looks not done)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def remove_resume_checkpoints(stage: str, older_than: float) -> list[Path]:
+    """After a training stage completed: its resume checkpoints of earlier runs, whatever
+    their settings (killed runs, superseded params); the final checkpoint replaces them.
+    Newer ones belong to a run started meanwhile and are kept."""
+    removed = []
+    for path in RESUME_DIR.glob(f"{stage}-*.pt"):
+        try:
+            if path.stat().st_mtime < older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def clean_leftovers(params: dict[str, Any]) -> list[Path]:
+    """Remove what killed processes left in the pipeline's folders: temporary files of
+    interrupted atomic writes and dataset staging folders (``.NAME.PID.XXXX.tmp`` and
+    ``.partial``, of dead pids only). Resume checkpoints are kept: they are how a killed run
+    continues."""
+    folders = [CHECKPOINTS, RESUME_DIR, METRICS, PLOTS, PREPROCESSED, REPORTS]
+    folders += [p for p in REPORTS.glob("*") if p.is_dir()]
+    if params.get("data_root"):
+        root = Path(params["data_root"])
+        folders += [root.parent, root, *(root / "images").glob("*"), *(root / "masks").glob("*")]
+    removed = [path for folder in folders for path in remove_leftovers(folder)]
+    if removed:
+        shown = ", ".join(map(str, removed[:3])) + (", ..." if len(removed) > 3 else "")
+        print(f"removed {len(removed)} leftover(s) of killed runs: {shown}", file=sys.stderr)
+    return removed

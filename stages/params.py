@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,40 @@ PARAMS_FILE = Path("params.yaml")
 
 class ParamError(ValueError):
     """A parameter is missing or has a value outside what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``) and refuses
+    a key written twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_error(where: str, error: yaml.YAMLError) -> ParamError:
+    """One line that keeps PyYAML's line and column."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    position = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+    return ParamError(f"{where} is not valid YAML:{position} {problem}")
 
 
 def _choice(*allowed: Any) -> Callable[[Any], str | None]:
@@ -37,15 +74,20 @@ def _integer(low: int | None = None, high: int | None = None, optional: bool = F
     return check
 
 
+def _finite(value: Any) -> bool:
+    """A real number: not bool, not inf or nan."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _number(low: float, high: float | None = None, low_open: bool = False):
     def check(value: Any) -> str | None:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = _finite(value)
         ok = ok and (value > low if low_open else value >= low)
         ok = ok and (high is None or value <= high)
         return (
             None
             if ok
-            else f"allowed: a number {'>' if low_open else '>='} {low}"
+            else f"allowed: a finite number {'>' if low_open else '>='} {low}"
             + (f" and <= {high}" if high is not None else "")
         )
 
@@ -66,13 +108,9 @@ def _boolean(value: Any) -> str | None:
 
 
 def _scales(value: Any) -> str | None:
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
+    if isinstance(value, list) and value and all(_finite(v) and v > 0 for v in value):
         return None
-    return "allowed: a non-empty list of positive numbers, e.g. [0.5, 1.0, 1.5]"
+    return "allowed: a non-empty list of positive finite numbers, e.g. [0.5, 1.0, 1.5]"
 
 
 DATASETS = ("synthetic", "ade20k", "cityscapes", "pascal_context", "folder")
@@ -149,49 +187,94 @@ def _check_geometry(params: dict[str, Any]) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as YAML (``k=103``, ``policy=none``, ``depth=null``)."""
+    """``key=value`` with the value read as YAML (``k=103``, ``lr=1e-4``, ``depth=null``)."""
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ParamError(f"override {text!r}: expected key=value")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):
-        # YAML 1.1 reads "3e-4" (no dot) as a string; the user meant a number.
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            pass
+    if not sep or not key.strip():
+        raise ParamError(f"--set {text!r}: expected key=value")
+    try:
+        parsed = yaml.load(value, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise _yaml_error(f"--set {text!r}", error) from error
     return key.strip(), parsed
 
 
+def _where(origin: str, key: str, value: Any) -> str:
+    """``--set key=value`` or ``params.yaml: key=value``: where a bad value came from."""
+    return f"--set {key}={value!r}" if origin == "--set" else f"{origin}: {key}={value!r}"
+
+
+def _unknown(key: str, where: str) -> ParamError:
+    close = difflib.get_close_matches(key, CHECKS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(CHECKS)}"
+    return ParamError(f"{where}: unknown parameter {key!r}: {hint}")
+
+
 def load_params(
-    path: str | Path = PARAMS_FILE, overrides: Sequence[str] = (), keys: Iterable[str] = ()
+    path: str | Path = PARAMS_FILE,
+    overrides: Sequence[str] = (),
+    keys: Iterable[str] = (),
+    stage: str | None = None,
 ) -> dict[str, Any]:
-    """Read params.yaml, apply ``key=value`` overrides, validate ``keys`` (all when empty)."""
+    """Read params.yaml, apply ``key=value`` overrides, validate ``keys`` (all when empty).
+
+    Every key of the file must be known (CHECKS); every override is validated, and one the
+    stage does not read (not in ``keys``) is reported on stderr as unused.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path} not found: run from the repository root or pass --params")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.load(path.read_text(), Loader=_Loader) or {}  # noqa: S506
     except yaml.YAMLError as error:
-        raise ParamError(f"{path} is not valid YAML: {error}".splitlines()[0]) from error
+        raise _yaml_error(str(path), error) from error
     if not isinstance(params, dict):
         raise ParamError(f"{path}: expected a mapping of key: value")
+    for key in params:
+        if key not in CHECKS:
+            raise _unknown(str(key), str(path))
+    origins = dict.fromkeys(params, str(path))
+    keys = list(keys or CHECKS)
     for override in overrides:
         key, value = parse_override(override)
         if key not in CHECKS:
-            raise ParamError(f"unknown parameter {key!r}: allowed: {', '.join(CHECKS)}")
+            raise _unknown(key, "--set")
         params[key] = value
-    validate(params, keys or CHECKS, source=str(path))
+        origins[key] = "--set"
+        if key not in keys:
+            problem = CHECKS[key](value)
+            if problem:
+                raise ParamError(f"{_where('--set', key, value)}: {problem}")
+            where = f"`cts {stage}`" if stage else "this stage"
+            print(f"warning: --set {key}: {where} does not read it; unused", file=sys.stderr)
+    validate(params, keys, source=str(path), origins=origins)
     return params
 
 
-def validate(params: dict[str, Any], keys: Iterable[str], source: str = "params") -> None:
+def validate(
+    params: dict[str, Any],
+    keys: Iterable[str],
+    source: str = "params",
+    origins: Mapping[str, str] | None = None,
+) -> None:
+    """Check ``keys`` of ``params``; an error names where the value came from (``origins``:
+    key -> ``--set`` or the file, default ``source``)."""
     keys = list(keys)
+    origins = origins or {}
     for key in keys:
         if key not in params:
             raise ParamError(f"{source}: parameter {key!r} is missing")
         problem = CHECKS[key](params[key])
         if problem:
-            raise ParamError(f"{source}: {key}={params[key]!r}: {problem}")
+            raise ParamError(f"{_where(origins.get(key, source), key, params[key])}: {problem}")
     if {"crop_size", "num_tokens_shared", "backbone"} <= set(keys):
         _check_geometry(params)
+    if "backbone" in keys:
+        from cts.models.vit import check_vit_backbone
+
+        try:
+            check_vit_backbone(params["backbone"])
+        except ValueError as error:
+            origin = origins.get("backbone", source)
+            raise ParamError(
+                f"{'--set backbone' if origin == '--set' else origin}: {error}"
+            ) from error

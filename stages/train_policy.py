@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,9 @@ from stages.common import (
     RESUME_DIR,
     dataset_info,
     other_stage_metrics,
+    remove_resume_checkpoints,
     require,
+    retire_results,
     write_csv,
     write_json,
 )
@@ -94,6 +97,7 @@ def evaluate_policy(
 
 
 def run(params: dict[str, Any], resume_training: bool = True) -> None:
+    run_started = time.time()
     info = dataset_info(params)
     targets = dict(np.load(require(POLICY_TARGETS, "preprocess")))
     seed_everything(params["seed"])
@@ -179,6 +183,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         metric = evaluate_policy(
             policy, val_loader, targets, grid, curve_ks, device, params["precision"]
         )
+        retire_results(METRICS / "policy.json")
         save_checkpoint(POLICY_CHECKPOINT, policy_payload(policy, history=state.history))
         results = {
             "accuracy": metric.accuracy(),
@@ -193,6 +198,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         write_csv(PLOTS / "policy_loss.csv", pd.DataFrame(state.history))
         log_metrics_file(METRICS / "policy.json")
     resume_path.unlink(missing_ok=True)
+    remove_resume_checkpoints("policy", run_started)
     print(
         f"policy: accuracy {results['accuracy']:.1f}%, precision@{k} "
         f"{results['precision_at_k']:.1f}% -> {POLICY_CHECKPOINT}"

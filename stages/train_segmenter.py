@@ -36,6 +36,8 @@ from stages.common import (
     build_segmenter_for_training,
     dataset_info,
     other_stage_metrics,
+    remove_resume_checkpoints,
+    retire_results,
     write_csv,
     write_json,
 )
@@ -83,6 +85,7 @@ def build_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Opt
 
 
 def run(params: dict[str, Any], resume_training: bool = True) -> None:
+    run_started = time.time()
     info = dataset_info(params)
     seed_everything(params["seed"])
     device = resolve_device(params["device"])
@@ -179,6 +182,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         if not context.is_main:
             return
         seconds = time.perf_counter() - started
+        retire_results(METRICS / "train.json")
         save_checkpoint(SEGMENTER_CHECKPOINT, segmenter_payload(segmenter, history=state.history))
         losses = [row for row in state.history if "loss" in row]
         evals = [row for row in state.history if "val_mIoU" in row]
@@ -196,6 +200,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         log_metrics_file(METRICS / "train.json")
         log_model(params["mlflow_registered_model"])
     resume_path.unlink(missing_ok=True)
+    remove_resume_checkpoints("segmenter", run_started)
     print(f"segmenter: final loss {results['final_loss']:.4f} -> {SEGMENTER_CHECKPOINT}")
 
 

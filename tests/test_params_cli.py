@@ -43,9 +43,14 @@ def test_repository_params_are_valid_and_complete(params_file):
         ("num_tokens_shared=-1", r"num_tokens_shared=-1: allowed: an integer >= 0"),
         ("crop_size=500", r"crop_size=500: allowed multiples of 32"),
         ("device=tpu", r"device='tpu': allowed: auto, cpu, cuda"),
-        ("lr=0", r"lr=0: allowed: a number > 0"),
+        ("lr=0", r"lr=0: allowed: a finite number > 0"),
         ("ms_scales=[]", r"ms_scales=\[\]: allowed: a non-empty list"),
-        ("batch_sise=4", r"unknown parameter 'batch_sise'"),
+        ("batch_sise=4", r"--set: unknown parameter 'batch_sise': did you mean 'batch_size'"),
+        ("lr=.inf", r"--set lr=inf: allowed: a finite number > 0"),
+        ("lr=.nan", r"--set lr=nan: allowed: a finite number"),
+        ("drop_path_rate=.nan", r"drop_path_rate=nan: allowed: a finite number"),
+        ("ms_scales=[1.0, .inf]", r"ms_scales=\[1.0, inf\]: allowed: a non-empty list of posit"),
+        ("backbone=resnet50", r"--set backbone: backbone 'resnet50' is not a ViT with absolute"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(params_file, override, message):
@@ -60,10 +65,58 @@ def test_overrides_read_numbers_written_without_a_dot(params_file):
 
 def test_only_the_stage_keys_are_checked(params_file):
     data = yaml.safe_load(params_file.read_text())
-    data["benchmark_unrelated"] = 1
     data["policy"] = "learned"
     params_file.write_text(yaml.safe_dump(data))
     load_params(params_file, keys=["bench_batch_size", "device"])
+
+
+def _edit(params_file: Path, old: str, new: str) -> None:
+    text = params_file.read_text()
+    assert old in text
+    params_file.write_text(text.replace(old, new, 1))
+
+
+def test_unknown_key_in_the_file_names_the_closest_known_one(params_file):
+    _edit(params_file, "iterations: 450", "iteratons: 5")
+    with pytest.raises(ParamError, match=r"params.yaml: unknown parameter 'iteratons': did you"):
+        load_params(params_file, keys=["device"])
+
+
+def test_duplicate_key_in_the_file_is_an_error_with_its_lines(params_file):
+    params_file.write_text(params_file.read_text() + "seed: 3\n")
+    with pytest.raises(ParamError, match=r"line \d+, column 1: duplicate key 'seed' \(first at"):
+        load_params(params_file)
+
+
+def test_yaml_syntax_error_keeps_line_and_column(params_file):
+    lines = params_file.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines) if line.startswith("ms_scales:"))
+    lines[number] = "ms_scales: [0.75, 1.0"
+    params_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ParamError, match=r"params.yaml is not valid YAML: line \d+, column \d+: "):
+        load_params(params_file)
+
+
+def test_numbers_without_a_dot_in_the_file_are_numbers(params_file):
+    _edit(params_file, "\nlr: 1.0e-3", "\nlr: 1e-4")
+    _edit(params_file, "policy_lr: 1.0e-3", "policy_lr: 5E-5")
+    params = load_params(params_file)
+    assert params["lr"] == 1e-4 and params["policy_lr"] == 5e-5
+    _edit(params_file, "\nweight_decay: 1.0e-2", "\nweight_decay: .inf")
+    with pytest.raises(ParamError, match=r"params.yaml: weight_decay=inf: allowed: a finite"):
+        load_params(params_file)
+
+
+def test_set_of_a_key_the_stage_does_not_read_is_checked_and_warned(params_file, capsys):
+    with pytest.raises(ParamError, match=r"--set ms_scales=\[0\]: allowed"):
+        load_params(params_file, ["ms_scales=[0]"], keys=["device"], stage="train_segmenter")
+    load_params(params_file, ["ms_scales=[1.0]"], keys=["device"], stage="train_segmenter")
+    assert "--set ms_scales: `cts train_segmenter` does not read it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ade20k", "cityscapes", "pascal_context"])
+def test_paper_configs_are_complete_and_valid(name):
+    assert set(load_params(REPO / "configs" / f"{name}.yaml")) == set(CHECKS)
 
 
 def test_dvc_yaml_lists_exactly_the_params_each_stage_reads():
@@ -123,4 +176,15 @@ def test_missing_dataset_says_how_to_get_it(params_file, tmp_path, monkeypatch):
         app, ["preprocess", "--params", str(params_file), "--set", "data_root=data/nowhere"]
     )
     assert result.exit_code == 1
-    assert "cts download" in result.output
+    assert "cts download" in result.output and "nowhere in params" not in result.output
+
+
+def test_missing_folder_dataset_says_what_to_put_there(params_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(
+        app,
+        ["download", "-p", str(params_file), "-S", "dataset=folder", "-S", "data_root=mine"],
+    )
+    assert result.exit_code == 1
+    assert "images/{train,val}" in result.output and "classes.txt" in result.output
+    assert "run `cts download`" not in result.output and "'mine'" not in result.output

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,73 @@ def test_plots_page_loads_nothing_remote(pipeline):
     assert "vegaEmbed(" in page and 'var e="5.20.2"' in page  # plots, vega inlined
     assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=", page)
     assert "cdn.jsdelivr" not in page
+
+
+@pytest.fixture
+def repo_copy(pipeline, tmp_path):
+    """A copy of the trained micro repository with its own MLflow store."""
+    repo, env, store, _ = pipeline
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(store, tmp_path / "mlruns.db")
+    _set_params(copy, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    return copy, env, tmp_path / "mlruns.db"
+
+
+def _statuses(store: Path) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return {run.info.status for run in client.search_runs(ids)}
+
+
+def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(repo_copy, monkeypatch):
+    import stages.train_segmenter as stage
+    from cts.checkpoint import load_checkpoint
+    from stages.params import load_params
+
+    repo, _, _ = repo_copy
+    monkeypatch.chdir(repo)
+    params = load_params(repo / "params.yaml", ["iterations=6"], keys=stage.PARAMS)
+    write_json = stage.write_json
+
+    def killed_at_train_json(path, data):
+        if path.name == "train.json":
+            raise KeyboardInterrupt
+        return write_json(path, data)
+
+    monkeypatch.setattr(stage, "write_json", killed_at_train_json)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(params, resume_training=False)
+    trained = load_checkpoint(repo / "checkpoints" / "segmenter.pt")["history"][-1]["step"]
+    metrics = repo / "metrics" / "train.json"
+    assert trained == 6
+    assert not metrics.exists() or _metrics(repo, "train.json")["iterations"] == trained
+
+
+def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_runs(repo_copy):
+    repo, env, store = repo_copy
+    process = subprocess.Popen(
+        ["cts", "train_segmenter", "--set", "iterations=5000", "--set", "checkpoint_every=1"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    resume_dir = repo / "checkpoints" / "resume"
+    deadline = time.monotonic() + 240
+    while not list(resume_dir.glob("segmenter-*.pt")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (
+        "error: train_segmenter terminated (SIGTERM); run it again to resume"
+    )
+    assert "Traceback" not in err
+    assert list(resume_dir.glob("segmenter-*.pt"))
+    assert not [p for p in (repo / "checkpoints").rglob("*.tmp")]
+    assert "RUNNING" not in _statuses(store) and "KILLED" in _statuses(store)

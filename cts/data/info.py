@@ -88,8 +88,8 @@ class DatasetInfo:
 
 def missing_dataset_message(root: Path) -> str:
     return (
-        f"dataset folder {root} not found: run `cts download` (dataset: {root.name} in "
-        f"params.yaml) or cts.data.prepare_dataset({root.name!r}, {str(root)!r})"
+        f"dataset folder {root} not found: run `cts download` with this data_root and the "
+        f"dataset you want (or cts.data.prepare_dataset(name, {str(root)!r}))"
     )
 
 

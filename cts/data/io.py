@@ -2,13 +2,19 @@
 
 Everything written here appears under its final name only once complete: files are written
 to a temporary name beside the destination and renamed, folders are built in a staging
-folder beside the destination and renamed into place.
+folder beside the destination and renamed into place. Temporary names carry the writer's
+pid (``.NAME.PID.XXXX.tmp``, ``.NAME.PID.XXXX.partial``), so that what a killed process
+left behind is recognised and removed (:func:`remove_leftovers`); what a live process is
+writing is kept. Files and folders get the permissions the user's umask gives, as a plain
+``open`` would (``mkstemp`` alone would make them private).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -95,11 +101,59 @@ def encode_image(array: np.ndarray, suffix: str, jpeg_quality: int = 90) -> byte
     return buffer.tobytes()
 
 
+@functools.cache
+def umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(path: str | os.PathLike) -> tuple[int, str]:
+    """``mkstemp`` beside ``path``, named ``.NAME.PID.XXXX.tmp``, with umask permissions."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
+_LEFTOVER = re.compile(r"^\..+\.(\d+)\.[^.]+\.(tmp|partial)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and staging folders in ``folder`` whose writer is dead
+    (a process killed mid-write); returns them. A live writer's are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -127,7 +181,10 @@ def staging_dir(dest: str | os.PathLike) -> Iterator[Path]:
     if dest.exists():
         raise FileExistsError(f"{dest} already exists; delete it to build it again")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    staging = Path(
+        tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".partial")
+    )
+    os.chmod(staging, 0o777 & ~umask())
     try:
         yield staging
         os.replace(staging, dest)

@@ -11,7 +11,14 @@ from typing import Any
 from cts.data.ade20k import prepare_ade20k
 from cts.data.cityscapes import prepare_cityscapes
 from cts.data.folder import list_images, list_masks, split_dirs
-from cts.data.info import CLASSES_FILE, INFO_FILE, SPLITS, DatasetInfo, load_dataset_info
+from cts.data.info import (
+    CLASSES_FILE,
+    INFO_FILE,
+    SPLITS,
+    DatasetInfo,
+    DatasetNotFoundError,
+    load_dataset_info,
+)
 from cts.data.io import place_file, staging_dir
 from cts.data.pascal_context import prepare_pascal_context
 from cts.data.synthetic import generate_scene_dataset
@@ -24,6 +31,13 @@ def prepare_folder(root: str | os.PathLike, source: str | os.PathLike | None = N
     optional ``dataset.yaml``): used in place when ``source`` is None, else hard-linked
     (copied across file systems) from ``source`` into ``root`` unless ``root`` exists."""
     root = Path(root)
+    if source is None and not root.exists():
+        raise DatasetNotFoundError(
+            f"dataset folder {root} not found: for dataset folder, put your data there "
+            "(images/{train,val}/*.jpg, masks/{train,val}/*.png with class ids, 255 = "
+            "ignore, and classes.txt, one name per line), or set dataset_source to a "
+            "folder in that layout to link it into data_root"
+        )
     if source is None or root.exists():
         for split in SPLITS:
             split_dirs(root, split)

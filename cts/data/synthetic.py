@@ -13,8 +13,11 @@ parallel and reproduced bit for bit.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,6 +431,19 @@ def render_scene(
 # --- dataset -------------------------------------------------------------------------------
 
 
+def _init_worker(parent: int) -> None:
+    """Pool worker set-up: one OpenCV thread each, and die with the parent, even when it is
+    SIGKILLed (an orphaned worker would wait on its task queue forever)."""
+    cv2.setNumThreads(1)
+    # The parent handles Ctrl-C and SIGTERM and then terminates the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _write_sample(args: tuple[Path, str, int, int, int, int]) -> None:
     folder, split, index, seed, size, num_classes = args
     # One generator per image from (seed, split, index): independent of the worker that
@@ -488,7 +504,15 @@ def generate_scene_dataset(
             for job in jobs:
                 _write_sample(job)
         else:
-            with ProcessPoolExecutor(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+            pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
+            try:
                 list(pool.map(_write_sample, jobs, chunksize=8))
+            except BaseException:
+                # An interrupt must not wait for the queued images: stop the workers now.
+                for process in list(pool._processes.values()):
+                    process.terminate()
+                raise
+            finally:
+                pool.shutdown(cancel_futures=True)
         write_dataset_info(folder, info)
     return info

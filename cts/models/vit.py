@@ -29,6 +29,25 @@ def supported_backbones() -> list[str]:
     return sorted(set(timm.list_models("vit_*") + timm.list_models("deit*")))
 
 
+def check_vit_backbone(name: str) -> None:
+    """A ValueError unless timm builds ``name`` as a ViT with absolute position embedding
+    (built on the meta device: no memory, no weights)."""
+    paper = ", ".join(PAPER_BACKBONES)
+    if name not in timm.list_models():
+        raise ValueError(
+            f"unknown backbone '{name}': use a timm ViT name, e.g. {paper}, or any of "
+            f"`timm.list_models('vit_*')` / `timm.list_models('deit*')` "
+            f"({len(supported_backbones())} names)"
+        )
+    with torch.device("meta"):
+        vit = timm.create_model(name, num_classes=0)
+    if not isinstance(vit, VisionTransformer) or getattr(vit, "pos_embed", None) is None:
+        raise ValueError(
+            f"backbone '{name}' is not a ViT with absolute position embedding: use "
+            f"{paper} or another timm vit_*/deit* name"
+        )
+
+
 def create_vit(
     name: str,
     img_size: int | tuple[int, int],
@@ -44,13 +63,7 @@ def create_vit(
     JAX .npz) and implies ``pretrained``. A ``depth`` override below the weights' depth
     loads their first ``depth`` blocks, with a warning.
     """
-    if name not in timm.list_models():
-        paper = ", ".join(PAPER_BACKBONES)
-        raise ValueError(
-            f"unknown backbone '{name}': use a timm ViT name, e.g. {paper}, or any of "
-            f"`timm.list_models('vit_*')` / `timm.list_models('deit*')` "
-            f"({len(supported_backbones())} names)"
-        )
+    check_vit_backbone(name)
     from_hub = pretrained and pretrained_path is None
     if from_hub:
         check_hub_weights([(name, "pretrained_path")])
@@ -62,11 +75,6 @@ def create_vit(
         drop_path_rate=drop_path_rate,
         **overrides,
     )
-    if not isinstance(vit, VisionTransformer) or getattr(vit, "pos_embed", None) is None:
-        raise ValueError(
-            f"backbone '{name}' is not a timm VisionTransformer with absolute position "
-            f"embedding; supported: {', '.join(PAPER_BACKBONES)} and other vit_*/deit* names"
-        )
     if pretrained_path is not None:
         load_vit_weights(vit, pretrained_path, name)
     elif from_hub and "depth" in overrides:
