@@ -311,6 +311,36 @@ def out_of_memory_as_error(what: str, advice: str, device: torch.device) -> Iter
         )
 
 
+def time_inference(
+    model: Segmenter,
+    images: Tensor,
+    ks: Sequence[int],
+    precision: str = "fp32",
+    compile_mode: str = "none",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> tuple[dict[int, float], dict[int, float | None]]:
+    """Median seconds per batch and peak memory in MiB (None on CPU) of
+    :meth:`Segmenter.predict` at each K, the K timed in turns.
+
+    Compiled forwards get at least :data:`COMPILED_PREWARM` untimed calls per K before
+    ``warmup`` more; their graphs are released afterwards.
+    """
+    device = images.device
+    compile_mode = resolve_compile_mode(compile_mode, device)
+    predict = inference_fn(model, compile_mode)
+    calls = {k: (lambda k=k: predict(images, k)) for k in dict.fromkeys(ks)}
+    prewarm = 1 if compile_mode == "none" else COMPILED_PREWARM
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            peaks = prewarm_peak_memory_mib(calls, device, prewarm)
+            seconds = median_seconds_interleaved(calls, device, warmup, repeats)
+    finally:
+        release_compiled(device)
+    return seconds, peaks
+
+
 def measure_sharing(
     model: Segmenter,
     images: Tensor,
@@ -320,28 +350,14 @@ def measure_sharing(
     warmup: int = 3,
     repeats: int = 10,
 ) -> dict[str, float | None]:
-    """Images per second and peak memory of one batch with K shared tokens and with none.
-
-    Compiled forwards get at least :data:`COMPILED_PREWARM` untimed calls per K before
-    ``warmup`` more; their graphs are released afterwards. Returns ``ims_per_sec``,
-    ``ims_per_sec_no_sharing``, ``speedup``, ``ms_per_batch``, ``ms_per_batch_no_sharing``,
-    ``peak_memory_mib``, ``peak_memory_mib_no_sharing`` (None on CPU).
+    """Images per second and peak memory of one batch with K shared tokens and with none
+    (:func:`time_inference`). Returns ``ims_per_sec``, ``ims_per_sec_no_sharing``,
+    ``speedup``, ``ms_per_batch``, ``ms_per_batch_no_sharing``, ``peak_memory_mib``,
+    ``peak_memory_mib_no_sharing`` (None on CPU).
     """
-    device = images.device
-    compile_mode = resolve_compile_mode(compile_mode, device)
-    predict = inference_fn(model, compile_mode)
-    calls = {
-        num_tokens_shared: lambda: predict(images, num_tokens_shared),
-        0: lambda: predict(images, 0),
-    }
-    prewarm = 1 if compile_mode == "none" else COMPILED_PREWARM
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast(device, precision):
-            peaks = prewarm_peak_memory_mib(calls, device, prewarm)
-            seconds = median_seconds_interleaved(calls, device, warmup, repeats)
-    finally:
-        release_compiled(device)
+    seconds, peaks = time_inference(
+        model, images, (num_tokens_shared, 0), precision, compile_mode, warmup, repeats
+    )
     batch = images.shape[0]
     shared, plain = seconds[num_tokens_shared], seconds[0]
     return {
@@ -454,6 +470,49 @@ def measure_model(
             "bf16_fp32_agreement_no_sharing": label_agreement(model, agreement_batch, 0),
         }
     return [{**record, **agreement} for record in records]
+
+
+def measure_sweep(
+    model: Segmenter,
+    images: Tensor,
+    ks: Sequence[int],
+    precision: str,
+    compile_mode: str,
+    warmup: int,
+    repeats: int,
+    what: str,
+    batch_option: str = "--batch-size",
+    compile_option: str = "--compile",
+) -> list[dict[str, Any]]:
+    """One record per K of the same weights on one batch, timed as :func:`measure_model`
+    times K and 0 (in turns, one process): ``num_tokens_shared``, ``tokens``, ``gflops``
+    (multiply-accumulates per image), ``ims_per_sec``, ``ms_per_batch``."""
+    device = images.device
+    compile_mode = resolve_compile_mode(compile_mode, device)
+    model.eval()
+    ensure_batch_fits(model, images, precision, what, batch_option)
+    advice = (
+        f"set a smaller {batch_option}, or {compile_option} none"
+        if compile_mode != "none"
+        else f"set a smaller {batch_option}"
+    )
+    with out_of_memory_as_error(
+        f"timing {what} ({precision}, compile {compile_mode})", advice, device
+    ):
+        seconds, _ = time_inference(model, images, ks, precision, compile_mode, warmup, repeats)
+    records = []
+    for k in ks:
+        cost = forward_cost(model, images.shape[-1], k)
+        records.append(
+            {
+                "num_tokens_shared": k,
+                "tokens": cost.tokens,
+                "gflops": cost.gmacs,
+                "ims_per_sec": images.shape[0] / seconds[k],
+                "ms_per_batch": seconds[k] * 1e3,
+            }
+        )
+    return records
 
 
 # --- the paper's table ----------------------------------------------------------------------
@@ -649,6 +708,7 @@ __all__ = [
     "measure_model",
     "measure_row",
     "measure_sharing",
+    "measure_sweep",
     "median_seconds_interleaved",
     "random_images",
     "release_compiled",
@@ -656,6 +716,7 @@ __all__ = [
     "resolve_precisions",
     "runtime",
     "select_rows",
+    "time_inference",
     "uses_cuda_graphs",
     "write_table",
 ]

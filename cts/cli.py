@@ -126,6 +126,12 @@ def benchmark(params: ParamsOption = Path("params.yaml"), set_: SetOption = None
     _run("benchmark", params, set_)
 
 
+@app.command("sweep")
+def sweep(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Accuracy vs speed over K of the trained model: mIoU, im/s, GFLOPs, tokens per K."""
+    _run("sweep", params, set_)
+
+
 def _report_error(command: str, error: Exception) -> None:
     """One line for the user, as the stages do; CTS_DEBUG=1 shows the traceback."""
     if os.environ.get("CTS_DEBUG"):

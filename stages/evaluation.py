@@ -16,7 +16,7 @@ from cts.data.loader import build_loader
 from cts.data.transforms import ValTransform
 from cts.engine import autocast, resolve_device
 from cts.inference import evaluate
-from cts.metrics import confusion_matrix_image, per_class_table
+from cts.metrics import SegmentationMetric, confusion_matrix_image, per_class_table
 from cts.models import Segmenter
 from cts.tracking import log_metrics_file, stage_run
 from cts.visualize import denormalize, outline_shared, overlay, palette
@@ -62,6 +62,42 @@ def write_pictures(model: Segmenter, dataset: SegmentationFolder, out_dir, devic
     return paths
 
 
+def validation_set(params: dict[str, Any], model: Segmenter) -> SegmentationFolder:
+    info = dataset_info(params)
+    return SegmentationFolder(
+        params["data_root"],
+        "val",
+        ValTransform(info.base_size, model.config.mean, model.config.std),
+    )
+
+
+def evaluate_model(
+    params: dict[str, Any],
+    model: Segmenter,
+    dataset: SegmentationFolder,
+    scales: Sequence[float],
+    flip: bool,
+    num_tokens_shared: int | None = None,
+) -> SegmentationMetric:
+    """The evaluation of the `eval_*` stages (and of the K sweep): sliding windows over the
+    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's)."""
+    device = next(model.parameters()).device
+    info = dataset_info(params)
+    loader = build_loader(dataset, 1, False, params["num_workers"], 0, drop_last=False)
+    with autocast(device, params["precision"]):
+        return evaluate(
+            lambda images: model(images, num_tokens_shared=num_tokens_shared).logits,
+            loader,
+            info.num_classes,
+            info.base_size,
+            info.window,
+            info.stride,
+            device,
+            scales=tuple(scales),
+            flip=flip,
+        )
+
+
 def run_evaluation(
     params: dict[str, Any], stage: str, scales: Sequence[float], flip: bool
 ) -> dict[str, float]:
@@ -69,12 +105,7 @@ def run_evaluation(
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
     info = dataset_info(params)
-    dataset = SegmentationFolder(
-        params["data_root"],
-        "val",
-        ValTransform(info.base_size, model.config.mean, model.config.std),
-    )
-    loader = build_loader(dataset, 1, False, params["num_workers"], 0, drop_last=False)
+    dataset = validation_set(params, model)
     reports = REPORTS / stage
     reports.mkdir(parents=True, exist_ok=True)
     with stage_run(
@@ -85,18 +116,7 @@ def run_evaluation(
     ):
         import mlflow
 
-        with autocast(device, params["precision"]):
-            metric = evaluate(
-                lambda images: model(images).logits,
-                loader,
-                info.num_classes,
-                info.base_size,
-                info.window,
-                info.stride,
-                device,
-                scales=tuple(scales),
-                flip=flip,
-            )
+        metric = evaluate_model(params, model, dataset, scales, flip)
         results = {
             **metric.compute(),
             "num_tokens_shared": model.num_tokens_shared,

@@ -113,6 +113,14 @@ def _scales(value: Any) -> str | None:
     return "allowed: a non-empty list of positive finite numbers, e.g. [0.5, 1.0, 1.5]"
 
 
+def _integers(value: Any) -> str | None:
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return None
+    return "allowed: a list of integers (may be empty), e.g. [0, 52, 103]"
+
+
 DATASETS = ("synthetic", "ade20k", "cityscapes", "pascal_context", "folder")
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -150,6 +158,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_every": _integer(0),
     "checkpoint_every": _integer(0),
     "ms_scales": _scales,
+    "sweep_tokens_shared": _integers,
     "bench_batch_size": _integer(1),
     "bench_repeats": _integer(1),
     "bench_compile": _choice(
@@ -170,7 +179,7 @@ def patch_size_of(backbone: str) -> int:
     return int(match.group(1)) if match else 16
 
 
-def _check_geometry(params: dict[str, Any]) -> None:
+def _check_geometry(params: dict[str, Any], keys: set[str]) -> None:
     superpatch = 2 * patch_size_of(params["backbone"])
     crop = params["crop_size"]
     if crop % superpatch:
@@ -178,12 +187,16 @@ def _check_geometry(params: dict[str, Any]) -> None:
             f"crop_size={crop}: allowed multiples of {superpatch} (2 x the backbone's patch size)"
         )
     num_superpatches = (crop // superpatch) ** 2
-    k = params["num_tokens_shared"]
+    allowed = (
+        f"allowed 0..{num_superpatches} for crop_size {crop} "
+        f"({num_superpatches} superpatches of {superpatch}x{superpatch} px)"
+    )
+    k = params["num_tokens_shared"] if "num_tokens_shared" in keys else 0
     if k > num_superpatches:
-        raise ParamError(
-            f"num_tokens_shared={k}: allowed 0..{num_superpatches} for crop_size {crop} "
-            f"({num_superpatches} superpatches of {superpatch}x{superpatch} px)"
-        )
+        raise ParamError(f"num_tokens_shared={k}: {allowed}")
+    for value in params["sweep_tokens_shared"] if "sweep_tokens_shared" in keys else ():
+        if not 0 <= value <= num_superpatches:
+            raise ParamError(f"sweep_tokens_shared: K={value} is out of range: {allowed}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -266,8 +279,11 @@ def validate(
         problem = CHECKS[key](params[key])
         if problem:
             raise ParamError(f"{_where(origins.get(key, source), key, params[key])}: {problem}")
-    if {"crop_size", "num_tokens_shared", "backbone"} <= set(keys):
-        _check_geometry(params)
+    if {"crop_size", "backbone"} <= set(keys) and {
+        "num_tokens_shared",
+        "sweep_tokens_shared",
+    } & set(keys):
+        _check_geometry(params, set(keys))
     if "backbone" in keys:
         from cts.models.vit import check_vit_backbone
 

@@ -137,3 +137,25 @@ def test_bf16_autocast_forward_matches_fp32_labels_mostly():
     assert torch.equal(out.shared, ref.shared)
     agree = (out.logits.argmax(1) == ref.logits.argmax(1)).float().mean()
     assert agree > 0.9
+
+
+@pytest.mark.parametrize("stride, blocks", [(8, 3), (16, 5), (32, 7)])
+def test_policy_net_runs_only_the_stages_its_feature_level_needs(stride, blocks):
+    import timm
+
+    from cts.models import PolicyNet
+
+    torch.manual_seed(0)
+    level = {8: 2, 16: 3, 32: 4}[stride]
+    full = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(level,)).eval()
+    policy = PolicyNet(feature_stride=stride).eval()
+    assert len(policy.backbone.blocks) == blocks
+    # A state dict with every stage (written before they were dropped) still loads.
+    state = {f"backbone.{k}": v for k, v in full.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in policy.head.state_dict().items()})
+    policy.load_state_dict(state)
+    images = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            policy.backbone(images)[-1], full(images)[-1], rtol=1e-4, atol=1e-4
+        )

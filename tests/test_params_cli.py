@@ -17,6 +17,7 @@ STAGES = [
     "eval_ss",
     "eval_ms",
     "benchmark",
+    "sweep",
 ]
 runner = CliRunner()
 
@@ -56,6 +57,38 @@ def test_repository_params_are_valid_and_complete(params_file):
 def test_bad_values_name_the_key_and_the_allowed_values(params_file, override, message):
     with pytest.raises(ParamError, match=message):
         load_params(params_file, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "sweep_tokens_shared=[0,52,300]",
+            r"K=300 is out of range: allowed 0\.\.256 for crop_size 512",
+        ),
+        (
+            "sweep_tokens_shared=[-1,52]",
+            r"K=-1 is out of range: allowed 0\.\.256 for crop_size 512",
+        ),
+        ("sweep_tokens_shared=52", r"sweep_tokens_shared=52: allowed: a list of integers"),
+        ("sweep_tokens_shared=[0.5]", r"allowed: a list of integers"),
+    ],
+)
+def test_sweep_values_are_checked_against_the_crop_before_any_work(
+    params_file, tmp_path, monkeypatch, override, message
+):
+    with pytest.raises(ParamError, match=message):
+        load_params(params_file, [override], keys=["sweep_tokens_shared", "crop_size", "backbone"])
+    monkeypatch.chdir(tmp_path)  # no checkpoint here: a later failure would name train_segmenter
+    result = runner.invoke(app, ["sweep", "--params", str(params_file), "--set", override])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "sweep_tokens_shared" in lines[0], result.output
+
+
+def test_an_empty_sweep_is_allowed(params_file):
+    params = load_params(params_file, ["sweep_tokens_shared=[]"])
+    assert params["sweep_tokens_shared"] == []
 
 
 def test_overrides_read_numbers_written_without_a_dot(params_file):

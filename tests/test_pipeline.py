@@ -32,6 +32,7 @@ MICRO = {
     "ms_scales": [1.0, 1.25],
     "bench_batch_size": 1,
     "bench_repeats": 1,
+    "sweep_tokens_shared": [2, 0],
     "device": "cpu",
 }
 
@@ -123,6 +124,21 @@ def test_every_stage_writes_its_metrics(pipeline):
     assert (repo / "dvc.lock").is_file()
 
 
+def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(pipeline):
+    import pandas as pd
+
+    repo, _, _, _ = pipeline
+    table = pd.read_csv(repo / "plots" / "k_sweep.csv", float_precision="round_trip")
+    assert list(table.columns) == ["num_tokens_shared", "tokens", "mIoU", "ims_per_sec", "gflops"]
+    assert table["num_tokens_shared"].tolist() == [0, 2, 4]  # the swept K and the trained K
+    assert table["tokens"].tolist() == [64, 64 - 3 * 2, 64 - 3 * 4]
+    trained = table.set_index("num_tokens_shared").loc[4]
+    assert trained["mIoU"] == _metrics(repo, "eval_ss.json")["mIoU"]
+    assert (table["ims_per_sec"] > 0).all() and (table["gflops"] > 0).all()
+    assert table["mIoU"].between(0, 100).all()
+    assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_one_mlflow_parent_run_holds_every_stage(pipeline):
     from mlflow.tracking import MlflowClient
 
@@ -153,7 +169,12 @@ def test_one_mlflow_parent_run_holds_every_stage(pipeline):
         "eval_ss",
         "eval_ms",
         "benchmark",
+        "sweep",
     }
+    sweep = client.get_metric_history(stages["sweep"].info.run_id, "mIoU")
+    assert sorted(m.step for m in sweep) == [0, 2, 4]
+    artifacts = {a.path for a in client.list_artifacts(stages["sweep"].info.run_id)}
+    assert {"k_sweep.csv", "k_sweep.png"} <= artifacts
     history = client.get_metric_history(stages["train_segmenter"].info.run_id, "loss")
     assert history and history[-1].step == 4
     artifacts = {a.path for a in client.list_artifacts(stages["eval_ss"].info.run_id)}
@@ -174,7 +195,7 @@ def test_changing_k_reruns_only_training_evaluation_and_benchmark(pipeline):
     _set_params(repo, num_tokens_shared=2)
     output = _run(["dvc", "repro"], repo, env)
     ran = set(re.findall(r"Running stage '(\w+)'", output))
-    assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark"}
+    assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark", "sweep"}
     # The new parent holds every stage's results, those of the stages not rerun included.
     client = MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("cts")
@@ -289,3 +310,13 @@ def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_run
     assert list(resume_dir.glob("segmenter-*.pt"))
     assert not [p for p in (repo / "checkpoints").rglob("*.tmp")]
     assert "RUNNING" not in _statuses(store) and "KILLED" in _statuses(store)
+
+
+def test_an_empty_sweep_list_skips_the_sweep(pipeline):
+    repo, env, _, _ = pipeline
+    output = _run([str(BIN / "cts"), "sweep", "--set", "sweep_tokens_shared=[]"], repo, env)
+    assert "skipped" in output
+    assert (repo / "plots" / "k_sweep.csv").read_text().strip() == (
+        "num_tokens_shared,tokens,mIoU,ims_per_sec,gflops"
+    )
+    assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")

@@ -56,6 +56,11 @@ class PolicyNet(nn.Module):
         self.backbone = timm.create_model(
             BACKBONE, pretrained=from_hub, features_only=True, out_indices=(level,)
         )
+        # timm's features_only net still runs every stage; those past the level used would
+        # cost a third of a stride-16 forward for nothing.
+        self.num_blocks = int(self.backbone.feature_info.module_name()[0].split(".")[1]) + 1
+        del self.backbone.blocks[self.num_blocks :]
+        self._register_load_state_dict_pre_hook(self._drop_unused_blocks)
         if pretrained_path is not None:
             load_backbone_weights(self.backbone, pretrained_path, BACKBONE)
         self.head = nn.Conv2d(channels, 2, kernel_size=1)
@@ -68,13 +73,23 @@ class PolicyNet(nn.Module):
             "in_shift", ((in_mean - net_mean) / net_std).view(1, 3, 1, 1), persistent=False
         )
 
+    def _drop_unused_blocks(self, state_dict: dict, prefix: str, *args) -> None:
+        """Checkpoints written before the unused stages were dropped still load."""
+        blocks = f"{prefix}backbone.blocks."
+        for key in [k for k in state_dict if k.startswith(blocks)]:
+            if int(key[len(blocks) :].split(".")[0]) >= self.num_blocks:
+                del state_dict[key]
+
     def forward(self, images: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """``(B, 3, H, W) -> (B, 2, hs, ws)`` logits, resampled to ``grid`` when given."""
-        x = (images * self.in_scale + self.in_shift).contiguous(memory_format=torch.channels_last)
+        # Resized before it is re-normalised (both are per-channel linear): the full-size
+        # image is read once.
+        x = images
         if self.input_scale != 1.0:
             x = F.interpolate(
                 x, scale_factor=self.input_scale, mode="bilinear", align_corners=False
             )
+        x = (x * self.in_scale + self.in_shift).contiguous(memory_format=torch.channels_last)
         logits = self.head(self.backbone(x)[-1])
         if grid is not None and tuple(logits.shape[-2:]) != tuple(grid):
             logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
