@@ -38,11 +38,12 @@ def _fail(message: str) -> None:
 def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
     """Validate the stage's params before any work, then run it; errors are one line."""
     try:
+        from stages.launch import run_stage
         from stages.params import load_params
 
         module = importlib.import_module(f"stages.{stage}")
         params = load_params(params_file, overrides or (), keys=module.PARAMS)
-        module.run(params, **kwargs)
+        run_stage(stage, params, **kwargs)
     except KeyboardInterrupt:
         _fail(f"{stage} interrupted; run it again to resume")
     except Exception as error:

@@ -14,7 +14,7 @@ from cts.checkpoint import load_segmenter
 from cts.data.folder import SegmentationFolder
 from cts.data.loader import build_loader
 from cts.data.transforms import ValTransform
-from cts.engine import autocast, resolve_device
+from cts.engine import autocast, init_distributed, resolve_device
 from cts.inference import evaluate
 from cts.metrics import confusion_matrix_image, per_class_table
 from cts.models import Segmenter
@@ -64,8 +64,13 @@ def write_pictures(model: Segmenter, dataset: SegmentationFolder, out_dir, devic
 def run_evaluation(
     params: dict[str, Any], stage: str, scales: Sequence[float], flip: bool
 ) -> dict[str, float]:
-    """Sliding-window evaluation of the trained Segmenter on the validation split."""
+    """Sliding-window evaluation of the trained Segmenter on the validation split.
+
+    With several processes each scores every W-th image and the confusion matrices are
+    summed, so every image counts once; rank 0 writes the results.
+    """
     device = resolve_device(params["device"])
+    context = init_distributed(device)
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
     info = dataset_info(params)
     dataset = SegmentationFolder(
@@ -73,7 +78,31 @@ def run_evaluation(
         "val",
         ValTransform(info.base_size, model.config.mean, model.config.std),
     )
-    loader = build_loader(dataset, 1, False, params["num_workers"], 0, drop_last=False)
+    loader = build_loader(
+        dataset,
+        1,
+        False,
+        params["num_workers"],
+        0,
+        drop_last=False,
+        distributed=context.enabled,
+        device=device,
+    )
+    with autocast(device, params["precision"]):
+        metric = evaluate(
+            lambda images: model(images).logits,
+            loader,
+            info.num_classes,
+            info.base_size,
+            info.window,
+            info.stride,
+            device,
+            scales=tuple(scales),
+            flip=flip,
+            progress=context.is_main,
+        )
+    if not context.is_main:
+        return metric.compute()
     reports = REPORTS / stage
     reports.mkdir(parents=True, exist_ok=True)
     with stage_run(
@@ -84,18 +113,6 @@ def run_evaluation(
     ):
         import mlflow
 
-        with autocast(device, params["precision"]):
-            metric = evaluate(
-                lambda images: model(images).logits,
-                loader,
-                info.num_classes,
-                info.base_size,
-                info.window,
-                info.stride,
-                device,
-                scales=tuple(scales),
-                flip=flip,
-            )
         results = {
             **metric.compute(),
             "num_tokens_shared": model.num_tokens_shared,

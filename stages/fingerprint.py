@@ -7,8 +7,17 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from stages.launch import LAUNCH_PARAMS
+
 # Settings that do not change what is computed.
-_IRRELEVANT = {"num_workers", "mlflow_tracking_uri", "checkpoint_every", "eval_every"}
+_IRRELEVANT = {
+    "num_workers",
+    "mlflow_tracking_uri",
+    "checkpoint_every",
+    "eval_every",
+    # The batch is global and every process count sees the same samples in the same batches.
+    *LAUNCH_PARAMS,
+}
 
 
 def fingerprint(params: dict[str, Any], keys: Iterable[str]) -> str:

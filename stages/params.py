@@ -75,6 +75,14 @@ def _scales(value: Any) -> str | None:
     return "allowed: a non-empty list of positive numbers, e.g. [0.5, 1.0, 1.5]"
 
 
+def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def auto_or(value: Any) -> str | None:
+        problem = None if value == "auto" else check(value)
+        return problem and problem.replace("allowed: ", "allowed: auto or ", 1)
+
+    return auto_or
+
+
 DATASETS = ("synthetic", "ade20k", "cityscapes", "pascal_context", "folder")
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -120,8 +128,14 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "device": _choice("auto", "cpu", "cuda"),
     "precision": _choice("fp32", "bf16", "fp16"),
     "seed": _integer(0),
-    "num_workers": _integer(0),
+    "num_workers": _auto_or(_integer(0)),
     "mlflow_tracking_uri": _text(optional=True),
+    "nproc_per_node": _auto_or(_integer(1)),
+    "nnodes": _integer(1),
+    "node_rank": _integer(0),
+    "master_addr": _text(),
+    "master_port": _integer(1, 65535, optional=True),
+    "rendezvous_timeout": _number(0.0, low_open=True),
 }
 
 
@@ -194,3 +208,8 @@ def validate(params: dict[str, Any], keys: Iterable[str], source: str = "params"
             raise ParamError(f"{source}: {key}={params[key]!r}: {problem}")
     if {"crop_size", "num_tokens_shared", "backbone"} <= set(keys):
         _check_geometry(params)
+    if {"nnodes", "node_rank"} <= set(keys) and params["node_rank"] >= params["nnodes"]:
+        raise ParamError(
+            f"{source}: node_rank={params['node_rank']}: allowed 0..{params['nnodes'] - 1} "
+            f"for nnodes={params['nnodes']}"
+        )
