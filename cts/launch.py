@@ -14,10 +14,13 @@ elastic agent has stopped the other workers.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +30,7 @@ import torch
 
 # The rendezvous port of torchrun when several nodes must agree on one.
 DEFAULT_MASTER_PORT = 29500
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _QUIET_LOGGERS = (
     "torch.distributed.elastic",
     "torch.distributed.launcher",
@@ -199,9 +203,16 @@ def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         )
         try:
-            elastic_launch(config, fn)(*args)
+            elastic_launch(config, _worker)(fn, *args)
         except ChildFailedError as error:
             raise WorkerFailed(_describe(*_root_cause(error.failures))) from None
+
+
+def _worker(fn: Callable[..., None], *args) -> None:
+    if sys.platform == "linux":
+        # A launcher killed outright (SIGKILL) cannot stop its workers: they die with it.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    fn(*args)
 
 
 def _root_cause(failures: dict) -> tuple:
