@@ -65,6 +65,7 @@ def _interrupted(command: str, error: KeyboardInterrupt, hint: str = "") -> None
 def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
     """Validate the stage's params before any work, then run it; errors are one line."""
     try:
+        from stages.launch import run_stage
         from stages.params import load_params
 
         module = importlib.import_module(f"stages.{stage}")
@@ -73,7 +74,7 @@ def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -
             from stages.common import clean_leftovers
 
             clean_leftovers(params)
-        module.run(params, **kwargs)
+        run_stage(stage, params, **kwargs)
     except KeyboardInterrupt as error:
         _interrupted(stage, error, "; run it again to resume")
     except Exception as error:

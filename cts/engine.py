@@ -79,15 +79,41 @@ def init_distributed(device: torch.device) -> DistributedContext:
     if world_size <= 1:
         return DistributedContext()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", device_id=device if cuda else None
+        )
     return DistributedContext(dist.get_rank(), dist.get_world_size())
 
 
-def wrap_distributed(model: nn.Module, context: DistributedContext, device: torch.device):
+def split_batch(
+    batch_size: int, world_size: int, grad_accum_steps: int = 1, key: str = "batch_size"
+) -> int:
+    """Per-process micro-batch of a global ``batch_size`` over processes and accumulation steps."""
+    parts = world_size * grad_accum_steps
+    if batch_size % parts:
+        raise ValueError(
+            f"{key}={batch_size} is the global batch and must divide evenly over "
+            f"{world_size} process(es) x {grad_accum_steps} accumulation step(s); "
+            f"use a multiple of {parts}"
+        )
+    return batch_size // parts
+
+
+def wrap_distributed(
+    model: nn.Module,
+    context: DistributedContext,
+    device: torch.device,
+    find_unused_parameters: bool = False,
+):
+    """DDP over the process group; ``find_unused_parameters`` for models whose forward
+    leaves some trainable parameters out (a feature extractor cut before its last stage)."""
     if not context.enabled:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
 
 
 def poly_schedule(iterations: int, power: float = 0.9, warmup: int = 0) -> Callable[[int], float]:
@@ -140,15 +166,30 @@ def resume(
     unwrap(model).load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["torch_rng"])
+    _restore_rng(payload.get("torch_rng_per_rank") or [payload["torch_rng"]])
     return TrainState(payload["iteration"], payload["history"])
+
+
+def _restore_rng(states: list[Tensor]) -> None:
+    """Each process continues its own random stream (dropout, drop-path)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(states) == world:
+        torch.set_rng_state(states[rank])
+        return
+    # Saved by another process count: the streams cannot continue; keep them distinct.
+    torch.set_rng_state(states[0])
+    if rank:
+        torch.manual_seed(int(torch.randint(2**31, ())) + rank)
 
 
 @dataclass
 class TrainLoop:
     """A resumable, iteration-based loop with gradient accumulation and mixed precision.
 
-    ``loss_fn(model, batch)`` returns the scalar loss of one micro-batch already on device.
+    ``loss_fn(model, batch)`` returns the *sum* of the per-element losses (pixels, superpatches)
+    of one micro-batch already on device; ``count_fn(batch)`` the number of elements that count
+    (ignored ones left out). The loop divides by the count over the whole global batch, all
+    micro-batches and processes, so that W processes compute the gradient of one.
     ``evaluate(model)`` (optional, every ``eval_every``) returns metrics for the history.
     ``checkpoint_payload()`` returns what to store besides the training state (config...).
     """
@@ -157,6 +198,7 @@ class TrainLoop:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: Callable[[nn.Module, dict], Tensor]
+    count_fn: Callable[[dict], Tensor]
     iterations: int
     device: torch.device
     precision: str = "fp32"
@@ -173,7 +215,13 @@ class TrainLoop:
     description: str = "train"
 
     def _save(self, state: TrainState) -> None:
-        if self.checkpoint_path is None or not self.context.is_main:
+        if self.checkpoint_path is None:
+            return
+        rng_states = [torch.get_rng_state()]
+        if self.context.enabled:
+            rng_states = [None] * self.context.world_size
+            dist.all_gather_object(rng_states, torch.get_rng_state())
+        if not self.context.is_main:
             return
         payload = self.checkpoint_payload()
         payload.update(
@@ -183,7 +231,8 @@ class TrainLoop:
             iteration=state.iteration,
             history=state.history,
             fingerprint=self.fingerprint,
-            torch_rng=torch.get_rng_state(),
+            torch_rng=rng_states[0],
+            torch_rng_per_rank=rng_states,
         )
         save_checkpoint(self.checkpoint_path, payload)
 
@@ -196,18 +245,30 @@ class TrainLoop:
     def _step(self, batches: Iterator[dict]) -> float:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss."""
         scaler_needed = self.precision == "fp16"
+        micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        for batch in micro_batches:
+            count += self.count_fn(batch).to(self.device)
+        if self.context.enabled:
+            dist.all_reduce(count)
+        # DDP averages the gradients of the W processes: W x (local sum / global count) sums
+        # to the gradient of one process over the whole batch, ignored elements included.
+        scale = self.context.world_size / count.clamp(min=1)
         total = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum_steps):
+        for micro, batch in enumerate(micro_batches):
             batch = {
                 k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
-                for k, v in next(batches).items()
+                for k, v in batch.items()
             }
             sync = micro == self.grad_accum_steps - 1 or not self.context.enabled
             sync_context = contextlib.nullcontext() if sync else self.model.no_sync()
             with sync_context, autocast(self.device, self.precision):
-                loss = self.loss_fn(self.model, batch) / self.grad_accum_steps
+                loss = self.loss_fn(self.model, batch) * scale
             (self._scaler.scale(loss) if scaler_needed else loss).backward()
             total += loss.detach()
+        if self.context.enabled:
+            dist.all_reduce(total)
+            total /= self.context.world_size
         if scaler_needed:
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -252,9 +313,9 @@ class TrainLoop:
                         state.iteration % self.eval_every == 0 or state.iteration == self.iterations
                     )
                 ):
-                    # Rank 0 evaluates the bare module: a DDP forward would wait for the others.
-                    if self.context.is_main:
-                        self._log(state, self.evaluate(unwrap(self.model)))
+                    # Every process scores its share of the validation set with the bare
+                    # module (no DDP forward) and the metric is summed over processes.
+                    self._log(state, self.evaluate(unwrap(self.model)))
                     self.model.train()
                 if self.checkpoint_every and state.iteration % self.checkpoint_every == 0:
                     self._save(state)

@@ -256,7 +256,7 @@ def stage_run(
     experiment: str = "cts",
     uri: str | None = None,
     upstream_metrics: Sequence[str | Path] = (),
-) -> Iterator[mlflow.ActiveRun]:
+) -> Iterator[mlflow.ActiveRun | None]:
     """Runs the body inside a child run named `stage` of this pipeline's parent run.
 
     `params` must be the whole params file (the same dict in every stage): it is logged,
@@ -266,7 +266,11 @@ def stage_run(
     (`policy.json` -> `policy.accuracy`). The child is the active run, so plain
     `mlflow.log_*` calls inside the body go to it. An exception marks both runs FAILED,
     an interrupt (KeyboardInterrupt, which SIGTERM raises in `cts`) KILLED; it propagates.
+    In a multi-process run only rank 0 logs: the other ranks get None.
     """
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield None
+        return
     _quiet_mlflow()
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)

@@ -5,8 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from stages.evaluation import run_evaluation
+from stages.launch import LAUNCH_PARAMS
 
-PARAMS = ("data_root", "ms_scales", "device", "precision", "num_workers", "mlflow_tracking_uri")
+PARAMS = (
+    "data_root",
+    "ms_scales",
+    "device",
+    "precision",
+    "num_workers",
+    "mlflow_tracking_uri",
+    *LAUNCH_PARAMS,
+)
 
 
 def run(params: dict[str, Any]) -> None:

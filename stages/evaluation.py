@@ -14,7 +14,7 @@ from cts.checkpoint import load_segmenter
 from cts.data.folder import SegmentationFolder
 from cts.data.loader import build_loader
 from cts.data.transforms import ValTransform
-from cts.engine import autocast, resolve_device
+from cts.engine import autocast, init_distributed, resolve_device
 from cts.inference import evaluate
 from cts.metrics import SegmentationMetric, confusion_matrix_image, per_class_table
 from cts.models import Segmenter
@@ -78,12 +78,27 @@ def evaluate_model(
     scales: Sequence[float],
     flip: bool,
     num_tokens_shared: int | None = None,
+    distributed: bool = False,
+    progress: bool = True,
 ) -> SegmentationMetric:
     """The evaluation of the `eval_*` stages (and of the K sweep): sliding windows over the
-    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's)."""
+    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's).
+
+    ``distributed``: this process scores every W-th image and the confusion matrices of all
+    processes are summed, so every image counts once.
+    """
     device = next(model.parameters()).device
     info = dataset_info(params)
-    loader = build_loader(dataset, 1, False, params["num_workers"], 0, drop_last=False)
+    loader = build_loader(
+        dataset,
+        1,
+        False,
+        params["num_workers"],
+        0,
+        drop_last=False,
+        distributed=distributed,
+        device=device,
+    )
     with autocast(device, params["precision"]):
         return evaluate(
             lambda images: model(images, num_tokens_shared=num_tokens_shared).logits,
@@ -95,17 +110,28 @@ def evaluate_model(
             device,
             scales=tuple(scales),
             flip=flip,
+            progress=progress,
         )
 
 
 def run_evaluation(
     params: dict[str, Any], stage: str, scales: Sequence[float], flip: bool
 ) -> dict[str, float]:
-    """Sliding-window evaluation of the trained Segmenter on the validation split."""
+    """Sliding-window evaluation of the trained Segmenter on the validation split.
+
+    With several processes each scores every W-th image and the confusion matrices are
+    summed, so every image counts once; rank 0 writes the results.
+    """
     device = resolve_device(params["device"])
+    context = init_distributed(device)
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
     info = dataset_info(params)
     dataset = validation_set(params, model)
+    metric = evaluate_model(
+        params, model, dataset, scales, flip, distributed=context.enabled, progress=context.is_main
+    )
+    if not context.is_main:
+        return metric.compute()
     reports = REPORTS / stage
     reports.mkdir(parents=True, exist_ok=True)
     with stage_run(
@@ -116,7 +142,6 @@ def run_evaluation(
     ):
         import mlflow
 
-        metric = evaluate_model(params, model, dataset, scales, flip)
         results = {
             **metric.compute(),
             "num_tokens_shared": model.num_tokens_shared,

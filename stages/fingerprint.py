@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from stages.launch import LAUNCH_PARAMS
+
 # Settings that do not change what is computed.
 _IRRELEVANT = {
     "num_workers",
@@ -14,6 +16,8 @@ _IRRELEVANT = {
     "mlflow_registered_model",
     "checkpoint_every",
     "eval_every",
+    # The batch is global and every process count sees the same samples in the same batches.
+    *LAUNCH_PARAMS,
 }
 
 

@@ -121,6 +121,14 @@ def _integers(value: Any) -> str | None:
     return "allowed: a list of integers (may be empty), e.g. [0, 52, 103]"
 
 
+def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def auto_or(value: Any) -> str | None:
+        problem = None if value == "auto" else check(value)
+        return problem and problem.replace("allowed: ", "allowed: auto or ", 1)
+
+    return auto_or
+
+
 DATASETS = ("synthetic", "ade20k", "cityscapes", "pascal_context", "folder")
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -167,9 +175,15 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "device": _choice("auto", "cpu", "cuda"),
     "precision": _choice("fp32", "bf16", "fp16"),
     "seed": _integer(0),
-    "num_workers": _integer(0),
+    "num_workers": _auto_or(_integer(0)),
     "mlflow_tracking_uri": _text(optional=True),
     "mlflow_registered_model": _text(optional=True),
+    "nproc_per_node": _auto_or(_integer(1)),
+    "nnodes": _integer(1),
+    "node_rank": _integer(0),
+    "master_addr": _text(),
+    "master_port": _integer(1, 65535, optional=True),
+    "rendezvous_timeout": _number(0.0, low_open=True),
 }
 
 
@@ -294,3 +308,8 @@ def validate(
             raise ParamError(
                 f"{'--set backbone' if origin == '--set' else origin}: {error}"
             ) from error
+    if {"nnodes", "node_rank"} <= set(keys) and params["node_rank"] >= params["nnodes"]:
+        raise ParamError(
+            f"{_where(origins.get('node_rank', source), 'node_rank', params['node_rank'])}: "
+            f"allowed 0..{params['nnodes'] - 1} for nnodes={params['nnodes']}"
+        )

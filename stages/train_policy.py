@@ -26,6 +26,7 @@ from cts.engine import (
     resolve_device,
     resume,
     seed_everything,
+    split_batch,
     wrap_distributed,
 )
 from cts.metrics import PolicyMetric
@@ -46,6 +47,7 @@ from stages.common import (
     write_json,
 )
 from stages.fingerprint import fingerprint
+from stages.launch import LAUNCH_PARAMS
 from stages.params import patch_size_of
 
 PARAMS = (
@@ -65,6 +67,7 @@ PARAMS = (
     "seed",
     "num_workers",
     "mlflow_tracking_uri",
+    *LAUNCH_PARAMS,
 )
 
 
@@ -96,13 +99,18 @@ def evaluate_policy(
     return metric
 
 
+def per_process_batch(params: dict[str, Any], world_size: int) -> int:
+    """Each process's share of the global policy_batch_size."""
+    return split_batch(params["policy_batch_size"], world_size, key="policy_batch_size")
+
+
 def run(params: dict[str, Any], resume_training: bool = True) -> None:
     run_started = time.time()
     info = dataset_info(params)
     targets = dict(np.load(require(POLICY_TARGETS, "preprocess")))
-    seed_everything(params["seed"])
     device = resolve_device(params["device"])
     context = init_distributed(device)
+    seed_everything(params["seed"] + context.rank)
     mean, std = backbone_normalization(params["backbone"])
     patch = patch_size_of(params["backbone"])
     crop = params["crop_size"]
@@ -125,12 +133,13 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     batch_size = params["policy_batch_size"]
     train_loader = build_loader(
         train_set,
-        batch_size,
+        per_process_batch(params, context.world_size),
         True,
         params["num_workers"],
         params["seed"],
         drop_last=True,
         distributed=context.enabled,
+        device=device,
     )
     val_loader = build_loader(val_set, batch_size, False, 0, params["seed"], drop_last=False)
 
@@ -139,17 +148,23 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         policy.parameters(), lr=params["policy_lr"], weight_decay=params["policy_weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(iterations))
-    model = wrap_distributed(policy, context, device)
+    # Below stride 32 the timm feature net keeps the later blocks, which get no gradient.
+    model = wrap_distributed(policy, context, device, find_unused_parameters=True)
     key = fingerprint(params, PARAMS)
     resume_path = RESUME_DIR / f"policy-{key}.pt"
     state = resume(resume_path, model, optimizer, scheduler, key) if resume_training else None
     state = state or TrainState()
-    if state.iteration:
+    if state.iteration and context.is_main:
         print(f"resuming policy training at iteration {state.iteration} from {resume_path}")
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
         logits = net(batch["image"], grid)
-        return F.cross_entropy(logits.float(), batch["target"], ignore_index=info.ignore_index)
+        return F.cross_entropy(
+            logits.float(), batch["target"], ignore_index=info.ignore_index, reduction="sum"
+        )
+
+    def count_fn(batch: dict) -> torch.Tensor:
+        return (batch["target"] != info.ignore_index).sum()
 
     num_superpatches = grid[0] * grid[1]
     k = paper_k(crop, patch)
@@ -166,6 +181,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             optimizer=optimizer,
             scheduler=scheduler,
             loss_fn=loss_fn,
+            count_fn=count_fn,
             iterations=iterations,
             device=device,
             precision=params["precision"],

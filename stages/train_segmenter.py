@@ -24,6 +24,7 @@ from cts.engine import (
     resolve_device,
     resume,
     seed_everything,
+    split_batch,
     wrap_distributed,
 )
 from cts.inference import evaluate
@@ -42,6 +43,7 @@ from stages.common import (
     write_json,
 )
 from stages.fingerprint import fingerprint
+from stages.launch import LAUNCH_PARAMS
 
 PARAMS = (
     "data_root",
@@ -72,6 +74,7 @@ PARAMS = (
     "num_workers",
     "mlflow_tracking_uri",
     "mlflow_registered_model",
+    *LAUNCH_PARAMS,
 )
 
 
@@ -84,18 +87,22 @@ def build_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Opt
     return torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
 
 
+def per_process_batch(params: dict[str, Any], world_size: int) -> int:
+    """Micro-batch of each process: the global batch_size over processes and accumulation."""
+    return split_batch(params["batch_size"], world_size, params["grad_accum_steps"])
+
+
 def run(params: dict[str, Any], resume_training: bool = True) -> None:
     run_started = time.time()
     info = dataset_info(params)
-    seed_everything(params["seed"])
     device = resolve_device(params["device"])
     context = init_distributed(device)
+    # Distinct dropout/drop-path streams per process; DDP copies rank 0's initial weights.
+    seed_everything(params["seed"] + context.rank)
     segmenter = build_segmenter_for_training(params, info.num_classes).to(device)
     mean, std = segmenter.config.mean, segmenter.config.std
 
-    batch_size, accum = params["batch_size"], params["grad_accum_steps"]
-    if batch_size % accum:
-        raise ValueError(f"batch_size={batch_size} must be a multiple of grad_accum_steps={accum}")
+    micro_batch, accum = per_process_batch(params, context.world_size), params["grad_accum_steps"]
     train_set = SegmentationFolder(
         params["data_root"],
         "train",
@@ -105,17 +112,20 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     )
     train_loader = build_loader(
         train_set,
-        batch_size // accum // context.world_size,
+        micro_batch,
         True,
         params["num_workers"],
         params["seed"],
         drop_last=True,
         distributed=context.enabled,
+        device=device,
     )
     val_set = SegmentationFolder(
         params["data_root"], "val", ValTransform(info.base_size, mean, std)
     )
-    val_loader = build_loader(val_set, 1, False, 0, params["seed"], drop_last=False)
+    val_loader = build_loader(
+        val_set, 1, False, 0, params["seed"], drop_last=False, distributed=context.enabled
+    )
 
     iterations = params["iterations"]
     optimizer = build_optimizer(segmenter, params)
@@ -127,12 +137,17 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     resume_path = RESUME_DIR / f"segmenter-{key}.pt"
     state = resume(resume_path, model, optimizer, scheduler, key) if resume_training else None
     state = state or TrainState()
-    if state.iteration:
+    if state.iteration and context.is_main:
         print(f"resuming segmenter training at iteration {state.iteration} from {resume_path}")
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
         out = net(batch["image"], batch["label"])
-        return F.cross_entropy(out.logits.float(), batch["label"], ignore_index=info.ignore_index)
+        return F.cross_entropy(
+            out.logits.float(), batch["label"], ignore_index=info.ignore_index, reduction="sum"
+        )
+
+    def count_fn(batch: dict) -> torch.Tensor:
+        return (batch["label"] != info.ignore_index).sum()
 
     def validate(net: nn.Module) -> dict[str, float]:
         net.eval()
@@ -164,6 +179,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             optimizer=optimizer,
             scheduler=scheduler,
             loss_fn=loss_fn,
+            count_fn=count_fn,
             iterations=iterations,
             device=device,
             precision=params["precision"],

@@ -73,3 +73,26 @@ def test_distributed_sampler_shares_keys(tmp_path):
         assert [k.index for k in sampler] != [k.index for k in keys]
     finally:
         dist.destroy_process_group()
+
+
+def test_process_shares_make_up_the_global_batches_of_one_process(monkeypatch):
+    """Rank r takes every W-th key: its batch i and the other ranks' make up exactly batch i of
+    one process; evaluation (no drop) counts every sample once, training drops the tail."""
+    single = [k.index for k in EpochSampler(range(11), shuffle=True, seed=1)]
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        train = EpochSampler(range(11), shuffle=True, seed=1, distributed=True, drop_last=True)
+        evaluation = EpochSampler(range(11), shuffle=False, seed=1, distributed=True)
+        shares[rank] = [k.index for k in train]
+        assert len(train) == len(shares[rank]) == 5
+        assert [k.index for k in evaluation] == list(range(rank, 11, 2))
+        assert len(evaluation) == (6 if rank == 0 else 5)
+    per_rank = 2  # a global batch of 4
+    for i in range(2):
+        both = (
+            shares[0][i * per_rank : (i + 1) * per_rank]
+            + shares[1][i * per_rank : (i + 1) * per_rank]
+        )
+        assert sorted(both) == sorted(single[i * 4 : (i + 1) * 4])

@@ -26,7 +26,11 @@ class Points(torch.utils.data.Dataset):
 
 
 def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+    return nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="sum")
+
+
+def _count(batch: dict) -> torch.Tensor:
+    return torch.tensor(len(batch["y"]))
 
 
 def _loop(tmp_path, iterations=6, fail_at=None, accum=1):
@@ -48,6 +52,7 @@ def _loop(tmp_path, iterations=6, fail_at=None, accum=1):
         optimizer=optimizer,
         scheduler=scheduler,
         loss_fn=loss_fn,
+        count_fn=_count,
         iterations=iterations,
         device=torch.device("cpu"),
         grad_accum_steps=accum,

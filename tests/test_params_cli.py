@@ -156,11 +156,14 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads():
     import importlib
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    from stages.launch import LAUNCH_PARAMS
+
     runtime_only = {
         "num_workers",
         "mlflow_tracking_uri",
         "mlflow_registered_model",
         "checkpoint_every",
+        *LAUNCH_PARAMS,
     }
     assert list(dvc["stages"]) == STAGES
     for stage in STAGES:

@@ -18,10 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import NamedTuple
 
+import os
+
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class SampleKey(NamedTuple):
@@ -44,10 +47,12 @@ class EpochSampler(Sampler[SampleKey]):
         dataset: anything with ``__len__``.
         shuffle: random order, a function of ``(seed, epoch)``.
         seed: seeds both the order and every sample's augmentation.
-        distributed: this rank's share of the keys via ``DistributedSampler`` (requires an
-            initialised process group).
-        drop_last: with ``distributed``, drop the tail instead of padding every rank to the
-            same length.
+        distributed: this process's share of the keys (requires an initialised process
+            group): every W-th key of the one-process order, from the rank on. Consecutive
+            per-process batches then make up exactly the global batches of one process.
+            Nothing is padded with duplicates, so an evaluation counts every sample once.
+        drop_last: with ``distributed``, first drop the tail that does not divide over the
+            processes, so that every process runs the same number of batches (training).
     """
 
     def __init__(
@@ -62,33 +67,28 @@ class EpochSampler(Sampler[SampleKey]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        self.ranks = (
-            DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-            if distributed
-            else None
+        self.rank, self.world_size = (
+            (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         )
+        self.used = self.num_samples
+        if drop_last:
+            self.used -= self.num_samples % self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.ranks is not None:
-            self.ranks.set_epoch(epoch)
 
     def _indices(self) -> list[int]:
-        if self.ranks is not None:
-            return list(self.ranks)
         if self.shuffle:
-            return (
-                np.random.default_rng((self.seed, self.epoch))
-                .permutation(self.num_samples)
-                .tolist()
-            )
-        return list(range(self.num_samples))
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        return order[: self.used][self.rank :: self.world_size].tolist()
 
     def __iter__(self) -> Iterator[SampleKey]:
         return iter([SampleKey(i, self.seed, self.epoch) for i in self._indices()])
 
     def __len__(self) -> int:
-        return len(self.ranks) if self.ranks is not None else self.num_samples
+        return len(range(self.rank, self.used, self.world_size))
 
 
 def _init_worker(worker_id: int) -> None:
@@ -97,20 +97,35 @@ def _init_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
+def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
+    """``auto``: none on CPU, where the step itself keeps every core busy; on a GPU, the cores
+    of this process's share of the machine less the one that drives the GPU, at most 8."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type != "cuda":
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(max(len(os.sched_getaffinity(0)) // processes - 1, 1), 8)
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
     shuffle: bool,
-    num_workers: int,
+    num_workers: int | str,
     seed: int,
     drop_last: bool,
     distributed: bool = False,
+    device: torch.device | str = "cpu",
 ) -> DataLoader:
     """DataLoader over ``dataset`` (indexable by :class:`SampleKey`) with an :class:`EpochSampler`.
 
-    Memory is pinned when CUDA is available and workers persist across epochs. Set the
-    epoch with ``loader.sampler.set_epoch(epoch)``.
+    ``num_workers`` may be ``auto`` (:func:`resolve_num_workers`). Memory is pinned when the
+    batches go to a CUDA ``device`` and workers persist across epochs. Set the epoch with
+    ``loader.sampler.set_epoch(epoch)``.
     """
+    device = torch.device(device)
+    num_workers = resolve_num_workers(num_workers, device)
     sampler = EpochSampler(dataset, shuffle, seed, distributed=distributed, drop_last=drop_last)
     return DataLoader(
         dataset,
@@ -118,7 +133,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         worker_init_fn=_init_worker if num_workers > 0 else None,
         # Its own generator: drawing worker seeds from the global one would shift the model's

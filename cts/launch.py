@@ -1,0 +1,226 @@
+"""Starting worker processes with PyTorch's elastic launcher (what `torchrun` runs).
+
+``launch(settings, fn, *args)`` runs ``fn(*args)`` in ``settings.nproc_per_node`` processes
+on this node, which join the processes of the other ``nnodes - 1`` nodes through a static
+rendezvous at ``master_addr:master_port`` (torchrun's ``--nnodes/--node-rank/--master-addr``).
+Each worker finds RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its
+environment, as under torchrun, so the same code runs under an outer ``torchrun`` (or
+``srun`` + torchrun), where :func:`launched_externally` tells not to launch again.
+
+Bad settings fail here, before any worker starts, with one line; a worker that dies ends
+the launch with :class:`WorkerFailed`, whose message names its rank and the cause, after the
+elastic agent has stopped the other workers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# The rendezvous port of torchrun when several nodes must agree on one.
+DEFAULT_MASTER_PORT = 29500
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_QUIET_LOGGERS = (
+    "torch.distributed.elastic",
+    "torch.distributed.launcher",
+    "torch.multiprocessing",
+)
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process ended with an error, a signal or a non-zero exit code."""
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Processes on this node and how the nodes meet.
+
+    ``master_port`` None: any free port on a single node, 29500 across nodes.
+    ``timeout``: seconds a node waits for the master and for the other nodes.
+    """
+
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    timeout: float = 300.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def launched_externally() -> bool:
+    """True inside a worker of torchrun (ours or an outer one): it must not launch again."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def uses_cuda(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def resolve_nproc_per_node(value: int | str, device: str) -> int:
+    """``auto``: one process per visible GPU (1 on CPU); a count above the GPUs is an error."""
+    gpus = torch.cuda.device_count() if uses_cuda(device) else 0
+    if value == "auto":
+        return max(gpus, 1)
+    if gpus and value > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ValueError(
+            f"nproc_per_node={value}: only {gpus} GPU(s) visible{where}; use auto or at most {gpus}"
+        )
+    return value
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _resolve(host: str) -> None:
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as error:
+        raise ValueError(f"master_addr={host!r}: unknown host ({error.strerror})") from None
+
+
+def _check_master_here(host: str, port: int) -> None:
+    """Node 0 serves the rendezvous: ``host`` must be this machine's and ``port`` free."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"master_port={port} is already in use on {host}: choose another port"
+                ) from None
+            raise ValueError(
+                f"master_addr={host!r} is not an address of this machine, but node_rank 0 "
+                "hosts the rendezvous: set master_addr to this node's address"
+            ) from None
+
+
+def _wait_for_master(host: str, port: int, timeout: float) -> None:
+    """Nodes 1.. wait for node 0 to listen, which may start after them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"master {host}:{port} unreachable after {timeout:g} s "
+                    "(rendezvous_timeout): start node_rank 0, or check master_addr, "
+                    "master_port and the firewall"
+                ) from None
+            time.sleep(1.0)
+
+
+def prepare(settings: LaunchSettings) -> LaunchSettings:
+    """Checks the settings and the master before any worker starts; fills in the port."""
+    if not 0 <= settings.node_rank < settings.nnodes:
+        raise ValueError(
+            f"node_rank={settings.node_rank}: allowed 0..{settings.nnodes - 1} for "
+            f"nnodes={settings.nnodes}"
+        )
+    _resolve(settings.master_addr)
+    port = settings.master_port
+    if port is None:
+        port = _free_port(settings.master_addr) if settings.nnodes == 1 else DEFAULT_MASTER_PORT
+    if settings.node_rank == 0:
+        _check_master_here(settings.master_addr, port)
+    else:
+        _wait_for_master(settings.master_addr, port, settings.timeout)
+    return LaunchSettings(
+        settings.nproc_per_node,
+        settings.nnodes,
+        settings.node_rank,
+        settings.master_addr,
+        port,
+        settings.timeout,
+    )
+
+
+def _describe(rank: int, failure) -> str:
+    """One line from the elastic agent's record of a failed worker."""
+    where = f"worker rank {rank} (pid {failure.pid})"
+    if failure.exitcode < 0:
+        return f"{where} was killed by {failure.signal_name()}"
+    message = failure.message
+    if isinstance(message, dict):  # an exception recorded by the worker
+        message = message.get("message", "")
+    if not message or message.startswith("To enable traceback"):
+        return f"{where} exited with code {failure.exitcode}"
+    for prefix in ("ValueError: ", "RuntimeError: ", "FileNotFoundError: ", "OSError: "):
+        message = message.removeprefix(prefix)
+    return f"{where} failed: {message.strip().splitlines()[0]}"
+
+
+def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
+    """Runs ``fn(*args)`` in every worker process of this node; returns when all are done.
+
+    ``fn`` must be importable by name (the workers are spawned). Without OMP_NUM_THREADS set,
+    each worker gets an equal share of this machine's cores.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    settings = prepare(settings)
+    if not os.environ.get("CTS_DEBUG"):
+        # The agent logs every failure as a traceback; the one line of WorkerFailed says it.
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(cores // settings.nproc_per_node, 1)))
+    with tempfile.TemporaryDirectory(prefix="cts-launch-") as log_dir:
+        config = LaunchConfig(
+            min_nodes=settings.nnodes,
+            max_nodes=settings.nnodes,
+            nproc_per_node=settings.nproc_per_node,
+            run_id="cts",
+            rdzv_backend="static",
+            rdzv_endpoint=f"{settings.master_addr}:{settings.master_port}",
+            rdzv_configs={"rank": settings.node_rank, "timeout": int(settings.timeout)},
+            max_restarts=0,
+            monitor_interval=0.2,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        )
+        try:
+            elastic_launch(config, _worker)(fn, *args)
+        except ChildFailedError as error:
+            raise WorkerFailed(_describe(*_root_cause(error.failures))) from None
+
+
+def _worker(fn: Callable[..., None], *args) -> None:
+    if sys.platform == "linux":
+        # A launcher killed outright (SIGKILL) cannot stop its workers: they die with it.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    fn(*args)
+
+
+def _root_cause(failures: dict) -> tuple:
+    """The failure that ended the run: a worker killed by a signal (the others then see a
+    closed connection, and the agent ends them with SIGTERM), else the earliest."""
+    killed = [
+        (rank, f) for rank, f in failures.items() if f.exitcode < 0 and f.signal_name() != "SIGTERM"
+    ]
+    if killed:
+        return killed[0]
+    return min(failures.items(), key=lambda item: item[1].timestamp)

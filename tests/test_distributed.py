@@ -1,0 +1,332 @@
+"""Several processes from the params: `dvc repro` with nproc_per_node 2, the same results as
+one process, two nodes on loopback, a killed worker, and bad launch settings (CPU, gloo)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cts.launch import LaunchSettings, prepare, resolve_nproc_per_node
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = {
+    "synthetic_num_train": 8,
+    "synthetic_num_val": 3,  # odd: the two processes score 2 and 1 images
+    "synthetic_image_size": 128,
+    "crop_size": 128,
+    "num_tokens_shared": 4,
+    "depth": 1,
+    "policy_iterations": 2,
+    "policy_batch_size": 2,
+    "iterations": 4,
+    "batch_size": 4,
+    "drop_path_rate": 0.0,  # no random masks: 2 and 1 processes differ in summation order only
+    "eval_every": 2,
+    "checkpoint_every": 2,
+    "warmup_iterations": 1,
+    "ms_scales": [1.0],
+    "bench_batch_size": 1,
+    "bench_repeats": 1,
+    "device": "cpu",
+    "nproc_per_node": 2,
+}
+
+needs_dvc = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="needs dvc")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _cts(repo: Path, env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(BIN / "cts"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    if ok:
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result
+
+
+def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the repository on the tiny settings, after `dvc repro` with 2 processes."""
+    root = tmp_path_factory.mktemp("distributed") / "repo"
+    root.mkdir()
+    for name in ("cts", "stages", ".dvc", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(
+                source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
+            )
+        else:
+            shutil.copy(source, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    store = root.parent / "mlruns.db"
+    params.update(TINY, mlflow_tracking_uri=f"sqlite:///{store}")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        # Two processes on a small machine: one thread each keeps the test quick, and the
+        # one-process runs it is compared with use the same kernels.
+        "OMP_NUM_THREADS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "t"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    if shutil.which("dvc", path=str(BIN)) is not None:
+        result = subprocess.run(
+            [str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return root, env, store
+
+
+@needs_dvc
+def test_dvc_repro_runs_the_stages_on_two_processes_with_one_mlflow_run_each(repo):
+    from mlflow.tracking import MlflowClient
+
+    root, env, store = repo
+    for name in ("policy.json", "train.json", "eval_ss.json", "eval_ms.json", "benchmark.json"):
+        assert (root / "metrics" / name).is_file(), name
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("cts")
+    stages = [
+        run.data.tags["cts.stage"]
+        for run in client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'stage'")
+    ]
+    assert sorted(stages) == sorted(
+        [
+            "download",
+            "preprocess",
+            "train_policy",
+            "train_segmenter",
+            "eval_ss",
+            "eval_ms",
+            "benchmark",
+        ]
+    )
+    (train,) = client.search_runs(
+        [experiment.experiment_id], "tags.`cts.stage` = 'train_segmenter'"
+    )
+    # One process logs: one value per step, the validation of both processes' shares summed.
+    history = client.get_metric_history(train.info.run_id, "val_mIoU")
+    assert [m.step for m in history if m.step] == [2, 4]  # step 0: the final result
+    status = subprocess.run(
+        [str(BIN / "dvc"), "status"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert "up to date" in status.stdout
+
+
+@needs_dvc
+def test_evaluation_on_two_processes_gives_exactly_the_mIoU_of_one(repo):
+    root, env, _ = repo
+    two = json.loads((root / "metrics" / "eval_ss.json").read_text())
+    two_table = (root / "metrics" / "per_class_iou_ss.csv").read_text()
+    _cts(root, env, "eval_ss", "--set", "nproc_per_node=1")
+    one = json.loads((root / "metrics" / "eval_ss.json").read_text())
+    assert one == two  # mIoU, pixel and mean accuracy: the confusion matrices are equal
+    assert (root / "metrics" / "per_class_iou_ss.csv").read_text() == two_table
+
+
+@needs_dvc
+def test_training_on_two_processes_matches_one_process(repo):
+    """Same global batch (4 = 2 x 2 vs 1 x 4): the same samples, and the loss is normalised by
+    the global count of valid pixels, so the gradients agree up to float summation order."""
+    root, env, _ = repo
+    checkpoint = root / "checkpoints" / "segmenter.pt"
+    two = torch.load(checkpoint, map_location="cpu", weights_only=False)  # from `dvc repro`
+    # Validation draws no random numbers: leaving it out changes no weight.
+    _cts(root, env, "train_segmenter", "--no-resume", "--set", "nproc_per_node=1")
+    one = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    worst = max(
+        (one["model"][key].float() - two["model"][key].float()).abs().max().item()
+        for key in one["model"]
+    )
+    assert worst < 1e-4, worst
+    losses = [[row["loss"] for row in run["history"] if "loss" in row] for run in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@needs_dvc
+def test_a_killed_worker_ends_the_stage_with_one_line_and_the_rerun_resumes(repo):
+    root, env, _ = repo
+    settings = ["--set", "iterations=12", "--set", "checkpoint_every=1", "--set", "eval_every=0"]
+    resume_dir = root / "checkpoints" / "resume"
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    launcher = subprocess.Popen(
+        [str(BIN / "cts"), "train_segmenter", *settings],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(resume_dir.glob("segmenter-*.pt")) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert re.fullmatch(
+        r"error: train_segmenter: worker rank [01] \(pid \d+\) was killed by SIGKILL", errors[0]
+    ), errors
+    assert not any(_running(pid) for pid in workers)
+
+    result = _cts(root, env, "train_segmenter", *settings)
+    resumed = re.search(r"resuming segmenter training at iteration (\d+)", result.stdout)
+    assert resumed and 1 <= int(resumed.group(1)) < 12
+    payload = torch.load(root / "checkpoints" / "segmenter.pt", weights_only=False)
+    assert payload["history"][-1]["step"] == 12
+
+
+@needs_dvc
+def test_two_nodes_on_loopback_train_together(repo):
+    root, env, _ = repo
+    checkpoint = root / "checkpoints" / "segmenter.pt"
+    checkpoint.unlink(missing_ok=True)
+    common = [
+        "train_segmenter",
+        "--no-resume",
+        "--set",
+        "nnodes=2",
+        "--set",
+        "nproc_per_node=1",
+        "--set",
+        "master_addr=127.0.0.1",
+        "--set",
+        f"master_port={_free_port()}",
+        "--set",
+        "iterations=2",
+        "--set",
+        "rendezvous_timeout=120",
+    ]
+    # Node 1 first: it waits for the master.
+    nodes = [
+        subprocess.Popen(
+            [str(BIN / "cts"), *common, "--set", f"node_rank={rank}"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (1, 0)
+    ]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, (out + err)[-3000:]
+    assert checkpoint.is_file()
+    assert "segmenter: final loss" in outputs[1][0] and "final loss" not in outputs[0][0]
+
+
+def test_a_batch_that_does_not_split_fails_before_any_worker(tiny_synthetic, tmp_path):
+    from typer.testing import CliRunner
+
+    from cts.cli import app
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(data_root=str(tiny_synthetic), device="cpu")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        app,
+        [
+            "train_segmenter",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--set",
+            "nproc_per_node=3",
+            "--set",
+            "batch_size=8",
+        ],
+    )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "batch_size=8 is the global batch" in lines[0]
+    assert "3 process(es)" in lines[0] and "multiple of 3" in lines[0]
+    assert time.monotonic() - started < 20
+
+
+def test_node_rank_must_be_below_nnodes():
+    from stages.params import ParamError, load_params
+
+    with pytest.raises(ParamError, match=r"node_rank=2: allowed 0\.\.1 for nnodes=2"):
+        load_params(REPO / "params.yaml", ["nnodes=2", "node_rank=2"])
+    with pytest.raises(ValueError, match="node_rank=1: allowed 0..0"):
+        prepare(LaunchSettings(2, nnodes=1, node_rank=1))
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError, match=r"nproc_per_node=4: only 2 GPU\(s\) visible"):
+        resolve_nproc_per_node(4, "auto")
+    assert resolve_nproc_per_node("auto", "auto") == 2
+    assert resolve_nproc_per_node("auto", "cpu") == 1
+    assert resolve_nproc_per_node(4, "cpu") == 4  # CPU processes are not limited to the GPUs
+
+
+def test_an_unreachable_master_is_one_line_before_any_worker():
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"master 127\.0\.0\.1:\d+ unreachable after 1 s"):
+        prepare(LaunchSettings(1, nnodes=2, node_rank=1, master_port=_free_port(), timeout=1))
+    assert time.monotonic() - started < 10
+    with pytest.raises(ValueError, match="master_addr='no-such-host.invalid': unknown host"):
+        prepare(LaunchSettings(1, nnodes=2, node_rank=1, master_addr="no-such-host.invalid"))
+    with pytest.raises(ValueError, match="not an address of this machine"):
+        prepare(LaunchSettings(2, nnodes=2, node_rank=0, master_addr="192.0.2.1"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"master_port={port} is already in use"):
+            prepare(LaunchSettings(2, master_port=port))
