@@ -7,7 +7,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cts.checkpoint import save_checkpoint, segmenter_payload
@@ -21,12 +20,14 @@ from cts.engine import (
     batches_from,
     init_distributed,
     poly_schedule,
+    prefer_matmul_attention,
     resolve_device,
     resume,
     seed_everything,
     wrap_distributed,
 )
 from cts.inference import evaluate
+from cts.losses import subgrid_cross_entropy
 from cts.tracking import log_json_metrics, log_metrics_file, stage_run
 from stages.common import (
     METRICS,
@@ -55,6 +56,9 @@ PARAMS = (
     "policy_feature_stride",
     "policy_input_scale",
     "optimizer",
+    "loss_stride",
+    "train_scale_range",
+    "photometric",
     "iterations",
     "batch_size",
     "grad_accum_steps",
@@ -86,6 +90,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     device = resolve_device(params["device"])
     context = init_distributed(device)
     segmenter = build_segmenter_for_training(params, info.num_classes).to(device)
+    prefer_matmul_attention(segmenter, device, params["precision"])
     mean, std = segmenter.config.mean, segmenter.config.std
 
     batch_size, accum = params["batch_size"], params["grad_accum_steps"]
@@ -95,7 +100,13 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         params["data_root"],
         "train",
         TrainTransform(
-            info.base_size, params["crop_size"], mean, std, ignore_index=info.ignore_index
+            info.base_size,
+            params["crop_size"],
+            mean,
+            std,
+            scale_range=tuple(params["train_scale_range"]),
+            photometric=params["photometric"],
+            ignore_index=info.ignore_index,
         ),
     )
     train_loader = build_loader(
@@ -126,8 +137,10 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         print(f"resuming segmenter training at iteration {state.iteration} from {resume_path}")
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
-        out = net(batch["image"], batch["label"])
-        return F.cross_entropy(out.logits.float(), batch["label"], ignore_index=info.ignore_index)
+        out = net(batch["image"], batch["label"], upsample=False)
+        return subgrid_cross_entropy(
+            out.logits, batch["label"], params["loss_stride"], ignore_index=info.ignore_index
+        )
 
     def validate(net: nn.Module) -> dict[str, float]:
         net.eval()

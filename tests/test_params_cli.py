@@ -38,7 +38,13 @@ def test_repository_params_are_valid_and_complete(params_file):
     "override, message",
     [
         ("policy=learned", r"policy='learned': allowed: none, policy_net, oracle, random"),
-        ("precision=fp8", r"precision='fp8': allowed: fp32, bf16, fp16"),
+        ("precision=fp8", r"precision='fp8': allowed: auto, fp32, bf16, fp16"),
+        (
+            "train_scale_range=[2.0, 1.0]",
+            r"train_scale_range=\[2\.0, 1\.0\]: allowed: \[low, high\]",
+        ),
+        ("loss_stride=0", r"loss_stride=0: allowed: an integer >= 1"),
+        ("photometric=maybe", r"photometric='maybe': allowed: true, false"),
         ("num_tokens_shared=257", r"num_tokens_shared=257: allowed 0\.\.256 for crop_size 512"),
         ("num_tokens_shared=-1", r"num_tokens_shared=-1: allowed: an integer >= 0"),
         ("crop_size=500", r"crop_size=500: allowed multiples of 32"),
