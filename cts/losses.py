@@ -67,3 +67,24 @@ def subgrid_cross_entropy(
     logits = upsample_at(scores.float(), size, stride, offset)
     target = labels[:, offset[0] :: stride, offset[1] :: stride]
     return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
+
+
+def class_weights(frequencies: Tensor, power: float) -> Tensor:
+    """Cross-entropy class weights ``frequency ** -power``, scaled so that the weighted mean
+    over the pixel distribution is 1 (the loss keeps its scale; 0: every class 1.0).
+
+    Classes that never occur get the largest weight of the others.
+
+    Args:
+        frequencies: ``(C,)`` share of the labelled pixels per class.
+        power: 0 unweighted, 0.5 inverse square root of the frequency, 1 inverse frequency.
+    """
+    frequencies = frequencies.double()
+    present = frequencies > 0
+    if not present.any():
+        raise ValueError("class frequencies are all zero: no labelled pixel")
+    weights = torch.zeros_like(frequencies)
+    weights[present] = frequencies[present] ** -power
+    weights[~present] = weights[present].max()
+    weights /= (weights * frequencies).sum() / frequencies.sum()
+    return weights.float()

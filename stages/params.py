@@ -115,6 +115,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "policy_weight_decay": _number(0.0),
     "optimizer": _choice("sgd", "adamw"),
     "loss_stride": _integer(1),
+    "class_weight_power": _number(0.0, 1.0),
     "train_scale_range": _scale_range,
     "photometric": _boolean,
     "iterations": _integer(1),

@@ -27,15 +27,17 @@ from cts.engine import (
     wrap_distributed,
 )
 from cts.inference import evaluate
-from cts.losses import subgrid_cross_entropy
+from cts.losses import class_weights, subgrid_cross_entropy
 from cts.tracking import log_json_metrics, log_metrics_file, stage_run
 from stages.common import (
     METRICS,
     PLOTS,
+    PREPROCESSED,
     RESUME_DIR,
     SEGMENTER_CHECKPOINT,
     build_segmenter_for_training,
     dataset_info,
+    require,
     write_csv,
     write_json,
 )
@@ -57,6 +59,7 @@ PARAMS = (
     "policy_input_scale",
     "optimizer",
     "loss_stride",
+    "class_weight_power",
     "train_scale_range",
     "photometric",
     "iterations",
@@ -136,10 +139,23 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     if state.iteration:
         print(f"resuming segmenter training at iteration {state.iteration} from {resume_path}")
 
+    weight = None
+    if params["class_weight_power"]:
+        stats = pd.read_csv(require(PREPROCESSED / "train_classes.csv", "preprocess"))
+        frequencies = torch.zeros(info.num_classes, dtype=torch.float64)
+        frequencies[torch.as_tensor(stats["class_id"].to_numpy())] = torch.as_tensor(
+            stats["frequency"].to_numpy()
+        )
+        weight = class_weights(frequencies, params["class_weight_power"]).to(device)
+
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
         out = net(batch["image"], batch["label"], upsample=False)
         return subgrid_cross_entropy(
-            out.logits, batch["label"], params["loss_stride"], ignore_index=info.ignore_index
+            out.logits,
+            batch["label"],
+            params["loss_stride"],
+            ignore_index=info.ignore_index,
+            weight=weight,
         )
 
     def validate(net: nn.Module) -> dict[str, float]:

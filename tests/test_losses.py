@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cts.losses import subgrid_cross_entropy, upsample_at
+from cts.losses import class_weights, subgrid_cross_entropy, upsample_at
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,14 @@ def test_strided_loss_averages_to_the_full_loss_over_all_offsets():
 def test_bad_stride_is_an_error():
     with pytest.raises(ValueError, match="stride=0"):
         subgrid_cross_entropy(torch.zeros(1, 2, 2, 2), torch.zeros(1, 32, 32, dtype=torch.long), 0)
+
+
+def test_class_weights_favour_rare_classes_and_keep_the_loss_scale():
+    frequencies = torch.tensor([0.64, 0.32, 0.04, 0.0])
+    weights = class_weights(frequencies, 0.5)
+    torch.testing.assert_close(weights[:3] * frequencies[:3].sqrt(), weights[:1].expand(3) * 0.8)
+    torch.testing.assert_close((weights * frequencies).sum(), torch.tensor(1.0))
+    assert weights[3] == weights[:3].max()
+    assert torch.equal(class_weights(frequencies, 0.0), torch.ones(4))
+    with pytest.raises(ValueError, match="all zero"):
+        class_weights(torch.zeros(3), 0.5)
