@@ -134,6 +134,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     ),
     "device": _choice("auto", "cpu", "cuda"),
     "precision": _choice("auto", "fp32", "bf16", "fp16"),
+    "train_precision": _choice("auto", "fp32", "bf16", "fp16"),
     "seed": _integer(0),
     "num_workers": _integer(0),
     "mlflow_tracking_uri": _text(optional=True),

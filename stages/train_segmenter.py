@@ -72,6 +72,7 @@ PARAMS = (
     "checkpoint_every",
     "device",
     "precision",
+    "train_precision",
     "seed",
     "num_workers",
     "mlflow_tracking_uri",
@@ -93,7 +94,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     device = resolve_device(params["device"])
     context = init_distributed(device)
     segmenter = build_segmenter_for_training(params, info.num_classes).to(device)
-    prefer_matmul_attention(segmenter, device, params["precision"])
+    prefer_matmul_attention(segmenter, device, params["train_precision"])
     mean, std = segmenter.config.mean, segmenter.config.std
 
     batch_size, accum = params["batch_size"], params["grad_accum_steps"]
@@ -190,7 +191,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             loss_fn=loss_fn,
             iterations=iterations,
             device=device,
-            precision=params["precision"],
+            precision=params["train_precision"],
             grad_accum_steps=accum,
             checkpoint_path=resume_path,
             checkpoint_every=params["checkpoint_every"],
