@@ -16,7 +16,7 @@ from cts.benchmark import measure_model, runtime
 from cts.checkpoint import load_segmenter
 from cts.data.folder import SegmentationFolder
 from cts.data.transforms import ValTransform
-from cts.engine import resolve_device
+from cts.engine import resolve_device, resolve_precision
 from cts.models import Segmenter
 from cts.tracking import log_metrics_file, stage_run
 from stages.common import (
@@ -70,7 +70,7 @@ def run(params: dict[str, Any]) -> None:
             model,
             images,
             model.num_tokens_shared,
-            precisions=[params["precision"]],
+            precisions=[resolve_precision(device, params["precision"])],
             compile_mode=params["bench_compile"],
             warmup=2,
             repeats=params["bench_repeats"],

@@ -129,6 +129,17 @@ def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
     return auto_or
 
 
+def _scale_range(value: Any) -> str | None:
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        and 0 < value[0] <= value[1]
+    ):
+        return None
+    return "allowed: [low, high] with 0 < low <= high, e.g. [0.5, 2.0]"
+
+
 DATASETS = ("synthetic", "ade20k", "cityscapes", "pascal_context", "folder")
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -157,6 +168,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "policy_lr": _number(0.0, low_open=True),
     "policy_weight_decay": _number(0.0),
     "optimizer": _choice("sgd", "adamw"),
+    "loss_stride": _integer(1),
+    "class_weight_power": _number(0.0, 1.0),
+    "train_scale_range": _scale_range,
+    "photometric": _boolean,
     "iterations": _integer(1),
     "batch_size": _integer(1),
     "grad_accum_steps": _integer(1),
@@ -173,7 +188,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
         "auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ),
     "device": _choice("auto", "cpu", "cuda"),
-    "precision": _choice("fp32", "bf16", "fp16"),
+    "precision": _choice("auto", "fp32", "bf16", "fp16"),
+    "train_precision": _choice("auto", "fp32", "bf16", "fp16"),
     "seed": _integer(0),
     "num_workers": _auto_or(_integer(0)),
     "mlflow_tracking_uri": _text(optional=True),

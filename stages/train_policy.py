@@ -64,6 +64,7 @@ PARAMS = (
     "policy_weight_decay",
     "device",
     "precision",
+    "train_precision",
     "seed",
     "num_workers",
     "mlflow_tracking_uri",
@@ -148,8 +149,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         policy.parameters(), lr=params["policy_lr"], weight_decay=params["policy_weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(iterations))
-    # Below stride 32 the timm feature net keeps the later blocks, which get no gradient.
-    model = wrap_distributed(policy, context, device, find_unused_parameters=True)
+    model = wrap_distributed(policy, context, device)
     key = fingerprint(params, PARAMS)
     resume_path = RESUME_DIR / f"policy-{key}.pt"
     state = resume(resume_path, model, optimizer, scheduler, key) if resume_training else None
@@ -184,7 +184,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             count_fn=count_fn,
             iterations=iterations,
             device=device,
-            precision=params["precision"],
+            precision=params["train_precision"],
             checkpoint_path=resume_path,
             checkpoint_every=max(iterations // 5, 1),
             fingerprint=key,

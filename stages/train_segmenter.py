@@ -7,7 +7,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cts.checkpoint import save_checkpoint, segmenter_payload
@@ -21,6 +20,7 @@ from cts.engine import (
     batches_from,
     init_distributed,
     poly_schedule,
+    prefer_matmul_attention,
     resolve_device,
     resume,
     seed_everything,
@@ -28,16 +28,19 @@ from cts.engine import (
     wrap_distributed,
 )
 from cts.inference import evaluate
+from cts.losses import class_weights, subgrid_cross_entropy
 from cts.tracking import log_json_metrics, log_metrics_file, stage_run
 from stages.common import (
     METRICS,
     PLOTS,
+    PREPROCESSED,
     RESUME_DIR,
     SEGMENTER_CHECKPOINT,
     build_segmenter_for_training,
     dataset_info,
     other_stage_metrics,
     remove_resume_checkpoints,
+    require,
     retire_results,
     write_csv,
     write_json,
@@ -60,6 +63,10 @@ PARAMS = (
     "policy_feature_stride",
     "policy_input_scale",
     "optimizer",
+    "loss_stride",
+    "class_weight_power",
+    "train_scale_range",
+    "photometric",
     "iterations",
     "batch_size",
     "grad_accum_steps",
@@ -70,6 +77,7 @@ PARAMS = (
     "checkpoint_every",
     "device",
     "precision",
+    "train_precision",
     "seed",
     "num_workers",
     "mlflow_tracking_uri",
@@ -100,6 +108,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     # Distinct dropout/drop-path streams per process; DDP copies rank 0's initial weights.
     seed_everything(params["seed"] + context.rank)
     segmenter = build_segmenter_for_training(params, info.num_classes).to(device)
+    prefer_matmul_attention(segmenter, device, params["train_precision"])
     mean, std = segmenter.config.mean, segmenter.config.std
 
     micro_batch, accum = per_process_batch(params, context.world_size), params["grad_accum_steps"]
@@ -107,7 +116,13 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         params["data_root"],
         "train",
         TrainTransform(
-            info.base_size, params["crop_size"], mean, std, ignore_index=info.ignore_index
+            info.base_size,
+            params["crop_size"],
+            mean,
+            std,
+            scale_range=tuple(params["train_scale_range"]),
+            photometric=params["photometric"],
+            ignore_index=info.ignore_index,
         ),
     )
     train_loader = build_loader(
@@ -140,14 +155,39 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     if state.iteration and context.is_main:
         print(f"resuming segmenter training at iteration {state.iteration} from {resume_path}")
 
+    weight = None
+    if params["class_weight_power"]:
+        stats = pd.read_csv(require(PREPROCESSED / "train_classes.csv", "preprocess"))
+        frequencies = torch.zeros(info.num_classes, dtype=torch.float64)
+        frequencies[torch.as_tensor(stats["class_id"].to_numpy())] = torch.as_tensor(
+            stats["frequency"].to_numpy()
+        )
+        weight = class_weights(frequencies, params["class_weight_power"]).to(device)
+
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
-        out = net(batch["image"], batch["label"])
-        return F.cross_entropy(
-            out.logits.float(), batch["label"], ignore_index=info.ignore_index, reduction="sum"
+        out = net(batch["image"], batch["label"], upsample=False)
+        return subgrid_cross_entropy(
+            out.logits,
+            batch["label"],
+            params["loss_stride"],
+            ignore_index=info.ignore_index,
+            weight=weight,
+            reduction="sum",
         )
 
+    pixel_weight = None if weight is None else weight.cpu()
+
     def count_fn(batch: dict) -> torch.Tensor:
-        return (batch["label"] != info.ignore_index).sum()
+        # What normalises the summed loss, the same on every process: the expected
+        # (class-weighted, as cross_entropy's weighted mean) number of labelled pixels the
+        # subgrid samples.
+        labels = batch["label"]
+        valid = labels != info.ignore_index
+        if pixel_weight is None:
+            total = valid.sum()
+        else:
+            total = (pixel_weight[torch.where(valid, labels, 0).cpu()] * valid.cpu()).sum()
+        return total.double() / params["loss_stride"] ** 2
 
     def validate(net: nn.Module) -> dict[str, float]:
         net.eval()
@@ -182,7 +222,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             count_fn=count_fn,
             iterations=iterations,
             device=device,
-            precision=params["precision"],
+            precision=params["train_precision"],
             grad_accum_steps=accum,
             checkpoint_path=resume_path,
             checkpoint_every=params["checkpoint_every"],

@@ -62,6 +62,19 @@ def test_train_output_and_padding():
     assert (out["label"][:64, :80] == 1).all()
 
 
+def test_train_without_photometric_keeps_the_colours():
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    label = np.zeros((64, 64), np.uint8)
+    transform = TrainTransform(64, 64, scale_range=(1.0, 1.0), photometric=False, **HALF)
+    for rng in rngs(6):
+        out = transform(image, label, rng)["image"]
+        restored = (out * 0.5 + 0.5) * 255
+        plain = torch.from_numpy(image).permute(2, 0, 1).float()
+        assert torch.allclose(restored, plain, atol=1e-3) or torch.allclose(
+            restored, plain.flip(-1), atol=1e-3
+        )
+
+
 def test_train_rescale_range():
     sizes = set()
     for rng in rngs(30):

@@ -26,12 +26,17 @@ TINY = {
     "synthetic_image_size": 128,
     "crop_size": 128,
     "num_tokens_shared": 4,
+    "sweep_tokens_shared": [4, 0],
     "depth": 1,
     "policy_iterations": 2,
     "policy_batch_size": 2,
     "iterations": 4,
     "batch_size": 4,
     "drop_path_rate": 0.0,  # no random masks: 2 and 1 processes differ in summation order only
+    # fp32 and the loss on every pixel: each process would draw its own subgrid offset, and
+    # bf16 rounding would amplify the summation-order differences.
+    "train_precision": "fp32",
+    "loss_stride": 1,
     "eval_every": 2,
     "checkpoint_every": 2,
     "warmup_iterations": 1,
@@ -125,6 +130,7 @@ def test_dvc_repro_runs_the_stages_on_two_processes_with_one_mlflow_run_each(rep
             "eval_ss",
             "eval_ms",
             "benchmark",
+            "sweep",
         ]
     )
     (train,) = client.search_runs(

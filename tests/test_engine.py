@@ -8,8 +8,11 @@ from cts.engine import (
     TrainState,
     autocast,
     batches_from,
+    fast_bf16,
     poly_schedule,
+    prefer_matmul_attention,
     resolve_device,
+    resolve_precision,
     resume,
     seed_everything,
 )
@@ -123,6 +126,33 @@ def test_device_and_precision_errors_name_the_allowed_values():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, fast):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: fast)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast)
+    cpu = torch.device("cpu")
+    assert fast_bf16(cpu) is fast
+    assert resolve_precision(cpu, "auto") == ("bf16" if fast else "fp32")
+    assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    with autocast(cpu, "auto"):
+        out = torch.randn(4, 4) @ torch.randn(4, 4)
+    assert out.dtype == (torch.bfloat16 if fast else torch.float32)
+    with pytest.raises(ValueError, match="allowed auto, fp32, bf16, fp16"):
+        resolve_precision(cpu, "fp8")
+
+
+def test_matmul_attention_only_for_bf16_on_cpu(monkeypatch):
+    from timm.models.vision_transformer import Attention
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    cpu = torch.device("cpu")
+    for precision, fused in (("fp32", True), ("bf16", False), ("auto", False)):
+        model = nn.Sequential(Attention(16, num_heads=2))
+        model[0].fused_attn = True
+        prefer_matmul_attention(model, cpu, precision)
+        assert model[0].fused_attn is fused
 
 
 def test_poly_schedule_warms_up_then_decays_to_zero():

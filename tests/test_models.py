@@ -159,3 +159,18 @@ def test_policy_net_runs_only_the_stages_its_feature_level_needs(stride, blocks)
         torch.testing.assert_close(
             policy.backbone(images)[-1], full(images)[-1], rtol=1e-4, atol=1e-4
         )
+
+
+def test_scores_without_upsampling_are_the_patch_grid_of_the_logits():
+    torch.manual_seed(0)
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=4, policy="random").eval()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        scores = model(images, upsample=False)
+        torch.manual_seed(1)
+        full = model(images)
+    assert scores.logits.shape == (2, 5, 8, 8) and scores.num_tokens == full.num_tokens
+    assert torch.equal(scores.shared, full.shared)
+    upsampled = torch.nn.functional.interpolate(scores.logits, size=(128, 128), mode="bilinear")
+    torch.testing.assert_close(upsampled, full.logits)

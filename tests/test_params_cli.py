@@ -39,7 +39,13 @@ def test_repository_params_are_valid_and_complete(params_file):
     "override, message",
     [
         ("policy=learned", r"policy='learned': allowed: none, policy_net, oracle, random"),
-        ("precision=fp8", r"precision='fp8': allowed: fp32, bf16, fp16"),
+        ("precision=fp8", r"precision='fp8': allowed: auto, fp32, bf16, fp16"),
+        (
+            "train_scale_range=[2.0, 1.0]",
+            r"train_scale_range=\[2\.0, 1\.0\]: allowed: \[low, high\]",
+        ),
+        ("loss_stride=0", r"loss_stride=0: allowed: an integer >= 1"),
+        ("photometric=maybe", r"photometric='maybe': allowed: true, false"),
         ("num_tokens_shared=257", r"num_tokens_shared=257: allowed 0\.\.256 for crop_size 512"),
         ("num_tokens_shared=-1", r"num_tokens_shared=-1: allowed: an integer >= 0"),
         ("crop_size=500", r"crop_size=500: allowed multiples of 32"),
@@ -131,7 +137,7 @@ def test_yaml_syntax_error_keeps_line_and_column(params_file):
 
 
 def test_numbers_without_a_dot_in_the_file_are_numbers(params_file):
-    _edit(params_file, "\nlr: 1.0e-3", "\nlr: 1e-4")
+    _edit(params_file, "\nlr: 3.0e-4", "\nlr: 1e-4")
     _edit(params_file, "policy_lr: 1.0e-3", "policy_lr: 5E-5")
     params = load_params(params_file)
     assert params["lr"] == 1e-4 and params["policy_lr"] == 5e-5

@@ -120,7 +120,8 @@ class TrainTransform:
 
     Random rescale of the short side to ``base_size * U(scale_range)``, random crop to
     ``crop_size`` with at most ``cat_max_ratio`` of one class (10 tries), horizontal flip
-    (p = 0.5), photometric distortion, normalisation, padding to ``crop_size``.
+    (p = 0.5), photometric distortion (unless ``photometric`` is False), normalisation,
+    padding to ``crop_size``.
 
     Returns ``{"image": (3, crop, crop) float32, "label": (crop, crop) int64}``.
     """
@@ -134,9 +135,11 @@ class TrainTransform:
         scale_range: tuple[float, float] = (0.5, 2.0),
         cat_max_ratio: float = 0.75,
         ignore_index: int = IGNORE_INDEX,
+        photometric: bool = True,
     ) -> None:
         self.base_size = base_size
         self.crop_size = crop_size
+        self.photometric = photometric
         self.mean, self.std = tuple(mean), tuple(std)
         self.scale_range = scale_range
         self.cat_max_ratio = cat_max_ratio
@@ -153,7 +156,8 @@ class TrainTransform:
         )
         if rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        image = photometric_distortion(np.ascontiguousarray(image), rng)
+        if self.photometric:
+            image = photometric_distortion(np.ascontiguousarray(image), rng)
         image_t, label_t = pad_to(
             normalize(image, self.mean, self.std),
             _label_tensor(label),

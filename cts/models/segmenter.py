@@ -69,8 +69,9 @@ class SegmenterConfig:
 
 
 class SegmenterOutput(NamedTuple):
-    """logits: ``(B, n_cls, H, W)``; shared: ``(B, hs, ws)`` bool superpatch map;
-    num_tokens: patch-level tokens the encoder processed (``N - 3K``)."""
+    """logits: ``(B, n_cls, H, W)`` (patch-grid scores with ``upsample=False``); shared:
+    ``(B, hs, ws)`` bool superpatch map; num_tokens: patch-level tokens the encoder processed
+    (``N - 3K``)."""
 
     logits: Tensor
     shared: Tensor
@@ -222,7 +223,11 @@ class Segmenter(nn.Module):
         return scores, shared_idx, tokens.shape[1], (images.shape[-2], images.shape[-1])
 
     def forward(
-        self, images: Tensor, labels: Tensor | None = None, num_tokens_shared: int | None = None
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        num_tokens_shared: int | None = None,
+        upsample: bool = True,
     ) -> SegmenterOutput:
         """Segment images.
 
@@ -230,14 +235,19 @@ class Segmenter(nn.Module):
             images: ``(B, 3, H, W)`` normalised; any size (padded to multiples of 2p inside).
             labels: ``(B, H, W)`` label maps, needed by the ``oracle`` policy only.
             num_tokens_shared: K for this call (default: the configured K; 0 with policy none).
+            upsample: False returns the class scores on the patch grid of the padded image,
+                ``(B, n_cls, H' / p, W' / p)``, for a loss that upsamples only the pixels it
+                needs (:func:`cts.losses.subgrid_cross_entropy`).
         """
         height, width = images.shape[-2:]
         scores, shared_idx, num_tokens, padded = self._token_scores(
             images, labels, num_tokens_shared
         )
-        logits = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
         super_grid = (padded[0] // (2 * self.patch_size), padded[1] // (2 * self.patch_size))
         shared = shared_mask(shared_idx, super_grid)
+        if not upsample:
+            return SegmenterOutput(scores, shared, num_tokens)
+        logits = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
         return SegmenterOutput(logits[..., :height, :width], shared, num_tokens)
 
     def predict(self, images: Tensor, num_tokens_shared: int | None = None) -> Tensor:
