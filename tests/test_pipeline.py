@@ -239,7 +239,10 @@ def test_plots_page_loads_nothing_remote(pipeline):
     _run(["dvc", "plots", "show"], repo, env)
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert "vegaEmbed(" in page and 'var e="5.20.2"' in page  # plots, vega inlined
-    assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=", page)
+    # The only sources are files DVC writes beside the page (the K-sweep picture).
+    sources = re.findall(r"<(?:script|link|img)[^>]+(?:src|href)\s*=\s*[\"']([^\"']*)", page)
+    assert not [s for s in sources if re.match(r"(?i)([a-z]+:|//)", s)], sources
+    assert (repo / "dvc_plots" / "static" / "workspace_plots_k_sweep.png").is_file()
     assert "cdn.jsdelivr" not in page
 
 
