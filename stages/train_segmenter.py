@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -95,6 +96,18 @@ def build_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Opt
     return torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
 
 
+def class_frequencies(path: Path, num_classes: int) -> torch.Tensor:
+    """``(num_classes,)`` float64 share of the labelled pixels per class, from preprocess's
+    ``train_classes.csv`` (columns ``class_id``, ``frequency``); absent classes get 0."""
+    stats = pd.read_csv(path)
+    frequencies = torch.zeros(num_classes, dtype=torch.float64)
+    # torch.tensor copies: pandas hands out read-only arrays, which as_tensor would wrap.
+    frequencies[torch.tensor(stats["class_id"].to_numpy())] = torch.tensor(
+        stats["frequency"].to_numpy(), dtype=torch.float64
+    )
+    return frequencies
+
+
 def per_process_batch(params: dict[str, Any], world_size: int) -> int:
     """Micro-batch of each process: the global batch_size over processes and accumulation."""
     return split_batch(params["batch_size"], world_size, params["grad_accum_steps"])
@@ -157,10 +170,8 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
 
     weight = None
     if params["class_weight_power"]:
-        stats = pd.read_csv(require(PREPROCESSED / "train_classes.csv", "preprocess"))
-        frequencies = torch.zeros(info.num_classes, dtype=torch.float64)
-        frequencies[torch.as_tensor(stats["class_id"].to_numpy())] = torch.as_tensor(
-            stats["frequency"].to_numpy()
+        frequencies = class_frequencies(
+            require(PREPROCESSED / "train_classes.csv", "preprocess"), info.num_classes
         )
         weight = class_weights(frequencies, params["class_weight_power"]).to(device)
 

@@ -1,0 +1,20 @@
+"""train_segmenter's helpers that need no training run."""
+
+import warnings
+
+import pandas as pd
+import torch
+
+from stages.train_segmenter import class_frequencies
+
+
+def test_class_frequencies_reads_the_csv_without_a_non_writable_array_warning(tmp_path):
+    # pandas returns read-only arrays; wrapping them with torch.as_tensor warned in every
+    # train_segmenter run ("The given NumPy array is not writable").
+    path = tmp_path / "train_classes.csv"
+    pd.DataFrame({"class_id": [0, 2], "frequency": [0.75, 0.25]}).to_csv(path, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frequencies = class_frequencies(path, 4)
+    assert frequencies.dtype == torch.float64
+    assert frequencies.tolist() == [0.75, 0.0, 0.25, 0.0]
