@@ -44,6 +44,16 @@ def test_crop_gives_up_after_tries():
     assert crop.shape == (32, 32) and image.shape == (32, 32, 3)
 
 
+def test_an_image_no_larger_than_the_crop_is_its_only_crop_and_draws_nothing():
+    label = np.zeros((64, 48), np.uint8)  # one class: every try would fail the ratio test
+    image = np.zeros((64, 48, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    out_image, crop = random_crop(image, label, 64, rng)
+    assert out_image is image and crop is label
+    assert rng.bit_generator.state == state
+
+
 def test_max_class_ratio_ignores_ignore():
     label = np.array([[0, 0, 0, 1], [255, 255, 255, 255]], np.uint8)
     assert max_class_ratio(label) == 0.75

@@ -56,6 +56,8 @@ def random_crop(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random ``crop_size`` crop where no class covers ``cat_max_ratio`` or more of the
     labelled pixels; after ``max_tries`` rejected crops the last one is kept."""
+    if label.shape[0] <= crop_size and label.shape[1] <= crop_size:
+        return image, label  # the one possible crop: no class-ratio test to repeat
     for _ in range(max_tries):
         top, left = crop_box(label.shape, crop_size, rng)
         window = (slice(top, top + crop_size), slice(left, left + crop_size))
