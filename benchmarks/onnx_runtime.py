@@ -3,9 +3,10 @@
     python benchmarks/onnx_runtime.py [--backbone vit_tiny_patch16_384] [--depth 4] [--batch 4]
 
 Builds the default pipeline's model with random weights (ViT-Ti/16, 4 blocks, crop 512,
-12 classes, linear decoder, policy net at half resolution, K = 103), exports it with K and
-with K = 0 (`cts.export.export_onnx`), and times `Segmenter.predict` against the exported
-graphs on the same synthetic scenes, in turns. Prints one markdown row per K.
+12 classes, linear decoder, policy net on a quarter-size input at stride 8, K = 103),
+exports it with K and with K = 0 (`cts.export.export_onnx`), and times `Segmenter.predict`
+against the exported graphs on the same synthetic scenes, in turns. Prints one markdown row
+per K.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=12)
     parser.add_argument("--decoder", default="linear")
     parser.add_argument("--k", type=int, default=103)
+    parser.add_argument("--policy-stride", type=int, default=8)
+    parser.add_argument("--policy-scale", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -44,8 +47,8 @@ def main() -> None:
         num_tokens_shared=args.k,
         policy="policy_net",
         decoder=args.decoder,
-        policy_feature_stride=16,
-        policy_input_scale=0.5,
+        policy_feature_stride=args.policy_stride,
+        policy_input_scale=args.policy_scale,
     ).eval()
     rng = np.random.default_rng(0)
     rgb = np.stack([render_scene(args.crop, args.classes, rng)[0] for _ in range(args.batch)])
