@@ -116,7 +116,7 @@ def _edit(params_file: Path, old: str, new: str) -> None:
 
 
 def test_unknown_key_in_the_file_names_the_closest_known_one(params_file):
-    _edit(params_file, "iterations: 450", "iteratons: 5")
+    _edit(params_file, "\niterations:", "\niteratons:")
     with pytest.raises(ParamError, match=r"params.yaml: unknown parameter 'iteratons': did you"):
         load_params(params_file, keys=["device"])
 
