@@ -24,7 +24,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import cts.models.segmenter as segmenter_module
-import cts.models.vit as vit_module
 from cts.checkpoint import load_segmenter
 from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
@@ -65,29 +64,14 @@ def label_parts(model: Segmenter, clock: Callable[[], float]) -> None:
     for module, name, label in (
         (segmenter_module, "unshare_tokens", "unsharing"),
         (segmenter_module, "upsample_argmax", "upsampling + argmax"),
-        (vit_module, "share_tokens", "patch embedding + sharing"),
     ):
         setattr(module, name, _labelled(label, getattr(module, name), clock))
     encoder = model.encoder
-    encoder._embed = _labelled("patch embedding + sharing", encoder._embed, clock)
-    encoder._superpatch_tokens = _superpatch_tokens_without_embed(encoder, clock)
+    for name in ("_embed", "_shared_tokens"):  # K = 0 / K > 0
+        labelled = _labelled("patch embedding + sharing", getattr(encoder, name), clock)
+        setattr(encoder, name, labelled)
     encoder.vit.blocks.forward = _labelled("encoder blocks", encoder.vit.blocks.forward, clock)
     model.decoder.forward = _labelled("decoder", model.decoder.forward, clock)
-
-
-def _superpatch_tokens_without_embed(encoder, clock: Callable[[], float]) -> Callable:
-    """The superpatch step calls the (already measured) embedding: count only the rest."""
-    inner = encoder._superpatch_tokens
-
-    def run(*args, **kwargs):
-        before = SPENT["patch embedding + sharing"]
-        start = clock()
-        out = inner(*args, **kwargs)
-        embedded = SPENT["patch embedding + sharing"] - before
-        SPENT["patch embedding + sharing"] += clock() - start - embedded
-        return out
-
-    return run
 
 
 def main() -> None:

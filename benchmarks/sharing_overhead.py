@@ -15,7 +15,13 @@ import torch
 
 from cts.benchmark import median_seconds_interleaved
 from cts.models import build_segmenter
-from cts.sharing import plan_layout, select_shared, share_tokens, unshare_tokens
+from cts.sharing import (
+    downsample_superpatches,
+    plan_layout,
+    select_shared,
+    share_tokens,
+    unshare_tokens,
+)
 
 
 def main() -> None:
@@ -47,16 +53,18 @@ def main() -> None:
     num_classes = model.config.num_classes
     with torch.no_grad():
         scores = model.policy_net.share_scores(images, (grid[0] // 2, grid[1] // 2))
-        patches = encoder._embed(images)
-        pos = encoder._patch_pos_embed(grid)
+        patches = encoder._patch_pixels(images)
+        pos = encoder._patch_pos_embed(grid).flatten(1, 2).expand(args.batch, -1, -1)
         decoded = torch.randn(
             args.batch, grid[0] * grid[1] - 3 * args.k, num_classes, device=device
         )
 
         def sharing_ops() -> None:
             layout = plan_layout(select_shared(scores, args.k), grid)
-            superpatches = encoder._superpatch_tokens(images, pos, layout)
+            # The embedding itself is not counted: the shared sequence needs fewer of them.
+            superpatches = encoder._patch_pixels(downsample_superpatches(images))
             share_tokens(patches, superpatches, layout)
+            share_tokens(pos, pos[:, : superpatches.shape[1]], layout)
             unshare_tokens(decoded, layout)
 
         forward = median_seconds_interleaved({0: lambda: model(images)}, device, 2, args.repeats)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from cts.models import PAPER_BACKBONES, build_segmenter
+from cts.sharing import downsample_superpatches, plan_layout, select_shared, share_tokens
 
 TINY = dict(backbone="vit_tiny_patch16_384", num_classes=5, depth=2, drop_path_rate=0.0)
 
@@ -25,6 +26,25 @@ def test_k_zero_gives_exactly_the_logits_of_policy_none(policy):
     assert torch.equal(out.logits, ref.logits)
     assert out.num_tokens == ref.num_tokens == 64
     assert not out.shared.any()
+
+
+def test_shared_sequence_embeds_each_kept_patch_and_downsampled_superpatch():
+    """Gathering pixels before the embedding gives the tokens of embedding every patch and
+    every 2x-downsampled superpatch with the patch convolution, then gathering."""
+    torch.manual_seed(0)
+    encoder = build_segmenter(**TINY, crop_size=128, policy="none").encoder
+    images = torch.randn(2, 3, 128, 128)
+    grid = (8, 8)
+    layout = plan_layout(select_shared(torch.rand(2, 16), 5), grid)
+    pos = encoder._patch_pos_embed(grid)
+    superpatch_pos = torch.nn.functional.avg_pool2d(pos.permute(0, 3, 1, 2), 2)
+    with torch.no_grad():
+        tokens = encoder._shared_tokens(images, pos, layout)
+        patches = encoder._embed(images) + pos.flatten(1, 2)
+        superpatches = encoder._embed(downsample_superpatches(images))
+        superpatches = superpatches + superpatch_pos.flatten(2).transpose(1, 2)
+    assert tokens.shape == (2, 64 - 3 * 5, encoder.embed_dim)
+    torch.testing.assert_close(tokens, share_tokens(patches, superpatches, layout))
 
 
 def test_vit_tiny_512_with_k_103_processes_715_tokens():

@@ -110,6 +110,37 @@ class CTSViTEncoder(nn.Module):
         x = self.vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
         return self.vit.patch_embed.norm(x)
 
+    def _patch_pixels(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, H/p * W/p, 3 * p * p)``: each patch's pixels, raster order,
+        flattened in the order of the patch embedding's convolution weights."""
+        batch, channels, height, width = images.shape
+        p = self.patch_size
+        patches = images.reshape(batch, channels, height // p, p, width // p, p)
+        return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * p * p)
+
+    def _project(self, pixels: Tensor) -> Tensor:
+        """``(B, T, 3 * p * p) -> (B, T, C)``: the patch embedding as a matrix product."""
+        proj = self.vit.patch_embed.proj
+        return self.vit.patch_embed.norm(F.linear(pixels, proj.weight.flatten(1), proj.bias))
+
+    def _shared_tokens(self, images: Tensor, pos: Tensor, layout: TokenLayout) -> Tensor:
+        """The embedded shared sequence ``(B, N - 3K, C)`` for ``layout``.
+
+        Pixels are gathered before the embedding, so only the ``N - 3K`` tokens that enter
+        the encoder are embedded (not all N patches and all superpatches), which also keeps
+        the embedding's weight gradient to those tokens in training."""
+        batch = images.shape[0]
+        pixels = share_tokens(
+            self._patch_pixels(images),
+            self._patch_pixels(downsample_superpatches(images)),
+            layout,
+        )
+        superpatch_pos = F.avg_pool2d(pos.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
+        positions = share_tokens(
+            pos.flatten(1, 2).expand(batch, -1, -1), superpatch_pos.expand(batch, -1, -1), layout
+        )
+        return self._project(pixels) + positions
+
     def _patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
         """Patch position embedding ``(1, h, w, C)`` resampled to ``grid`` when needed."""
         pos = self.vit.pos_embed
@@ -120,13 +151,6 @@ class CTSViTEncoder(nn.Module):
                 pos, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0
             )
         return pos.view(1, grid[0], grid[1], -1)
-
-    def _superpatch_tokens(self, images: Tensor, pos: Tensor, layout: TokenLayout) -> Tensor:
-        """One embedded token per superpatch ``(B, S, C)``; empty when nothing is shared."""
-        if layout.shared_superpatches.shape[1] == 0:
-            return images.new_zeros(images.shape[0], 0, self.embed_dim)
-        superpatch_pos = F.avg_pool2d(pos.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
-        return self._embed(downsample_superpatches(images)) + superpatch_pos
 
     def _prefix_tokens(self, batch: int) -> Tensor:
         """Class (and distillation/register) tokens with their position embedding."""
@@ -155,9 +179,10 @@ class CTSViTEncoder(nn.Module):
         batch = images.shape[0]
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         pos = self._patch_pos_embed(grid)
-        x = self._embed(images) + pos.flatten(1, 2)
-        if layout is not None:
-            x = share_tokens(x, self._superpatch_tokens(images, pos, layout), layout)
+        if layout is None:
+            x = self._embed(images) + pos.flatten(1, 2)
+        else:
+            x = self._shared_tokens(images, pos, layout)
         x = torch.cat([self._prefix_tokens(batch), x], dim=1)
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
