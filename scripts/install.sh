@@ -66,11 +66,11 @@ for name in ('torch', 'torchvision'):
 ")
 echo "$versions" > "$venv/constraints.txt"
 # The ~150 other packages (dvc, mlflow and their trees): uv fetches and unpacks them in
-# parallel, about 10 s against pip's 75 s here. pip remains the fallback where uv cannot be
-# had; both hold torch and torchvision at the installed pair through the constraints.
-if "$py" -m pip install -q uv >/dev/null 2>&1; then
-  "$venv/bin/uv" pip install -q --python "$py" -c "$venv/constraints.txt" -e ".[test]"
-else
+# parallel, about 10 s against pip's 75 s here. pip is the fallback wherever uv fails;
+# both hold torch and torchvision at the installed pair through the constraints.
+if ! { "$py" -m pip install -q uv >/dev/null 2>&1 &&
+  "$venv/bin/uv" pip install -q --python "$py" -c "$venv/constraints.txt" -e ".[test]"; }; then
+  echo "uv could not install the dependencies: installing them with pip"
   "$py" -m pip install -q -c "$venv/constraints.txt" -e ".[test]"
 fi
 torch_version=$("$py" -c "import torch; print(torch.__version__)")
