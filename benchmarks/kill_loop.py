@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from cts.processes import descendants, running
+
 REPO = Path(__file__).resolve().parents[1]
 MICRO = {
     "synthetic_num_train": 8,
@@ -57,35 +59,6 @@ def _cts(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check and result.returncode:
         raise SystemExit(f"cts {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return result
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -162,15 +135,15 @@ def main() -> None:
         deadline = time.monotonic() + delay
         workers: list[int] = []
         while process.poll() is None and time.monotonic() < deadline:
-            workers = sorted(set(workers) | set(_descendants(process.pid)))
+            workers = sorted(set(workers) | set(descendants(process.pid)))
             time.sleep(0.05)
-        workers = sorted(set(workers) | set(_descendants(process.pid)))
+        workers = sorted(set(workers) | set(descendants(process.pid)))
         finished_first = process.poll() is not None
         process.send_signal(kind)
         _, err = process.communicate()
         last_line = err.strip().splitlines()[-1] if err.strip() else ""
         time.sleep(6)  # a loader worker checks for its parent every 5 s
-        orphans = _alive([pid for pid in workers if pid != process.pid])
+        orphans = running([pid for pid in workers if pid != process.pid])
 
         rerun = _cts(work, "train_segmenter")
         resumed = next(

@@ -41,6 +41,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cts.processes import pid_alive, process_start
+
 _DVC_EXPS_DIR = "/.dvc/tmp/exps/"
 _KEY_TAG = "cts.pipeline_key"
 _KIND_TAG = "cts.run_kind"
@@ -168,18 +170,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def _process_start(pid: int) -> str:
-    """The process's start time since boot (Linux), "" elsewhere: pids are reused, a pid
-    with its start time is not."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def _this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+    return f"{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
 
 
 def _is_alive(process: str) -> bool:
@@ -191,13 +183,7 @@ def _is_alive(process: str) -> bool:
         return True
     if host != socket.gethostname():
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return _process_start(pid) == start
+    return pid_alive(pid) and process_start(pid) == start
 
 
 def close_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:

@@ -19,6 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cts.checkpoint import save_checkpoint
+from cts.processes import descendants, running
 from cts.tracking import stage_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,31 +164,6 @@ def test_resume_checkpoints_of_earlier_runs_go_when_training_completes(tmp_path,
 
 
 # ------------------------------------------------------------------------ a killed download
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
 @pytest.fixture
 def download_repo(tmp_path, store) -> tuple[Path, dict]:
     MlflowClient(store).search_experiments()  # a copy of a store with its schema: seconds saved
@@ -216,7 +192,7 @@ def _start_download_and_wait_for_workers(repo: Path, env: dict) -> tuple[subproc
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        workers = _alive(_children(process.pid))
+        workers = running(descendants(process.pid))
         if len(workers) >= 2 and list((repo / "data").glob(".synthetic.*.partial/images/train/*")):
             return process, workers
         assert process.poll() is None, process.communicate()
@@ -227,9 +203,9 @@ def _start_download_and_wait_for_workers(repo: Path, env: dict) -> tuple[subproc
 
 def _gone_within(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while _alive(pids) and time.monotonic() < deadline:
+    while running(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not _alive(pids)
+    return not running(pids)
 
 
 def _store_of(repo: Path) -> str:

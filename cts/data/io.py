@@ -23,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cts.processes import pid_alive
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -120,16 +122,6 @@ def temp_file(path: str | os.PathLike) -> tuple[int, str]:
 _LEFTOVER = re.compile(r"^\..+\.(\d+)\.[^.]+\.(tmp|partial)$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files and staging folders in ``folder`` whose writer is dead
     (a process killed mid-write); returns them. A live writer's are kept."""
@@ -139,7 +131,7 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for entry in folder.iterdir():
         match = _LEFTOVER.match(entry.name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
