@@ -54,7 +54,10 @@ def main() -> None:
     with torch.no_grad():
         scores = model.policy_net.share_scores(images, (grid[0] // 2, grid[1] // 2))
         patches = encoder._patch_pixels(images)
-        pos = encoder._patch_pos_embed(grid).flatten(1, 2).expand(args.batch, -1, -1)
+        grid_pos = encoder._patch_pos_embed(grid)  # (1, h, w, C)
+        pos = grid_pos.flatten(1, 2).expand(args.batch, -1, -1)
+        superpatch_pos = torch.nn.functional.avg_pool2d(grid_pos.permute(0, 3, 1, 2), 2)
+        superpatch_pos = superpatch_pos.flatten(2).transpose(1, 2).expand(args.batch, -1, -1)
         decoded = torch.randn(
             args.batch, grid[0] * grid[1] - 3 * args.k, num_classes, device=device
         )
@@ -64,7 +67,7 @@ def main() -> None:
             # The embedding itself is not counted: the shared sequence needs fewer of them.
             superpatches = encoder._patch_pixels(downsample_superpatches(images))
             share_tokens(patches, superpatches, layout)
-            share_tokens(pos, pos[:, : superpatches.shape[1]], layout)
+            share_tokens(pos, superpatch_pos, layout)
             unshare_tokens(decoded, layout)
 
         forward = median_seconds_interleaved({0: lambda: model(images)}, device, 2, args.repeats)
