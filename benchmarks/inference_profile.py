@@ -8,7 +8,10 @@ patch embedding + sharing, encoder blocks, decoder, unsharing, upsampling + argm
 timed in CPU time of the calling thread (``--threads 1``: the work done, not the waiting for a
 core on a shared machine) or wall time (``--clock wall``). ``--ops N`` also prints the N
 costliest ops of each K from ``torch.profiler``. Without a checkpoint, a randomly initialised
-model of the default pipeline's shape (ViT-Ti, 4 blocks, linear decoder, 12 classes) is used.
+model of the default pipeline's shape (ViT-Ti, 4 blocks, linear decoder, 12 classes) is used,
+or with ``--row`` one of `cts throughput`'s paper rows (e.g. ``vit_s_512``: ViT-S, 12 blocks,
+mask transformer, 150 classes, K=103). On a GPU each part is bracketed by synchronisations,
+so its wall time is its kernels' time (the whole forward is timed with those syncs too).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import cts.models.segmenter as segmenter_module
+from cts.benchmark import PAPER_TABLE
 from cts.checkpoint import load_segmenter
 from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
@@ -40,14 +44,22 @@ PARTS = (
 
 
 SPENT: dict[str, float] = defaultdict(float)
+SYNC_PARTS = False  # set on a GPU: kernels run asynchronously, so a part ends at a sync
+
+
+def _sync() -> None:
+    if SYNC_PARTS:
+        torch.cuda.synchronize()
 
 
 def _labelled(label: str, fn: Callable, clock: Callable[[], float]) -> Callable:
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        _sync()
         start = clock()
         with record_function(label):
             out = fn(*args, **kwargs)
+        _sync()
         SPENT[label] += clock() - start
         return out
 
@@ -88,6 +100,8 @@ def main() -> None:
     parser.add_argument("--policy-stride", type=int, default=16, help="without a checkpoint")
     parser.add_argument("--policy-scale", type=float, default=0.5, help="without a checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    rows = {row.key: row for row in PAPER_TABLE}
+    parser.add_argument("--row", choices=sorted(rows), default=None, help="without a checkpoint")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +109,18 @@ def main() -> None:
     device = torch.device(args.device)
     if args.checkpoint:
         model = load_segmenter(args.checkpoint, device)
+    elif args.row:
+        torch.manual_seed(0)
+        row = rows[args.row]
+        model = build_segmenter(
+            backbone=row.backbone,
+            num_classes=row.num_classes,
+            crop_size=row.crop_size,
+            num_tokens_shared=row.num_tokens_shared,
+            decoder="mask_transformer",
+            policy_feature_stride=args.policy_stride,
+            policy_input_scale=args.policy_scale,
+        )
     else:
         torch.manual_seed(0)
         model = build_segmenter(
@@ -111,6 +137,10 @@ def main() -> None:
     images = torch.randn(args.batch, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
 
+    if device.type == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu measures host threads; on a GPU use --clock wall")
+    global SYNC_PARTS
+    SYNC_PARTS = device.type == "cuda"
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     label_parts(model, clock)
     spent = {key: defaultdict(list) for key in (k, 0)}
