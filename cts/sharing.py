@@ -13,6 +13,7 @@ input's device and never synchronises with the host, so it batches, autocasts an
 
 from __future__ import annotations
 
+import random
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,19 @@ def check_num_shared(num_tokens_shared: int, num_superpatches: int, what: str = 
             f"num_tokens_shared={num_tokens_shared} is out of range{where}: allowed 0.."
             f"{num_superpatches} (the number of 2x2 superpatches)"
         )
+
+
+def training_num_shared(
+    num_tokens_shared: int, unshared_fraction: float, seed: int, step: int
+) -> int:
+    """K for one training step: 0 (no sharing) with probability ``unshared_fraction``, else
+    ``num_tokens_shared`` (``unshared_fraction`` 0: always K, as the paper trains).
+
+    The draw depends on ``(seed, step)`` alone, so every process of a distributed run and a
+    resumed run use the same K at the same step. Two token counts, not a range of them, keep
+    the kernel shapes to tune and cache to two.
+    """
+    return 0 if random.Random(f"{seed}:{step}").random() < unshared_fraction else num_tokens_shared
 
 
 def policy_targets(labels: Tensor, patch_size: int, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -171,6 +171,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "loss_stride": _integer(1),
     "class_weight_power": _number(0.0, 1.0),
     "train_scale_range": _scale_range,
+    "train_unshared_fraction": _number(0.0, 1.0),
     "photometric": _boolean,
     "iterations": _integer(1),
     "batch_size": _integer(1),

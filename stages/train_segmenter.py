@@ -30,6 +30,7 @@ from cts.engine import (
 )
 from cts.inference import evaluate
 from cts.losses import class_weights, subgrid_cross_entropy
+from cts.sharing import training_num_shared
 from cts.tracking import log_json_metrics, log_metrics_file, stage_run
 from stages.common import (
     METRICS,
@@ -67,6 +68,7 @@ PARAMS = (
     "loss_stride",
     "class_weight_power",
     "train_scale_range",
+    "train_unshared_fraction",
     "photometric",
     "iterations",
     "batch_size",
@@ -176,7 +178,15 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         weight = class_weights(frequencies, params["class_weight_power"]).to(device)
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
-        out = net(batch["image"], batch["label"], upsample=False)
+        # The scheduler counts optimizer steps and is resumed with them, so every micro-batch
+        # and process of a step, and a resumed run, draw the same K.
+        k = training_num_shared(
+            segmenter.num_tokens_shared,
+            params["train_unshared_fraction"],
+            params["seed"],
+            scheduler.last_epoch,
+        )
+        out = net(batch["image"], batch["label"], num_tokens_shared=k, upsample=False)
         return subgrid_cross_entropy(
             out.logits,
             batch["label"],

@@ -289,6 +289,31 @@ def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(repo_c
     assert not metrics.exists() or _metrics(repo, "train.json")["iterations"] == trained
 
 
+def test_each_training_step_shares_the_k_drawn_for_it(repo_copy, monkeypatch):
+    import stages.train_segmenter as stage
+    from cts.models.segmenter import Segmenter
+    from cts.sharing import training_num_shared
+    from stages.params import load_params
+
+    repo, _, _ = repo_copy
+    monkeypatch.chdir(repo)
+    overrides = ["iterations=8", "eval_every=0", "train_unshared_fraction=0.5"]
+    params = load_params(repo / "params.yaml", overrides, keys=stage.PARAMS)
+    used = []
+    forward = Segmenter.forward
+
+    def spy(self, images, labels=None, num_tokens_shared=None, upsample=True):
+        if labels is not None:  # a training forward (validation passes no labels)
+            used.append(num_tokens_shared)
+        return forward(self, images, labels, num_tokens_shared, upsample)
+
+    monkeypatch.setattr(Segmenter, "forward", spy)
+    stage.run(params, resume_training=False)
+    k = params["num_tokens_shared"]  # an earlier test may have changed it in the repository
+    assert used == [training_num_shared(k, 0.5, params["seed"], step) for step in range(8)]
+    assert set(used) == {0, k}  # both are drawn in these 8 steps
+
+
 def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_runs(repo_copy):
     repo, env, store = repo_copy
     process = subprocess.Popen(

@@ -11,6 +11,7 @@ from cts.sharing import (
     select_shared,
     share_tokens,
     shared_mask,
+    training_num_shared,
     unshare_tokens,
 )
 
@@ -133,3 +134,13 @@ def test_ops_compile_into_one_graph_without_host_sync():
     compiled = torch.compile(roundtrip, fullgraph=True, backend="eager")
     args = (torch.rand(2, 4), torch.randn(2, 16, 8), torch.randn(2, 4, 8))
     torch.testing.assert_close(compiled(*args), roundtrip(*args))
+
+
+def test_training_k_is_zero_or_k_drawn_by_seed_and_step_alone():
+    draws = [training_num_shared(103, 0.25, 0, step) for step in range(400)]
+    assert draws == [training_num_shared(103, 0.25, 0, step) for step in range(400)]
+    assert set(draws) == {0, 103}
+    assert 0.15 < draws.count(0) / len(draws) < 0.35
+    assert draws != [training_num_shared(103, 0.25, 1, step) for step in range(400)]
+    assert {training_num_shared(103, 0.0, 0, step) for step in range(50)} == {103}
+    assert {training_num_shared(103, 1.0, 0, step) for step in range(50)} == {0}
