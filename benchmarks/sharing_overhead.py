@@ -16,7 +16,7 @@ import torch
 from cts.benchmark import median_seconds_interleaved
 from cts.models import build_segmenter
 from cts.sharing import (
-    downsample_superpatches,
+    gather_rows,
     plan_layout,
     select_shared,
     share_tokens,
@@ -65,8 +65,8 @@ def main() -> None:
         def sharing_ops() -> None:
             layout = plan_layout(select_shared(scores, args.k), grid)
             # The embedding itself is not counted: the shared sequence needs fewer of them.
-            superpatches = encoder._patch_pixels(downsample_superpatches(images))
-            share_tokens(patches, superpatches, layout)
+            gather_rows(patches, layout.kept_patches)
+            encoder._superpatch_pixels(gather_rows(patches, layout.shared_patches))
             share_tokens(pos, superpatch_pos, layout)
             unshare_tokens(decoded, layout)
 

@@ -160,6 +160,18 @@ def plan_layout(shared_idx: Tensor, grid: tuple[int, int]) -> TokenLayout:
     return TokenLayout(kept, shared_idx, shared_patches, grid)
 
 
+def gather_rows(tokens: Tensor, index: Tensor) -> Tensor:
+    """``(B, N, C)`` tokens, ``(B, T)`` indices into N -> ``(B, T, C)``.
+
+    One ``index_select`` over the flattened batch: on a CPU it copies whole rows, several
+    times faster than ``gather`` with an index expanded over C, which reads one index per
+    element."""
+    batch, length, channels = tokens.shape
+    offsets = torch.arange(batch, device=index.device).unsqueeze(1) * length
+    rows = tokens.reshape(batch * length, channels).index_select(0, (index + offsets).flatten())
+    return rows.view(batch, -1, channels)
+
+
 def share_tokens(patch_tokens: Tensor, superpatch_tokens: Tensor, layout: TokenLayout) -> Tensor:
     """Assemble the shared sequence.
 
@@ -172,10 +184,8 @@ def share_tokens(patch_tokens: Tensor, superpatch_tokens: Tensor, layout: TokenL
     Returns:
         ``(B, N - 3K, C)``: kept patch tokens, then shared superpatch tokens.
     """
-    channels = patch_tokens.shape[-1]
-    kept = patch_tokens.gather(1, layout.kept_patches.unsqueeze(-1).expand(-1, -1, channels))
-    shared_idx = layout.shared_superpatches.unsqueeze(-1).expand(-1, -1, channels)
-    shared = superpatch_tokens.gather(1, shared_idx)
+    kept = gather_rows(patch_tokens, layout.kept_patches)
+    shared = gather_rows(superpatch_tokens, layout.shared_superpatches)
     return torch.cat([kept, shared], dim=1)
 
 

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from cts.models.pretrained import check_hub_weights, load_vit_weights
-from cts.sharing import TokenLayout, downsample_superpatches, share_tokens
+from cts.sharing import TokenLayout, gather_rows, share_tokens
 
 # The paper's backbones; any other timm VisionTransformer name works too.
 PAPER_BACKBONES = (
@@ -123,23 +123,35 @@ class CTSViTEncoder(nn.Module):
         proj = self.vit.patch_embed.proj
         return self.vit.patch_embed.norm(F.linear(pixels, proj.weight.flatten(1), proj.bias))
 
+    def _superpatch_pixels(self, quads: Tensor) -> Tensor:
+        """``(B, 4K, 3 * p * p) -> (B, K, 3 * p * p)``: each superpatch's four patches (in
+        :func:`cts.sharing.plan_layout`'s order: top-left, top-right, bottom-left,
+        bottom-right) downsampled 2x2 into one patch, as
+        :func:`cts.sharing.downsample_superpatches` does to the image, but only for the K
+        shared superpatches."""
+        batch, channels, p = quads.shape[0], self.vit.patch_embed.proj.in_channels, self.patch_size
+        pooled = F.avg_pool2d(quads.reshape(-1, channels, p, p), 2)  # 2x2 average per patch
+        # (B, K, quad row, quad col, C, p/2, p/2) -> the four quarters tiled into one patch.
+        pooled = pooled.view(batch, -1, 2, 2, channels, p // 2, p // 2)
+        return pooled.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, -1, channels * p * p)
+
     def _shared_tokens(self, images: Tensor, pos: Tensor, layout: TokenLayout) -> Tensor:
         """The embedded shared sequence ``(B, N - 3K, C)`` for ``layout``.
 
-        Pixels are gathered before the embedding, so only the ``N - 3K`` tokens that enter
-        the encoder are embedded (not all N patches and all superpatches), which also keeps
-        the embedding's weight gradient to those tokens in training."""
+        Pixels are gathered before the embedding, and only the shared superpatches are
+        downsampled, so the work is for the ``N - 3K`` tokens that enter the encoder (not all
+        N patches and the whole image at half resolution); in training this also keeps the
+        embedding's weight gradient to those tokens."""
         batch = images.shape[0]
-        pixels = share_tokens(
-            self._patch_pixels(images),
-            self._patch_pixels(downsample_superpatches(images)),
-            layout,
-        )
+        pixels = self._patch_pixels(images)
+        kept = gather_rows(pixels, layout.kept_patches)
+        quads = gather_rows(pixels, layout.shared_patches)
+        tokens = torch.cat([self._project(kept), self._project(self._superpatch_pixels(quads))], 1)
         superpatch_pos = F.avg_pool2d(pos.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
         positions = share_tokens(
             pos.flatten(1, 2).expand(batch, -1, -1), superpatch_pos.expand(batch, -1, -1), layout
         )
-        return self._project(pixels) + positions
+        return tokens + positions
 
     def _patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
         """Patch position embedding ``(1, h, w, C)`` resampled to ``grid`` when needed."""
