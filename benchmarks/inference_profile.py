@@ -44,12 +44,12 @@ PARTS = (
 
 
 SPENT: dict[str, float] = defaultdict(float)
-SYNC_PARTS = False  # set on a GPU: kernels run asynchronously, so a part ends at a sync
+SYNC_DEVICE: torch.device | None = None  # a GPU: kernels run asynchronously, a part ends at a sync
 
 
 def _sync() -> None:
-    if SYNC_PARTS:
-        torch.cuda.synchronize()
+    if SYNC_DEVICE is not None:
+        torch.cuda.synchronize(SYNC_DEVICE)
 
 
 def _labelled(label: str, fn: Callable, clock: Callable[[], float]) -> Callable:
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
+    parser.add_argument("--clock", choices=("cpu", "wall"), help="default: cpu; wall on a GPU")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", type=int, default=0, help="also print the N costliest ops")
@@ -103,6 +103,10 @@ def main() -> None:
     rows = {row.key: row for row in PAPER_TABLE}
     parser.add_argument("--row", choices=sorted(rows), default=None, help="without a checkpoint")
     args = parser.parse_args()
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu and args.clock == "cpu":
+        parser.error("--clock cpu measures host threads; on a GPU use --clock wall")
+    args.clock = args.clock or ("wall" if on_gpu else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -137,10 +141,8 @@ def main() -> None:
     images = torch.randn(args.batch, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
 
-    if device.type == "cuda" and args.clock == "cpu":
-        parser.error("--clock cpu measures host threads; on a GPU use --clock wall")
-    global SYNC_PARTS
-    SYNC_PARTS = device.type == "cuda"
+    global SYNC_DEVICE
+    SYNC_DEVICE = device if device.type == "cuda" else None
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     label_parts(model, clock)
     spent = {key: defaultdict(list) for key in (k, 0)}
