@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import cts.models.segmenter as segmenter_module
-from cts.benchmark import PAPER_TABLE
+from cts.benchmark import PAPER_TABLE, TableSettings, build_row_model
 from cts.checkpoint import load_segmenter
 from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
@@ -114,17 +114,12 @@ def main() -> None:
     if args.checkpoint:
         model = load_segmenter(args.checkpoint, device)
     elif args.row:
-        torch.manual_seed(0)
-        row = rows[args.row]
-        model = build_segmenter(
-            backbone=row.backbone,
-            num_classes=row.num_classes,
-            crop_size=row.crop_size,
-            num_tokens_shared=row.num_tokens_shared,
-            decoder="mask_transformer",
+        settings = TableSettings(
+            batch_size=args.batch,
             policy_feature_stride=args.policy_stride,
             policy_input_scale=args.policy_scale,
         )
+        model = build_row_model(rows[args.row], settings, device)
     else:
         torch.manual_seed(0)
         model = build_segmenter(
