@@ -42,6 +42,13 @@ class SegmentationMetric:
         # gt * C + pred enumerates the matrix row-major, so one bincount fills it.
         index = target[valid].long() * self.num_classes + pred[valid]
         counts = torch.bincount(index, minlength=self.num_classes**2)
+        # bincount's length already depends on the largest index, so this check costs no sync.
+        if counts.numel() > self.num_classes**2:
+            found = int(target[valid].max())
+            raise ValueError(
+                f"label {found} is outside the classes 0..{self.num_classes - 1} and is not the "
+                f"ignore value {self.ignore_index}: check the dataset's classes.txt and label_map"
+            )
         self._confusion += counts.view(self.num_classes, self.num_classes)
 
     def reduce_distributed(self) -> None:

@@ -97,3 +97,11 @@ def test_confusion_matrix_image(tmp_path):
     # Bottom-right cell is the empty row of the absent class: darkest colour of the map.
     empty = cv2.applyColorMap(torch.zeros(1, 1, dtype=torch.uint8).numpy(), cv2.COLORMAP_VIRIDIS)
     assert (image[-10, -10] == empty[0, 0]).all()
+
+
+def test_label_outside_the_classes_is_one_clear_error():
+    metric = SegmentationMetric(num_classes=3, ignore_index=255)
+    target = torch.tensor([[0, 1, 7, 255]])
+    with pytest.raises(ValueError, match=r"label 7 is outside the classes 0..2 and is not the ign"):
+        metric.update(torch.tensor([[0, 1, 2, 0]]), target)
+    assert metric.confusion.sum() == 0  # the bad batch left no counts
