@@ -143,6 +143,70 @@ def _report_error(command: str, error: Exception) -> None:
     _fail(f"{command}: {text}")
 
 
+@app.command("config")
+def config(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A setting of the paper's table, e.g. ade20k-vit-s (see --list)."),
+    ] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the settings: crop, K, tokens N -> N-3K.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Write the params file here (atomically) instead of stdout."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --out: replace an existing file.")
+    ] = False,
+    dvc_args: Annotated[
+        bool,
+        typer.Option(
+            "--dvc-args",
+            help="Print `-S key=value` for every param instead, for `dvc exp run`: "
+            "args=$(cts config NAME --dvc-args) && dvc exp run --queue $args",
+        ),
+    ] = False,
+) -> None:
+    """The params file of one of the paper's six settings (stdout, --out FILE or --dvc-args)."""
+    from stages import paper_configs
+
+    other = name is not None or out is not None or dvc_args or force
+    if list_ and other:
+        _fail("config: --list takes no setting, --out, --force or --dvc-args", 2)
+    if list_ or not other:
+        typer.echo(paper_configs.listing())
+        return
+    if name is None:
+        _fail("config: name a setting (`cts config --list` shows them)", 2)
+    if force and out is None:
+        _fail("config: --force only goes with --out", 2)
+    if dvc_args and out is not None:
+        _fail("config: --dvc-args prints to stdout; it does not go with --out", 2)
+    from cts.paper import paper_setting
+
+    try:
+        paper_setting(name)
+    except ValueError as error:
+        _fail(f"config: {error}", 2)
+    try:
+        text, params = paper_configs.render(name)
+        if dvc_args:
+            words = paper_configs.dvc_args(params)
+        elif out is not None:
+            written = paper_configs.write_config(out, text, force)
+    except Exception as error:
+        _report_error("config", error)
+    if dvc_args:
+        typer.echo("\n".join(" ".join(words[i : i + 2]) for i in range(0, len(words), 2)))
+    elif out is not None:
+        typer.echo(f"written: {written} ({name})")
+    else:
+        typer.echo(text, nl=False)
+
+
 @app.command("throughput")
 def throughput(
     rows: Annotated[

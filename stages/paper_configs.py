@@ -1,0 +1,262 @@
+"""The paper's settings as complete params files: what ``cts config`` prints or writes.
+
+A row of :data:`cts.paper.PAPER_SETTINGS` is its dataset's file in ``configs/`` (that
+dataset's schedule: batch, lr, iterations, augmentation, evaluation) with the row's
+backbone, crop and K applied, and for ADE20K ViT-L 640 its image size and sliding window
+(``base_size``, ``eval_window``). The file's comments are kept; its header is replaced by one
+naming the row. ``sweep_tokens_shared`` is the file's unless the row's crop or K differ from
+the file's; then it is K x (0, 1/4, 1/2, 3/4, 1, 3/2, 2), at most the superpatch count.
+
+For ``dvc exp run``, :func:`dvc_args` gives the same params as ``-S key=value`` words, each
+one shell word that DVC's override parser (Hydra's) reads back as the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cts.paper import PAPER_SETTINGS, PaperSetting, paper_setting
+from stages.params import CHECKS, ParamError, _Loader, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SWEEP_FRACTIONS = (0, 0.25, 0.5, 0.75, 1, 1.5, 2)
+
+# ``key: value   # comment`` (the value is flow YAML on one line, without ``#``).
+_LINE = re.compile(
+    r"^(?P<key>[A-Za-z_]\w*):(?P<gap>[ \t]*)(?P<value>[^#\n]*?)(?P<comment>[ \t]+#.*)?$"
+)
+# A value that ``$(cts config NAME --dvc-args)`` passes on as it is, in one word: no whitespace,
+# quotes, ``$`` or other shell characters; brackets and commas only in a list (``[0.5,2.0]``, a
+# glob pattern that matches no file in practice). Strings: no ``,`` (a Hydra sweep) either.
+_SHELL_WORD = re.compile(r"[A-Za-z0-9_./:@+\-\[\],]+")
+_HYDRA_STRING = re.compile(r"[A-Za-z0-9_./:@+\-]+")
+
+
+def config_file(dataset: str) -> Path:
+    return CONFIGS / f"{dataset}.yaml"
+
+
+def sweep_for(setting: PaperSetting) -> list[int]:
+    """K x :data:`SWEEP_FRACTIONS` (half rounded up), at most the row's superpatch count."""
+    ks = (math.floor(setting.num_tokens_shared * f + 0.5) for f in SWEEP_FRACTIONS)
+    return sorted({min(k, setting.superpatches) for k in ks})
+
+
+def row_overrides(setting: PaperSetting, base: dict[str, Any]) -> dict[str, Any]:
+    """What the row changes in its dataset's params (``base``)."""
+    overrides: dict[str, Any] = {
+        "backbone": setting.backbone,
+        "crop_size": setting.crop_size,
+        "num_tokens_shared": setting.num_tokens_shared,
+    }
+    if setting.base_size is not None:
+        overrides["base_size"] = setting.base_size
+    if setting.window is not None:
+        overrides["eval_window"] = setting.window
+    if (base.get("crop_size"), base.get("num_tokens_shared")) != (
+        setting.crop_size,
+        setting.num_tokens_shared,
+    ):
+        overrides["sweep_tokens_shared"] = sweep_for(setting)
+    return overrides
+
+
+def yaml_value(value: Any) -> str:
+    """One-line YAML of a params value (lists in flow style)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _header(setting: PaperSetting, source: Path) -> list[str]:
+    return [
+        f"# The paper's {setting.dataset_label} {setting.label} setting: Segmenter + CTS, "
+        f"crop {setting.crop_size},",
+        f"# K={setting.num_tokens_shared} shared superpatches: {setting.patch_tokens} -> "
+        f"{setting.tokens} tokens ({setting.reduction:.0%} fewer).",
+        f"# Written by `cts config {setting.name}`: configs/{source.name}, the paper's",
+        f"# {setting.dataset_label} schedule, with this row's values.",
+        "# The no-sharing baseline of this row: dvc exp run -S num_tokens_shared=0",
+    ]
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: `cts config` reads the dataset's file there")
+    text = path.read_text()
+    params = yaml.load(text, Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
+    if not isinstance(params, dict):
+        raise ParamError(f"{path}: expected a mapping of key: value")
+    return text, params
+
+
+def _apply(lines: list[str], overrides: dict[str, Any], source: Path) -> list[str]:
+    """Replace the value of each overridden ``key: value`` line, keeping its comment."""
+    pending = dict(overrides)
+    out = []
+    for line in lines:
+        match = _LINE.match(line)
+        if match and match["key"] in pending:
+            value = yaml_value(pending.pop(match["key"]))
+            new = f"{match['key']}:{match['gap'] or ' '}{value}"
+            if match["comment"]:
+                column = len(line) - len(match["comment"].lstrip())
+                comment = match["comment"].lstrip()
+                new = new.ljust(column - 1) + " " + comment
+            line = new
+        out.append(line)
+    if pending:
+        raise ParamError(
+            f"{source}: no line `{next(iter(pending))}: value` to set for the paper's setting "
+            "(every params key belongs in configs/)"
+        )
+    return out
+
+
+def render(name: str) -> tuple[str, dict[str, Any]]:
+    """The complete params file of the paper's setting ``name`` (text, and its values),
+    checked: every key the pipeline knows, each value valid."""
+    setting = paper_setting(name)
+    source = config_file(setting.dataset)
+    text, base = _read(source)
+    overrides = row_overrides(setting, base)
+    lines = text.splitlines()
+    body = 0
+    while body < len(lines) and (not lines[body].strip() or lines[body].startswith("#")):
+        body += 1
+    lines = _header(setting, source) + _apply(lines[body:], overrides, source)
+    rendered = "\n".join(lines) + "\n"
+    params = yaml.load(rendered, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    if params != {**base, **overrides}:  # a value written as something else
+        raise ParamError(f"cts config {name}: the params written do not read back as set")
+    missing = [key for key in CHECKS if key not in params]
+    unknown = [key for key in params if key not in CHECKS]
+    problems = [
+        f"{what} {', '.join(keys)}"
+        for what, keys in [("missing", missing), ("unknown", unknown)]
+        if keys
+    ]
+    if problems:
+        raise ParamError(f"{source}: {'; '.join(problems)}")
+    validate(params, CHECKS, source=f"cts config {name}")
+    return rendered, params
+
+
+def _hydra_value(key: str, value: Any) -> str:
+    """``value`` as DVC's ``-S`` (Hydra's override grammar) reads it back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(key, v) for v in value) + "]"
+    if (
+        isinstance(value, str)
+        and _HYDRA_STRING.fullmatch(value)
+        # read back as this string by YAML (`on`, `1_0`: not) and by Hydra (`inf`, `null`: not)
+        and yaml.load(value, Loader=_Loader) == value  # noqa: S506 (a SafeLoader subclass)
+        and value.lower().lstrip("+-") not in ("inf", "nan", "null", "true", "false")
+    ):
+        return value
+    raise ParamError(
+        f"{key}={value!r}: cannot be passed as one `dvc exp run -S` word; write the file "
+        "with --out instead"
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same types (``True`` is not ``1``, ``1`` is not ``1.0``)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def dvc_args(params: dict[str, Any]) -> list[str]:
+    """``-S key=value`` for every key, in the file's order: ``dvc exp run -S ...`` then sets
+    each param of the workspace's params.yaml (in the experiment, not the workspace) to this
+    value. Each override is checked against Hydra's own parser, the one DVC uses."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    words = []
+    for key, value in params.items():
+        text = _hydra_value(key, value)
+        word = f"{key}={text}"
+        override = parser.parse_override(word)
+        if (
+            not _SHELL_WORD.fullmatch(text)
+            or override.is_sweep_override()
+            or not _same(override.value(), value)
+        ):
+            raise ParamError(f"{key}={value!r}: `dvc exp run -S {word}` would not set it")
+        words += ["-S", word]
+    return words
+
+
+def listing() -> str:
+    """The rows as a table: name, dataset, backbone, crop, K, tokens, reduction."""
+    header = ("name", "dataset", "backbone", "crop", "K", "tokens", "reduction")
+    rows = [
+        (
+            s.name,
+            s.dataset_label,
+            s.backbone,
+            str(s.crop_size),
+            str(s.num_tokens_shared),
+            f"{s.patch_tokens} -> {s.tokens}",
+            f"{s.reduction:.0%}",
+        )
+        for s in PAPER_SETTINGS
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    )
+
+
+def write_config(path: str | os.PathLike, text: str, force: bool = False) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it, renamed into place; an
+    existing ``path`` is kept (FileExistsError) unless ``force``."""
+    from cts.data.io import temp_file, write_bytes_atomic
+
+    path = Path(path)
+    if force:
+        return write_bytes_atomic(path, text.encode())
+    if path.exists():
+        raise FileExistsError(f"{path} exists: pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
+        os.link(tmp, path)  # unlike a rename, fails if path appeared meanwhile
+    except FileExistsError as error:
+        raise FileExistsError(f"{path} exists: pass --force to replace it") from error
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+__all__ = [
+    "CONFIGS",
+    "config_file",
+    "dvc_args",
+    "listing",
+    "render",
+    "row_overrides",
+    "sweep_for",
+    "write_config",
+    "yaml_value",
+]
