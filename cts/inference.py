@@ -1,12 +1,23 @@
-"""Segmenter-style evaluation: sliding-window, multi-scale and flip inference.
+"""Segmenter-style evaluation: the test-time protocol of the CTS / Segmenter authors.
 
 The model is any callable mapping normalised images (B, 3, h, w) to class logits
-(B, C, h, w) at the input resolution. Within one scale, overlapping windows average
-their logits, as Segmenter does; across scales and flips the softmax probabilities are
-averaged (Segmenter's multi-scale evaluation).
+(B, C, h, w) at the input resolution. For one image of size (H0, W0) and each scale ratio r
+(single scale: r = 1; the paper's multi-scale: 0.5 ... 1.75, each with its mirror image),
+as mmsegmentation 0.x's ``MultiScaleFlipAug`` + keep-ratio ``Resize`` and Segmenter's
+``inference`` do:
+
+1. the original image is resized to the largest size within
+   ``(max_ratio * base_size * r, base_size * r)`` (long, short), rounding half up;
+2. an image whose short side is below the window is upsampled to a short side of exactly
+   the window (the low scales are not zero-padded);
+3. windows slide with the stride, the last one moved back to the border, and overlapping
+   logits are averaged;
+4. the logits are resized to (H0, W0), mirrored back, turned into probabilities, and the
+   probabilities averaged over scales and flips.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +27,64 @@ from cts.metrics import SegmentationMetric
 from cts.progress import progress_bar
 
 Model = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class EvalGeometry:
+    """Sizes of the test-time protocol.
+
+    Attributes:
+        base_size: short side of an image at scale ratio 1.
+        max_ratio: the long side is capped at ``max_ratio * base_size`` (times the ratio).
+        window: side of the square sliding window (the training crop).
+        stride: step between windows, at most ``window``.
+    """
+
+    base_size: int
+    window: int
+    stride: int
+    max_ratio: float = 4
+
+    def __post_init__(self) -> None:
+        for name in ("base_size", "window", "stride", "max_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        if self.stride > self.window:
+            raise ValueError(
+                f"stride {self.stride} is larger than window {self.window}: pixels between "
+                "windows would never be scored"
+            )
+
+
+def _round_half_up(value: float) -> int:
+    return int(value + 0.5)
+
+
+def keep_ratio_size(
+    height: int, width: int, long_side: float, short_side: float
+) -> tuple[int, int]:
+    """The largest ``(h, w)`` of the image's aspect ratio with its long side at most
+    ``long_side`` and its short side at most ``short_side`` (one of them reached), rounded
+    half up: mmcv's ``imrescale`` size."""
+    factor = min(long_side / max(height, width), short_side / min(height, width))
+    return _round_half_up(height * factor), _round_half_up(width * factor)
+
+
+def scaled_size(height: int, width: int, geometry: EvalGeometry, ratio: float) -> tuple[int, int]:
+    """Size of an ``(height, width)`` image at scale ``ratio`` (step 1 of the protocol)."""
+    long_side = int(geometry.max_ratio * geometry.base_size * ratio)
+    short_side = int(geometry.base_size * ratio)
+    return keep_ratio_size(height, width, long_side, short_side)
+
+
+def window_fitting_size(height: int, width: int, window: int) -> tuple[int, int]:
+    """Size after step 2: unchanged when the short side reaches the window, else the short
+    side becomes the window and the long side ``int(window * long / short)``."""
+    if min(height, width) >= window:
+        return height, width
+    if height < width:
+        return window, int(width / height * window)
+    return int(height / width * window), window
 
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -34,24 +103,23 @@ def sliding_window_logits(
 ) -> Tensor:
     """Logits of (B, 3, H, W) images from (window x window) crops: (B, C, H, W) float32.
 
-    Images smaller than the window are zero-padded bottom/right (zero is the mean after
-    normalisation) and the result cropped back. The crops of all B images for a window are
-    forwarded together; `batch_size` caps the crops per forward (rounded down to whole
-    windows, at least one window), None forwards every window at once.
+    H and W must be at least the window (see `window_fitting_size`). The crops of all B
+    images for a window are forwarded together; `batch_size` caps the crops per forward
+    (rounded down to whole windows, at least one window), None forwards every window at once.
     """
     b, _, h, w = images.shape
-    images = F.pad(images, (0, max(window - w, 0), 0, max(window - h, 0)))
-    padded_h, padded_w = images.shape[-2:]
+    if min(h, w) < window:
+        raise ValueError(f"image {h}x{w} is smaller than the {window}x{window} window")
+    if stride > window:
+        raise ValueError(f"stride {stride} is larger than window {window}")
     windows = [
-        (y, x)
-        for y in _window_starts(padded_h, window, stride)
-        for x in _window_starts(padded_w, window, stride)
+        (y, x) for y in _window_starts(h, window, stride) for x in _window_starts(w, window, stride)
     ]
     per_forward = len(windows) if batch_size is None else max(batch_size // b, 1)
 
     # float32 accumulators: summing many bf16 logits would lose precision.
-    logits = images.new_zeros(b, num_classes, padded_h, padded_w, dtype=torch.float32)
-    count = images.new_zeros(padded_h, padded_w, dtype=torch.float32)
+    logits = images.new_zeros(b, num_classes, h, w, dtype=torch.float32)
+    count = images.new_zeros(h, w, dtype=torch.float32)
     for start in range(0, len(windows), per_forward):
         group = windows[start : start + per_forward]
         crops = torch.cat([images[..., y : y + window, x : x + window] for y, x in group])
@@ -59,14 +127,12 @@ def sliding_window_logits(
         for (y, x), output in zip(group, outputs, strict=True):
             logits[..., y : y + window, x : x + window] += output
             count[y : y + window, x : x + window] += 1
-    return logits[..., :h, :w] / count[:h, :w]
+    return logits / count
 
 
-def resize_to_short_side(images: Tensor, short_side: int) -> Tensor:
-    """Bilinearly resizes (B, C, H, W) images so that min(H, W) == short_side."""
-    h, w = images.shape[-2:]
-    scale = short_side / min(h, w)
-    size = (round(h * scale), round(w * scale))
+def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(images.shape[-2:]) == size:
+        return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
@@ -74,32 +140,28 @@ def predict_logits(
     model: Model,
     image: Tensor,
     num_classes: int,
-    short_side: int,
-    window: int,
-    stride: int,
+    geometry: EvalGeometry,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     out_size: tuple[int, int] | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
-    """Class scores of normalised (B, 3, H0, W0) images: (B, C, *out_size) probabilities.
-
-    For each scale the image is resized to a short side of short_side * scale and run
-    through `sliding_window_logits`; with `flip` its mirror image goes through the same
-    forwards and its logits are mirrored back. The logits are upsampled to `out_size`
-    (default (H0, W0)) before the softmax, as mmseg/Segmenter do, and the probabilities
-    averaged over scales and flips. Single-scale evaluation is scales=(1.0,), flip=False.
+    """Class probabilities of normalised (B, 3, H0, W0) images at their original size:
+    (B, C, *out_size) float32 (default out_size (H0, W0)), by the protocol in the module
+    docstring. Single-scale evaluation is scales=(1.0,), flip=False.
     """
-    b = image.shape[0]
-    out_size = out_size or tuple(image.shape[-2:])
+    b, _, height, width = image.shape
+    out_size = out_size or (height, width)
     probs = image.new_zeros(b, num_classes, *out_size, dtype=torch.float32)
-    for scale in scales:
-        resized = resize_to_short_side(image, round(short_side * scale))
+    for ratio in scales:
+        resized = _resize(image, scaled_size(height, width, geometry, ratio))
+        resized = _resize(resized, window_fitting_size(*resized.shape[-2:], geometry.window))
         if flip:
             resized = torch.cat([resized, resized.flip(-1)])
-        logits = sliding_window_logits(model, resized, num_classes, window, stride, batch_size)
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-        scale_probs = logits.softmax(1)
+        logits = sliding_window_logits(
+            model, resized, num_classes, geometry.window, geometry.stride, batch_size
+        )
+        scale_probs = _resize(logits, out_size).softmax(1)
         if flip:
             scale_probs = scale_probs[:b] + scale_probs[b:].flip(-1)
         probs += scale_probs
@@ -111,9 +173,7 @@ def evaluate(
     model: Model,
     loader: Iterable[dict],
     num_classes: int,
-    short_side: int,
-    window: int,
-    stride: int,
+    geometry: EvalGeometry,
     device: torch.device | str,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
@@ -123,12 +183,12 @@ def evaluate(
 ) -> SegmentationMetric:
     """Evaluates `model` on batches {"image": (B, 3, H, W), "label": (B, H, W)}.
 
-    Images come normalised at their original size; predictions are scored at the label
-    resolution. An nn.Module model is put in eval mode. Validation images differ in size,
-    so the val loader is meant to use batch_size 1; a batch may also hold lists of
-    (3, H, W) images and (H, W) labels, which are evaluated one by one. `batch_size` caps
-    crops per forward (see `sliding_window_logits`). The returned metric is already summed
-    over processes.
+    Images come normalised at their original size (the protocol resizes them per scale);
+    predictions are scored at the label resolution. An nn.Module model is put in eval mode.
+    Validation images differ in size, so the val loader is meant to use batch_size 1; a
+    batch may also hold lists of (3, H, W) images and (H, W) labels, which are evaluated
+    one by one. `batch_size` caps crops per forward (see `sliding_window_logits`). The
+    returned metric is already summed over processes.
     """
     if isinstance(model, nn.Module):
         model.eval()
@@ -149,9 +209,7 @@ def evaluate(
                     model,
                     image.to(device, non_blocking=True),
                     num_classes,
-                    short_side,
-                    window,
-                    stride,
+                    geometry,
                     scales,
                     flip,
                     out_size=tuple(label.shape[-2:]),

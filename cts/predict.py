@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from cts.data.io import IMAGE_SUFFIXES, CorruptFileError, read_image, write_image
-from cts.inference import predict_logits
+from cts.inference import EvalGeometry, predict_logits
 from cts.models import Segmenter
 from cts.progress import progress_bar
 from cts.sharing import check_num_shared
@@ -78,8 +78,9 @@ class Predictor:
         model: a Segmenter (eval mode is set).
         device: where it runs.
         num_tokens_shared: K for every forward (default: the model's).
-        short_side: images are resized to this short side first (default: the crop size).
-        stride: window stride (default: the crop size; the window is the crop).
+        short_side: images are resized to this short side (long side at most 4 times it),
+            then windowed as the evaluation does (default: the crop size).
+        stride: window stride, at most the crop (default: the crop size; the window is the crop).
         batch_size: windows per forward.
     """
 
@@ -104,11 +105,7 @@ class Predictor:
         if config.policy == "oracle" and k:
             raise ValueError("policy oracle needs ground-truth labels: predict with K=0")
         self.num_tokens_shared = k
-        self.short_side = short_side or self.crop
-        self.stride = stride or self.crop
-        for name, value in (("short_side", self.short_side), ("stride", self.stride)):
-            if value <= 0:
-                raise ValueError(f"{name}={value}: must be positive")
+        self.geometry = EvalGeometry(short_side or self.crop, self.crop, stride or self.crop)
         self.batch_size = batch_size
         self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
@@ -131,9 +128,7 @@ class Predictor:
             self._forward,
             image,
             self.model.config.num_classes,
-            self.short_side,
-            self.crop,
-            self.stride,
+            self.geometry,
             batch_size=self.batch_size,
         )
         return probs.argmax(1)[0].cpu().numpy()

@@ -22,7 +22,6 @@ from cts.tracking import log_metrics_file, stage_run
 from stages.common import (
     METRICS,
     SEGMENTER_CHECKPOINT,
-    dataset_info,
     other_stage_metrics,
     require,
     write_json,
@@ -42,8 +41,7 @@ PARAMS = (
 def validation_batch(params: dict[str, Any], model: Segmenter, batch_size: int) -> torch.Tensor:
     """``(B, 3, crop, crop)``: the first validation images resized to the crop size,
     repeated in turn when the split holds fewer than ``batch_size``."""
-    info = dataset_info(params)
-    transform = ValTransform(info.base_size, model.config.mean, model.config.std)
+    transform = ValTransform(model.config.mean, model.config.std)
     dataset = SegmentationFolder(params["data_root"], "val", transform)
     if len(dataset) == 0:
         raise ValueError(f"{params['data_root']}: the val split holds no image")

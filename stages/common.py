@@ -12,7 +12,9 @@ import pandas as pd
 from cts.checkpoint import load_policy_weights
 from cts.data.info import DatasetInfo, load_dataset_info
 from cts.data.io import remove_leftovers, write_bytes_atomic
+from cts.inference import EvalGeometry
 from cts.models import Segmenter, SegmenterConfig
+from stages.params import ParamError
 
 PREPROCESSED = Path("preprocessed")
 POLICY_TARGETS = PREPROCESSED / "policy_targets.npz"
@@ -55,6 +57,36 @@ def require(path: Path, stage: str) -> Path:
 
 def dataset_info(params: dict[str, Any]) -> DatasetInfo:
     return load_dataset_info(params["data_root"])
+
+
+def base_size(params: dict[str, Any], info: DatasetInfo) -> int:
+    """Short side of an image at scale 1: the ``base_size`` param, else the dataset's."""
+    return params["base_size"] or info.base_size
+
+
+def eval_geometry(params: dict[str, Any], info: DatasetInfo) -> EvalGeometry:
+    """The evaluation's sizes from params (``base_size``, ``eval_window``, ``eval_stride``;
+    null: the dataset's). A window or stride that cannot work is a one-line ParamError."""
+    window = params["eval_window"] or info.window
+    stride = params["eval_stride"] or info.stride
+    short_side = base_size(params, info)
+
+    def origin(key: str, value: int, dataset_key: str) -> str:
+        where = f"{params['data_root']}/dataset.yaml {dataset_key}"
+        return f"{key}={value}" if params[key] else f"{where}={value}"
+
+    if stride > window:
+        raise ParamError(
+            f"{origin('eval_stride', stride, 'stride')}: larger than the window {window}: "
+            "pixels between windows would never be scored"
+        )
+    if window > short_side:
+        raise ParamError(
+            f"{origin('eval_window', window, 'window')}: larger than the image's short side "
+            f"{short_side} at scale 1 ({origin('base_size', short_side, 'base_size')}): set "
+            "eval_window to at most base_size"
+        )
+    return EvalGeometry(short_side, window, stride, info.max_ratio)
 
 
 def segmenter_config(params: dict[str, Any], num_classes: int) -> SegmenterConfig:

@@ -10,6 +10,9 @@ from stages.launch import LAUNCH_PARAMS
 PARAMS = (
     "data_root",
     "ms_scales",
+    "base_size",
+    "eval_window",
+    "eval_stride",
     "device",
     "precision",
     "num_workers",

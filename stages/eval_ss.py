@@ -7,7 +7,17 @@ from typing import Any
 from stages.evaluation import run_evaluation
 from stages.launch import LAUNCH_PARAMS
 
-PARAMS = ("data_root", "device", "precision", "num_workers", "mlflow_tracking_uri", *LAUNCH_PARAMS)
+PARAMS = (
+    "data_root",
+    "base_size",
+    "eval_window",
+    "eval_stride",
+    "device",
+    "precision",
+    "num_workers",
+    "mlflow_tracking_uri",
+    *LAUNCH_PARAMS,
+)
 
 
 def run(params: dict[str, Any]) -> None:

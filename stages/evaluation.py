@@ -25,6 +25,7 @@ from stages.common import (
     REPORTS,
     SEGMENTER_CHECKPOINT,
     dataset_info,
+    eval_geometry,
     other_stage_metrics,
     require,
     write_csv,
@@ -63,11 +64,9 @@ def write_pictures(model: Segmenter, dataset: SegmentationFolder, out_dir, devic
 
 
 def validation_set(params: dict[str, Any], model: Segmenter) -> SegmentationFolder:
-    info = dataset_info(params)
+    """The val split at its original size (the evaluation protocol resizes per scale)."""
     return SegmentationFolder(
-        params["data_root"],
-        "val",
-        ValTransform(info.base_size, model.config.mean, model.config.std),
+        params["data_root"], "val", ValTransform(model.config.mean, model.config.std)
     )
 
 
@@ -104,9 +103,7 @@ def evaluate_model(
             lambda images: model(images, num_tokens_shared=num_tokens_shared).logits,
             loader,
             info.num_classes,
-            info.base_size,
-            info.window,
-            info.stride,
+            eval_geometry(params, info),
             device,
             scales=tuple(scales),
             flip=flip,
@@ -122,6 +119,7 @@ def run_evaluation(
     With several processes each scores every W-th image and the confusion matrices are
     summed, so every image counts once; rank 0 writes the results.
     """
+    eval_geometry(params, dataset_info(params))  # a window that cannot work fails before any work
     device = resolve_device(params["device"])
     context = init_distributed(device)
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)

@@ -182,6 +182,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_every": _integer(0),
     "checkpoint_every": _integer(0),
     "ms_scales": _scales,
+    "base_size": _integer(1, optional=True),
+    "eval_window": _integer(1, optional=True),
+    "eval_stride": _integer(1, optional=True),
     "sweep_tokens_shared": _integers,
     "bench_batch_size": _integer(1),
     "bench_repeats": _integer(1),
@@ -325,6 +328,12 @@ def validate(
             raise ParamError(
                 f"{'--set backbone' if origin == '--set' else origin}: {error}"
             ) from error
+    window, stride = params.get("eval_window"), params.get("eval_stride")
+    if {"eval_window", "eval_stride"} <= set(keys) and window and stride and stride > window:
+        raise ParamError(
+            f"{_where(origins.get('eval_stride', source), 'eval_stride', stride)}: larger than "
+            f"eval_window={window}: pixels between windows would never be scored"
+        )
     if {"nnodes", "node_rank"} <= set(keys) and params["node_rank"] >= params["nnodes"]:
         raise ParamError(
             f"{_where(origins.get('node_rank', source), 'node_rank', params['node_rank'])}: "

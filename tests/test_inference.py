@@ -1,13 +1,17 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cts  # noqa: F401  (applies the torchvision import fix)
 from cts.inference import (
+    EvalGeometry,
     evaluate,
+    keep_ratio_size,
     predict_logits,
-    resize_to_short_side,
+    scaled_size,
     sliding_window_logits,
+    window_fitting_size,
 )
 
 NUM_CLASSES = 4
@@ -29,7 +33,7 @@ def column_in_window(images: Tensor) -> Tensor:
 @torch.no_grad()
 @pytest.mark.parametrize(
     ("size", "window", "stride"),
-    [((16, 24), 8, 8), ((16, 24), 8, 5), ((15, 21), 6, 4), ((5, 7), 8, 8), ((5, 20), 8, 6)],
+    [((16, 24), 8, 8), ((16, 24), 8, 5), ((15, 21), 6, 4), ((8, 8), 8, 8), ((8, 20), 8, 6)],
 )
 @pytest.mark.parametrize("batch_size", [None, 1, 5])
 def test_sliding_window_equals_full_forward(conv, size, window, stride, batch_size):
@@ -53,16 +57,13 @@ def test_last_window_is_flush_with_border():
     torch.testing.assert_close(logits[0, 0, 0], expected)
 
 
-def test_image_smaller_than_window_is_padded_and_cropped():
-    seen = []
-
-    def model(images: Tensor) -> Tensor:
-        seen.append(images.shape)
-        return column_in_window(images)
-
-    logits = sliding_window_logits(model, torch.ones(2, 3, 5, 7), NUM_CLASSES, 8, 4)
-    assert seen == [(2, 3, 8, 8)]
-    torch.testing.assert_close(logits, torch.arange(7.0).expand(2, NUM_CLASSES, 5, 7))
+def test_image_smaller_than_window_or_stride_larger_than_window_is_refused():
+    with pytest.raises(ValueError, match="image 5x7 is smaller than the 8x8 window"):
+        sliding_window_logits(column_in_window, torch.ones(2, 3, 5, 7), NUM_CLASSES, 8, 4)
+    with pytest.raises(ValueError, match="stride 9 is larger than window 8"):
+        sliding_window_logits(column_in_window, torch.ones(2, 3, 8, 8), NUM_CLASSES, 8, 9)
+    with pytest.raises(ValueError, match="stride 9 is larger than window 8"):
+        EvalGeometry(base_size=8, window=8, stride=9)
 
 
 def test_batch_size_chunks_whole_windows():
@@ -76,22 +77,41 @@ def test_batch_size_chunks_whole_windows():
     assert seen == [4, 2]  # 3 windows x 2 images, at most 2 whole windows per forward
 
 
-def test_resize_to_short_side():
-    assert resize_to_short_side(torch.zeros(1, 3, 10, 20), 5).shape == (1, 3, 5, 10)
-    assert resize_to_short_side(torch.zeros(2, 3, 30, 20), 16).shape == (2, 3, 24, 16)
+def test_keep_ratio_size_rounds_half_up_and_caps_the_long_side():
+    # 5 x 3 to short side 5: 8.333 -> 8; 3 x 5 * 1.5 = 4.5 x 7.5 rounds up to 5 x 8 (Python's
+    # round would give 4 x 8).
+    assert keep_ratio_size(3, 5, long_side=100, short_side=5) == (5, 8)
+    assert keep_ratio_size(6, 10, long_side=100, short_side=4.5) == (5, 8)
+    # long side capped: 10 x 100 at (short 20, long 80) -> factor 0.8
+    assert keep_ratio_size(10, 100, long_side=80, short_side=20) == (8, 80)
+    assert keep_ratio_size(100, 10, long_side=80, short_side=20) == (80, 8)
+
+
+def test_scaled_size_is_computed_from_the_original_image():
+    geometry = EvalGeometry(base_size=512, window=512, stride=512, max_ratio=4)
+    assert scaled_size(480, 640, geometry, 1.0) == (512, 683)
+    assert scaled_size(480, 640, geometry, 0.75) == (384, 512)
+    assert scaled_size(100, 1000, geometry, 1.0) == (205, 2048)  # long side cap 4 x 512
+
+
+def test_window_fitting_size_upsamples_short_images_to_the_window():
+    assert window_fitting_size(384, 512, 512) == (512, 682)  # int(512 * 512 / 384)
+    assert window_fitting_size(700, 300, 512) == (1194, 512)
+    assert window_fitting_size(512, 700, 512) == (512, 700)
 
 
 @torch.no_grad()
 def test_single_scale_is_softmax_of_model(conv):
     image = torch.randn(1, 3, 12, 18)
-    probs = predict_logits(conv, image, NUM_CLASSES, short_side=12, window=8, stride=4)
+    geometry = EvalGeometry(base_size=12, window=8, stride=4)
+    probs = predict_logits(conv, image, NUM_CLASSES, geometry)
     torch.testing.assert_close(probs, conv(image).softmax(1))
 
 
 @torch.no_grad()
 def test_flip_is_undone_for_equivariant_model(conv):
     image = torch.randn(1, 3, 12, 18)
-    kwargs = dict(num_classes=NUM_CLASSES, short_side=12, window=8, stride=4)
+    kwargs = dict(num_classes=NUM_CLASSES, geometry=EvalGeometry(base_size=12, window=8, stride=4))
     plain = predict_logits(conv, image, **kwargs)
     flipped = predict_logits(conv, image, flip=True, **kwargs)
     torch.testing.assert_close(flipped, plain)
@@ -104,9 +124,7 @@ def test_flip_averages_mirrored_predictions():
         lambda x: column_in_window(x) * torch.arange(NUM_CLASSES).view(1, -1, 1, 1),
         torch.zeros(1, 3, 6, 6),
         NUM_CLASSES,
-        short_side=6,
-        window=6,
-        stride=6,
+        EvalGeometry(base_size=6, window=6, stride=6),
         flip=True,
     )
     torch.testing.assert_close(probs, probs.flip(-1))
@@ -114,21 +132,18 @@ def test_flip_averages_mirrored_predictions():
 
 
 @torch.no_grad()
-def test_multi_scale_flip_shapes(conv):
-    image = torch.randn(1, 3, 10, 15)
-    probs = predict_logits(
-        conv,
-        image,
-        NUM_CLASSES,
-        short_side=8,
-        window=8,
-        stride=6,
-        scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
-        flip=True,
-        out_size=(20, 30),
+def test_multi_scale_of_a_scale_equivariant_model_is_its_full_resolution_softmax(conv):
+    # A 1x1 conv commutes with bilinear resizing up to interpolation error, and every
+    # scale's probabilities are resized back to the original size: for a smooth image,
+    # all scales and flips agree with the single-scale result.
+    image = F.interpolate(torch.randn(1, 3, 5, 7), size=(40, 56), mode="bilinear")
+    geometry = EvalGeometry(base_size=40, window=16, stride=12)
+    single = predict_logits(conv, image, NUM_CLASSES, geometry)
+    multi = predict_logits(
+        conv, image, NUM_CLASSES, geometry, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True
     )
-    assert probs.shape == (1, NUM_CLASSES, 20, 30)
-    torch.testing.assert_close(probs.sum(1), torch.ones(1, 20, 30))
+    torch.testing.assert_close(multi, single, atol=0.02, rtol=0)
+    assert multi.shape == (1, NUM_CLASSES, 40, 56)
 
 
 def test_evaluate_tensor_and_list_batches():
@@ -145,7 +160,12 @@ def test_evaluate_tensor_and_list_batches():
         {"image": [c], "label": [lc]},
     ]
     metric = evaluate(
-        nn.Identity(), loader, 3, short_side=8, window=6, stride=4, device="cpu", progress=False
+        nn.Identity(),
+        loader,
+        3,
+        EvalGeometry(base_size=8, window=6, stride=4),
+        device="cpu",
+        progress=False,
     )
     assert metric.confusion.sum() == 8 * 12 * 2 + 11 * 8 - 3
     assert metric.compute() == pytest.approx({"mIoU": 100.0, "pixel_acc": 100.0, "mean_acc": 100.0})

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cts.checkpoint import save_checkpoint, segmenter_payload
 from cts.cli import app
 from cts.data.io import read_image, read_mask, write_image
-from cts.inference import predict_logits
+from cts.inference import EvalGeometry, predict_logits
 from cts.models import build_segmenter
 from cts.predict import OUTPUTS, Predictor, find_images
 
@@ -76,7 +76,10 @@ def test_labels_are_the_sliding_window_argmax(checkpoint, images):
     ).view(1, 3, 1, 1)
     with torch.no_grad():
         probs = predict_logits(
-            lambda x: model(x, num_tokens_shared=1).logits, image, CLASSES, 80, CROP, 32
+            lambda x: model(x, num_tokens_shared=1).logits,
+            image,
+            CLASSES,
+            EvalGeometry(base_size=80, window=CROP, stride=32),
         )
     assert np.array_equal(labels, probs.argmax(1)[0].numpy())
     # the sharing picture outlines exactly one superpatch (K=1) in white

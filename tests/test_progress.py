@@ -8,7 +8,7 @@ import torch
 
 import cts.progress
 from cts.engine import batches_from
-from cts.inference import evaluate
+from cts.inference import EvalGeometry, evaluate
 from cts.progress import LogProgress, progress_bar
 from tests.test_engine import _loop
 
@@ -56,6 +56,7 @@ def test_training_and_evaluation_print_progress_lines_in_logs(tmp_path, monkeypa
     assert ", ETA " in train[0]
 
     images = [{"image": torch.randn(1, 3, 32, 32), "label": torch.zeros(1, 32, 32)}] * 3
-    evaluate(lambda x: torch.randn(x.shape[0], 2, *x.shape[-2:]), images, 2, 32, 32, 32, "cpu")
+    geometry = EvalGeometry(base_size=32, window=32, stride=32)
+    evaluate(lambda x: torch.randn(x.shape[0], 2, *x.shape[-2:]), images, 2, geometry, "cpu")
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in lines] == [f"eval: step {i}/3" for i in (1, 2, 3)]

@@ -56,6 +56,7 @@ def dataset_info() -> DatasetInfo:
         name="ade20k",
         class_names=CLASS_NAMES,
         base_size=512,
+        max_ratio=4,  # the authors' segm/data/config/*.py max_ratio
         crop_size=512,
         window=512,
         stride=512,

@@ -46,6 +46,7 @@ def dataset_info() -> DatasetInfo:
         name="cityscapes",
         class_names=CLASS_NAMES,
         base_size=1024,
+        max_ratio=2,  # the authors' segm/data/config/*.py max_ratio
         crop_size=768,
         window=768,
         stride=512,

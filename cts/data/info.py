@@ -40,8 +40,10 @@ class DatasetInfo:
         class_names: one name per class id; ``num_classes = len(class_names)``.
         ignore_index: label value without a class (no loss, not scored).
         base_size: short side images are resized to (training scales are relative to it).
+        max_ratio: the long side is capped at ``max_ratio * base_size`` (mmsegmentation's
+            keep-ratio ``Resize`` to ``img_scale = (max_ratio * base_size, base_size)``).
         crop_size: square training crop.
-        window, stride: sliding-window inference.
+        window, stride: sliding-window inference (``stride <= window``).
         label_map: optional 256-entry LUT applied to raw mask values when loading, so a
             release can be used in place (ADE20K: 0 -> 255, k -> k - 1).
         source: free-form provenance (generator parameters, archive names).
@@ -51,6 +53,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     ignore_index: int = IGNORE_INDEX
     base_size: int = 512
+    max_ratio: int = 4
     crop_size: int = 512
     window: int = 512
     stride: int = 512
@@ -69,9 +72,14 @@ class DatasetInfo:
                 f"dataset {self.name!r}: {self.num_classes} classes collide with "
                 f"ignore_index {self.ignore_index}"
             )
-        for key in ("base_size", "crop_size", "window", "stride"):
+        for key in ("base_size", "max_ratio", "crop_size", "window", "stride"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"dataset {self.name!r}: {key} must be positive")
+        if self.stride > self.window:
+            raise ValueError(
+                f"dataset {self.name!r}: stride {self.stride} is larger than window "
+                f"{self.window}: pixels between windows would never be scored"
+            )
         if self.label_map is not None and (
             len(self.label_map) != 256 or not all(0 <= v <= 255 for v in self.label_map)
         ):
@@ -150,6 +158,7 @@ def write_dataset_info(root: str | os.PathLike, info: DatasetInfo) -> None:
         "num_classes": info.num_classes,
         "ignore_index": info.ignore_index,
         "base_size": info.base_size,
+        "max_ratio": info.max_ratio,
         "crop_size": info.crop_size,
         "window": info.window,
         "stride": info.stride,

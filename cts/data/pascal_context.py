@@ -57,6 +57,7 @@ def dataset_info() -> DatasetInfo:
         name="pascal_context",
         class_names=CLASS_NAMES,
         base_size=520,
+        max_ratio=8,  # the authors' segm/data/config/*.py max_ratio
         crop_size=480,
         window=480,
         stride=320,
