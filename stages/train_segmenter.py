@@ -138,6 +138,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             scale_range=tuple(params["train_scale_range"]),
             photometric=params["photometric"],
             ignore_index=info.ignore_index,
+            max_ratio=info.max_ratio,
         ),
     )
     train_loader = build_loader(

@@ -28,6 +28,22 @@ def resize_short_side(image: np.ndarray, size: float, interpolation: int) -> np.
     return cv2.resize(image, new_size, interpolation=interpolation)
 
 
+def keep_ratio_size(
+    height: int, width: int, base_size: int, ratio: float, max_ratio: float
+) -> tuple[int, int]:
+    """``(height, width)`` after mmsegmentation's keep-ratio ``Resize`` at ``ratio``.
+
+    The target scale is ``(int(max_ratio * base_size * ratio), int(base_size * ratio))``
+    (long, short); the image is scaled by the largest factor that fits both, long side
+    within the first and short side within the second, and each side rounded half up
+    (mmcv's ``imrescale``: ``int(x * factor + 0.5)``).
+    """
+    long_target = int(max_ratio * base_size * ratio)
+    short_target = int(base_size * ratio)
+    factor = min(long_target / max(height, width), short_target / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
 def crop_box(shape: tuple[int, ...], crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
     """Random top-left corner of a ``crop_size`` square (clipped to the image) in ``shape``."""
     top = rng.integers(0, max(shape[0] - crop_size, 0) + 1)
@@ -120,10 +136,11 @@ def _label_tensor(label: np.ndarray) -> Tensor:
 class TrainTransform:
     """Segmenter training augmentation.
 
-    Random rescale of the short side to ``base_size * U(scale_range)``, random crop to
-    ``crop_size`` with at most ``cat_max_ratio`` of one class (10 tries), horizontal flip
+    Random keep-ratio rescale at ``r ~ U(scale_range)``: short side to ``base_size * r``,
+    long side at most ``max_ratio * base_size * r`` (:func:`keep_ratio_size`); random crop
+    to ``crop_size`` with at most ``cat_max_ratio`` of one class (10 tries), horizontal flip
     (p = 0.5), photometric distortion (unless ``photometric`` is False), normalisation,
-    padding to ``crop_size``.
+    padding to ``crop_size`` (image 0 after normalisation, label ``ignore_index``).
 
     Returns ``{"image": (3, crop, crop) float32, "label": (crop, crop) int64}``.
     """
@@ -138,8 +155,10 @@ class TrainTransform:
         cat_max_ratio: float = 0.75,
         ignore_index: int = IGNORE_INDEX,
         photometric: bool = True,
+        max_ratio: float = 4,
     ) -> None:
         self.base_size = base_size
+        self.max_ratio = max_ratio
         self.crop_size = crop_size
         self.photometric = photometric
         self.mean, self.std = tuple(mean), tuple(std)
@@ -150,9 +169,10 @@ class TrainTransform:
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> dict[str, Tensor]:
-        short_side = self.base_size * rng.uniform(*self.scale_range)
-        image = resize_short_side(image, short_side, cv2.INTER_LINEAR)
-        label = cv2.resize(label, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        ratio = rng.uniform(*self.scale_range)
+        height, width = keep_ratio_size(*label.shape[:2], self.base_size, ratio, self.max_ratio)
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
         image, label = random_crop(
             image, label, self.crop_size, rng, self.cat_max_ratio, self.ignore_index
         )

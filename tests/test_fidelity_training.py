@@ -1,0 +1,83 @@
+"""Training with configs/*.yaml computes what the authors' code does (docs/fidelity.md).
+
+The authors' values are cited from tue-mps/cts-segmenter: segm/train.py, segm/config.yml,
+segm/optim/scheduler.py, segm/model/*.py, segm/data/config/*.py (mmsegmentation 0.14.1
+pipelines), policynet/train.py and policynet/policynet/*.py; timm 0.4.12 for the optimizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cts.data.transforms import (
+    TrainTransform,
+    keep_ratio_size,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_dataset_long_side_caps_are_the_authors():
+    from cts.data import ade20k, cityscapes, pascal_context
+
+    assert ade20k.dataset_info().max_ratio == 4
+    assert pascal_context.dataset_info().max_ratio == 8
+    assert cityscapes.dataset_info().max_ratio == 2
+
+
+def test_train_segmenter_gives_the_transform_the_datasets_long_side_cap(tmp_path, monkeypatch):
+    import stages.train_segmenter as stage
+    from stages.params import load_params
+
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    (tmp_path / "dataset.yaml").write_text("name: mine\nbase_size: 64\nmax_ratio: 8\n")
+    params = load_params(REPO / "params.yaml")
+    params.update(data_root=str(tmp_path), policy="none", pretrained=False, device="cpu")
+
+    class Built(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        raise Built(kwargs)
+
+    monkeypatch.setattr(stage, "TrainTransform", capture)
+    with pytest.raises(Built) as built:
+        stage.run(params, resume_training=False)
+    assert built.value.args[0]["max_ratio"] == 8
+
+
+# --- augmentation ----------------------------------------------------------------------
+
+
+def test_rescale_caps_the_long_side_at_max_ratio():
+    # mmseg Resize(img_scale=(4 * 512, 512), ratio_range) at ratio 2: a 300x2000 panorama
+    # is limited by its long side (4096), not scaled to a 1024 short side.
+    assert keep_ratio_size(300, 2000, 512, 2.0, 4) == (614, 4096)
+    assert keep_ratio_size(375, 500, 520, 0.5, 8) == (260, 347)
+    assert keep_ratio_size(1024, 2048, 1024, 1.5, 2) == (1536, 3072)
+    transform = TrainTransform(
+        base_size=100, crop_size=1000, scale_range=(1.0, 1.0), cat_max_ratio=1.0, **HALF
+    )
+    label = transform(np.zeros((40, 400, 3), np.uint8), np.zeros((40, 400), np.uint8), rng())
+    labelled = label["label"] != 255
+    assert (int(labelled.any(1).sum()), int(labelled.any(0).sum())) == (40, 400)
+
+
+def test_rescale_rounds_half_up():
+    # 14x25 to a 7-pixel short side: factor 0.5, width 12.5 -> mmcv int(12.5 + 0.5) = 13
+    # (Python's round would give 12).
+    assert keep_ratio_size(14, 25, 7, 1.0, 4) == (7, 13)
+    transform = TrainTransform(
+        base_size=7, crop_size=64, scale_range=(1.0, 1.0), cat_max_ratio=1.0, **HALF
+    )
+    out = transform(np.zeros((14, 25, 3), np.uint8), np.zeros((14, 25), np.uint8), rng())
+    labelled = out["label"] != 255
+    assert (int(labelled.any(1).sum()), int(labelled.any(0).sum())) == (7, 13)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
