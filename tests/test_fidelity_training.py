@@ -14,7 +14,10 @@ import pytest
 
 from cts.data.transforms import (
     TrainTransform,
+    crop_box,
     keep_ratio_size,
+    photometric_distortion,
+    random_crop,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +84,47 @@ def test_rescale_rounds_half_up():
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def coordinate_image(height: int, width: int) -> np.ndarray:
+    rows, cols = np.mgrid[:height, :width]
+    return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+
+
+def test_crop_keeps_the_eleventh_draw_after_ten_failures():
+    # mmseg RandomCrop: draw, then 10 x (test; if it fails, draw again): after ten failed
+    # tests the eleventh window is used untested.
+    label = np.zeros((64, 64), np.uint8)  # one class: every test fails
+    image, crop = random_crop(coordinate_image(64, 64), label, 32, rng(3))
+    draws = [crop_box(label.shape, 32, r) for r in [rng(3)] for _ in range(11)]
+    assert (int(image[0, 0, 0]), int(image[0, 0, 1])) == draws[10]
+    assert crop.shape == (32, 32)
+
+
+def test_crop_keeps_the_first_window_that_passes():
+    label = (np.arange(64)[None] // 8 % 4).repeat(64, 0).astype(np.uint8)  # every crop passes
+    image, _ = random_crop(coordinate_image(64, 64), label, 32, rng(4))
+    assert (int(image[0, 0, 0]), int(image[0, 0, 1])) == crop_box(label.shape, 32, rng(4))
+
+
+class RecordingRng:
+    """A generator that takes every branch (integers(2) -> 1) and records its calls."""
+
+    def __init__(self) -> None:
+        self.inner = np.random.default_rng(0)
+        self.integer_calls: list[tuple] = []
+
+    def integers(self, *args):
+        self.integer_calls.append(args)
+        return 1 if args == (2,) else self.inner.integers(*args)
+
+    def uniform(self, *args):
+        return self.inner.uniform(*args)
+
+
+def test_hue_shift_is_drawn_from_minus_18_to_17():
+    # numpy's randint(-18, 18) in mmseg's PhotoMetricDistortion excludes +18.
+    recorder = RecordingRng()
+    photometric_distortion(np.full((4, 4, 3), 100, np.uint8), recorder)
+    assert (-18, 18) in recorder.integer_calls
+    assert all(call in ((2,), (-18, 18)) for call in recorder.integer_calls)

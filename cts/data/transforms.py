@@ -71,14 +71,19 @@ def random_crop(
     max_tries: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random ``crop_size`` crop where no class covers ``cat_max_ratio`` or more of the
-    labelled pixels; after ``max_tries`` rejected crops the last one is kept."""
+    labelled pixels, as mmsegmentation's ``RandomCrop``: a window is drawn, then up to
+    ``max_tries`` times it is tested and, if it fails, replaced by a new draw; after
+    ``max_tries`` failures the last draw (the ``max_tries + 1``-th, untested) is kept."""
     if label.shape[0] <= crop_size and label.shape[1] <= crop_size:
         return image, label  # the one possible crop: no class-ratio test to repeat
-    for _ in range(max_tries):
-        top, left = crop_box(label.shape, crop_size, rng)
-        window = (slice(top, top + crop_size), slice(left, left + crop_size))
-        if cat_max_ratio >= 1 or max_class_ratio(label[window], ignore_index) < cat_max_ratio:
-            break
+    top, left = crop_box(label.shape, crop_size, rng)
+    if cat_max_ratio < 1:
+        for _ in range(max_tries):
+            window = label[top : top + crop_size, left : left + crop_size]
+            if max_class_ratio(window, ignore_index) < cat_max_ratio:
+                break
+            top, left = crop_box(label.shape, crop_size, rng)
+    window = (slice(top, top + crop_size), slice(left, left + crop_size))
     return image[window], label[window]
 
 
@@ -89,7 +94,8 @@ def _affine(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.nda
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmsegmentation's PhotoMetricDistortion on uint8 RGB: each with probability 1/2,
     brightness +-32, contrast x[0.5, 1.5] (before or after the colour steps, at random),
-    saturation x[0.5, 1.5], hue +-18 (OpenCV's 0..180 hue scale)."""
+    saturation x[0.5, 1.5], hue shift an integer in [-18, 18) (OpenCV's 0..180 hue scale;
+    mmsegmentation draws it with numpy's ``randint(-18, 18)``, whose upper end is excluded)."""
     if rng.integers(2):
         image = _affine(image, beta=rng.uniform(-32, 32))
     contrast_first = bool(rng.integers(2))
@@ -101,7 +107,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
         image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if rng.integers(2):
         hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.integers(-18, 19)) % 180
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.integers(-18, 18)) % 180
         image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if not contrast_first and rng.integers(2):
         image = _affine(image, alpha=rng.uniform(0.5, 1.5))
