@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from cts.data.transforms import (
     TrainTransform,
@@ -19,9 +21,40 @@ from cts.data.transforms import (
     photometric_distortion,
     random_crop,
 )
+from cts.models.segmenter import Segmenter
+from stages.common import segmenter_config
 
 REPO = Path(__file__).resolve().parents[1]
 HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def config(name: str) -> dict:
+    return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+
+
+# --- dropout and drop-path -------------------------------------------------------------
+
+
+def test_drop_path_and_dropout_sit_where_segmenter_puts_them():
+    params = dict(config("ade20k"), pretrained=False, crop_size=64, num_tokens_shared=1)
+    model = Segmenter(segmenter_config(params, num_classes=150))
+    vit = model.encoder.vit
+    # Encoder: stochastic depth linear from 0 to 0.1 over the 12 blocks, no dropout.
+    rates = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in vit.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 12).tolist())
+    encoder_dropouts = [m.p for m in vit.modules() if isinstance(m, torch.nn.Dropout)]
+    assert encoder_dropouts and set(encoder_dropouts) == {0.0}
+    # Decoder: 2 blocks, dropout 0.1 on the attention weights, after the attention
+    # projection, after the MLP's GELU and its output; no drop-path; LayerNorm eps 1e-5.
+    blocks = model.decoder.blocks
+    assert len(blocks) == 2
+    for block in blocks:
+        assert block.attn.attn_drop.p == 0.1 and block.attn.proj_drop.p == 0.1
+        assert block.mlp.drop1.p == 0.1 and block.mlp.drop2.p == 0.1
+        assert isinstance(block.drop_path1, torch.nn.Identity)
+        assert isinstance(block.drop_path2, torch.nn.Identity)
+        assert block.norm1.eps == 1e-5 and block.norm2.eps == 1e-5
+        assert block.attn.num_heads == 384 // 64
 
 
 def test_dataset_long_side_caps_are_the_authors():

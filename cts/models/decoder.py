@@ -45,13 +45,18 @@ class MaskTransformer(nn.Module):
         self.proj_dec = nn.Linear(encoder_dim, dim)
         self.blocks = nn.Sequential(
             *[
+                # Segmenter's decoder block: dropout on the attention weights, after the
+                # attention projection, after the MLP's GELU and after its output; torch's
+                # LayerNorm (eps 1e-5, timm's blocks default to 1e-6).
                 Block(
                     dim,
                     num_heads,
                     mlp_ratio=mlp_ratio,
                     qkv_bias=True,
                     proj_drop=dropout,
+                    attn_drop=dropout,
                     drop_path=drop_path_rate * i / max(num_layers - 1, 1),
+                    norm_layer=nn.LayerNorm,
                 )
                 for i in range(num_layers)
             ]
