@@ -150,6 +150,36 @@ def poly_schedule(iterations: int, power: float = 0.9, warmup: int = 0) -> Calla
     return factor
 
 
+def segmenter_poly_schedule(
+    iterations: int,
+    base_lr: float,
+    power: float = 0.9,
+    warmup: int = 0,
+    min_lr: float = 1e-5,
+) -> Callable[[int], float]:
+    """LR factor (of ``base_lr``) of Segmenter's ``PolynomialLR`` (the authors'
+    ``segm/optim/scheduler.py``, stepped after every optimizer step).
+
+    The lr of iteration ``i`` (0-based: ``i`` steps done before it) is
+    ``(base_lr - min_lr) * c + min_lr`` with ``c = (1 - i / iterations) ** power`` from
+    ``warmup`` on and ``c = i / warmup * (1 - warmup / iterations) ** power`` before; their
+    scheduler leaves iteration 0 at ``base_lr`` (also with a warm-up) and holds the lr
+    past ``iterations`` (at ``min_lr``).
+    """
+
+    def lr(step: int) -> float:
+        if step == 0:
+            return base_lr
+        step = min(step, iterations)
+        if step < warmup:
+            coef = step / warmup * max(1.0 - warmup / iterations, 0.0) ** power
+        else:
+            coef = max(1.0 - step / iterations, 0.0) ** power
+        return (base_lr - min_lr) * coef + min_lr
+
+    return lambda step: lr(step) / base_lr
+
+
 def batches_from(loader: DataLoader, start_iteration: int = 0) -> Iterator[dict]:
     """Endless batches, epoch after epoch, positioned at ``start_iteration`` (for resuming)."""
     per_epoch = len(loader)

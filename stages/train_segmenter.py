@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from cts.engine import (
     resolve_device,
     resume,
     seed_everything,
+    segmenter_poly_schedule,
     split_batch,
     wrap_distributed,
 )
@@ -89,13 +91,49 @@ PARAMS = (
 )
 
 
-def build_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if params["optimizer"] == "sgd":
-        return torch.optim.SGD(
-            trainable, lr=params["lr"], momentum=0.9, weight_decay=params["weight_decay"]
+# optimizer: sgd is the authors' recipe (segm/train.py with timm 0.4.12): timm's "sgd"
+# (Nesterov momentum 0.9, the decay groups below) and Segmenter's PolynomialLR down to
+# their --min-lr default. adamw is this project's recipe for training from scratch.
+AUTHORS_MIN_LR = 1e-5
+# Parameters the authors' model lists in no_weight_decay (ViT position embedding and
+# class/distillation tokens, the mask transformer's class embeddings; timm adds registers).
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token", "reg_token", "cls_emb")
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups as timm 0.4.12's ``create_optimizer`` makes them: with weight decay,
+    none for 1-D parameters (biases, norms), names ending in ``.bias`` and
+    :data:`NO_WEIGHT_DECAY`; without, one group. Frozen parameters are left out."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    decay, no_decay = [], []
+    for name, param in named:
+        skip = (
+            param.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY
         )
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+def build_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Optimizer:
+    if params["optimizer"] == "sgd":
+        groups = weight_decay_groups(model, params["weight_decay"])
+        return torch.optim.SGD(groups, lr=params["lr"], momentum=0.9, nesterov=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
+
+
+def lr_schedule(params: dict[str, Any]) -> Callable[[int], float]:
+    """LambdaLR factor per optimizer step: the authors' poly (power 0.9) down to
+    :data:`AUTHORS_MIN_LR` with sgd; poly down to 0 with adamw."""
+    iterations, warmup = params["iterations"], params["warmup_iterations"]
+    if params["optimizer"] == "sgd":
+        return segmenter_poly_schedule(iterations, params["lr"], 0.9, warmup, AUTHORS_MIN_LR)
+    return poly_schedule(iterations, 0.9, warmup)
 
 
 def class_frequencies(path: Path, num_classes: int) -> torch.Tensor:
@@ -160,9 +198,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
 
     iterations = params["iterations"]
     optimizer = build_optimizer(segmenter, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_schedule(iterations, 0.9, params["warmup_iterations"])
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(params))
     model = wrap_distributed(segmenter, context, device)
     key = fingerprint(params, PARAMS)
     resume_path = RESUME_DIR / f"segmenter-{key}.pt"

@@ -21,15 +21,120 @@ from cts.data.transforms import (
     photometric_distortion,
     random_crop,
 )
+from cts.engine import TrainLoop, TrainState
 from cts.models.segmenter import Segmenter
 from stages.common import segmenter_config
+from stages.train_segmenter import (
+    build_optimizer,
+    lr_schedule,
+    weight_decay_groups,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ("ade20k", "pascal_context", "cityscapes")
 HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+AUTHORS_MIN_LR = 1e-5  # segm/train.py --min-lr
 
 
 def config(name: str) -> dict:
     return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+
+
+def authors_lr(i: int, lr: float, iterations: int, warmup: int = 0) -> float:
+    """segm/optim/scheduler.py PolynomialLR after ``i`` step_update calls (power 0.9)."""
+    if i == 0:
+        return lr
+    if i < warmup:
+        coef = i / warmup * (1 - warmup / iterations) ** 0.9
+    else:
+        coef = (1 - i / iterations) ** 0.9
+    return (lr - AUTHORS_MIN_LR) * coef + AUTHORS_MIN_LR
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Records the learning rate and the gradients of every step, and does not move."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.lrs: list[float] = []
+        self.grads: list[dict[int, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.lrs.append(self.param_groups[0]["lr"])
+        self.grads.append(
+            {
+                id(p): p.grad.detach().clone()
+                for group in self.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            }
+        )
+
+
+# --- optimizer and learning-rate schedule ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_poly_lr_at_first_middle_and_last_iteration_is_the_authors(name):
+    params = config(name)
+    lr, iterations = params["lr"], params["iterations"]
+    factor = lr_schedule(params)
+    for i in (0, 1, iterations // 2, iterations - 1, iterations):
+        assert lr * factor(i) == pytest.approx(authors_lr(i, lr, iterations), rel=1e-9, abs=1e-15)
+    assert lr * factor(iterations) == pytest.approx(AUTHORS_MIN_LR)  # their end value
+
+
+def test_lr_steps_once_per_iteration_in_the_training_loop():
+    params = dict(config("ade20k"), iterations=5, lr=0.01)
+    model = torch.nn.Linear(3, 2)
+    optimizer = RecordingSGD(model.parameters(), lr=params["lr"])
+    loop = TrainLoop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(params)),
+        loss_fn=lambda net, batch: net(batch["x"]).sum(),
+        count_fn=lambda batch: torch.tensor(1),
+        iterations=5,
+        device=torch.device("cpu"),
+    )
+    batches = iter([{"x": torch.ones(1, 3)}] * 5)
+    loop.run(TrainState(), batches)
+    assert optimizer.lrs == pytest.approx([authors_lr(i, 0.01, 5) for i in range(5)])
+
+
+def test_warmup_follows_the_authors_scheduler():
+    params = dict(config("ade20k"), iterations=100, warmup_iterations=10, lr=0.01)
+    factor = lr_schedule(params)
+    for i in (0, 1, 5, 9, 10, 50, 99):
+        assert 0.01 * factor(i) == pytest.approx(authors_lr(i, 0.01, 100, warmup=10))
+
+
+def test_sgd_is_timms_nesterov_sgd_without_weight_decay():
+    params = config("ade20k")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = build_optimizer(model, params)
+    assert isinstance(optimizer, torch.optim.SGD)
+    for group in optimizer.param_groups:
+        assert group["nesterov"] is True  # timm 0.4.12 create_optimizer: "sgd" is Nesterov
+        assert group["momentum"] == 0.9 and group["weight_decay"] == 0.0
+        assert group["lr"] == params["lr"]
+
+
+def test_weight_decay_skips_what_timm_skipped():
+    params = dict(config("ade20k"), backbone="vit_tiny_patch16_384", depth=1, crop_size=64)
+    params.update(pretrained=False, num_tokens_shared=1)
+    model = Segmenter(segmenter_config(params, num_classes=5))
+    no_decay, decay = weight_decay_groups(model, 0.05)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.vit.pos_embed", "encoder.vit.cls_token", "decoder.cls_emb"} <= skipped
+    assert {"encoder.vit.blocks.0.norm1.weight", "encoder.vit.blocks.0.attn.qkv.bias"} <= skipped
+    assert {"encoder.vit.patch_embed.proj.weight", "decoder.proj_patch"} <= decayed
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert not any(n.startswith("policy_net.") for n in skipped | decayed)  # frozen
 
 
 # --- dropout and drop-path -------------------------------------------------------------
