@@ -7,6 +7,7 @@ pipelines), policynet/train.py and policynet/policynet/*.py; timm 0.4.12 for the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,17 @@ from stages.train_segmenter import (
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("ade20k", "pascal_context", "cityscapes")
 HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+# segm/config.yml (epochs, batch_size, learning_rate, crop_size) and the train split sizes
+# (ADE20K 20210, Pascal-Context train.txt 4998, Cityscapes train 2975); the loader keeps the
+# last partial batch (drop_last False): len(train_loader) = ceil(size / batch).
+AUTHORS = {
+    "ade20k": dict(epochs=64, train_images=20210, batch_size=8, lr=1e-3, crop_size=512, k=103),
+    "pascal_context": dict(
+        epochs=256, train_images=4998, batch_size=16, lr=1e-3, crop_size=480, k=90
+    ),
+    "cityscapes": dict(epochs=216, train_images=2975, batch_size=8, lr=1e-2, crop_size=768, k=336),
+}
 AUTHORS_MIN_LR = 1e-5  # segm/train.py --min-lr
 
 
@@ -160,6 +172,48 @@ def test_drop_path_and_dropout_sit_where_segmenter_puts_them():
         assert isinstance(block.drop_path2, torch.nn.Identity)
         assert block.norm1.eps == 1e-5 and block.norm2.eps == 1e-5
         assert block.attn.num_heads == 384 // 64
+
+
+# --- config values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_schedule_is_the_authors(name):
+    params, authors = config(name), AUTHORS[name]
+    epoch = math.ceil(authors["train_images"] / authors["batch_size"])
+    assert params["iterations"] == authors["epochs"] * epoch
+    assert params["batch_size"] == authors["batch_size"]
+    assert params["lr"] == authors["lr"]
+    assert params["crop_size"] == authors["crop_size"]
+    assert params["num_tokens_shared"] == authors["k"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_recipe_is_the_authors(name):
+    params = config(name)
+    authors = dict(
+        backbone="vit_small_patch16_384",
+        pretrained=True,
+        decoder="mask_transformer",
+        policy="policy_net",
+        optimizer="sgd",
+        weight_decay=0.0,
+        warmup_iterations=0,
+        drop_path_rate=0.1,
+        class_weight_power=0.0,
+        loss_stride=1,
+        train_scale_range=[0.5, 2.0],
+        photometric=True,
+        train_unshared_fraction=0.0,
+        grad_accum_steps=1,
+        policy_feature_stride=32,
+        policy_input_scale=1.0,
+        policy_iterations=50000,
+        policy_batch_size=8,
+        policy_lr=5e-5,
+        policy_weight_decay=1e-3,
+    )
+    assert {key: params[key] for key in authors} == authors
 
 
 def test_dataset_long_side_caps_are_the_authors():
