@@ -57,7 +57,9 @@ def training_num_shared(
     return 0 if random.Random(f"{seed}:{step}").random() < unshared_fraction else num_tokens_shared
 
 
-def policy_targets(labels: Tensor, patch_size: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def policy_targets(
+    labels: Tensor, patch_size: int, ignore_index: int = IGNORE_INDEX, border_ignore: bool = True
+) -> Tensor:
     """Per-superpatch sharing targets from label maps.
 
     Args:
@@ -65,11 +67,13 @@ def policy_targets(labels: Tensor, patch_size: int, ignore_index: int = IGNORE_I
             (pad with ``ignore_index``).
         patch_size: ViT patch size p; a superpatch covers ``2p x 2p`` pixels.
         ignore_index: label value that carries no class.
+        border_ignore: the border rule below (the authors' ADE20K targets); False: such a
+            superpatch is 0, as in their Pascal-Context and Cityscapes targets.
 
     Returns:
         ``(B, hs, ws)`` int64: 1 where every pixel has the same value (all-ignore counts as
         uniform), ``ignore_index`` where the superpatch holds exactly one class plus ignore
-        pixels and touches the image border (padding), 0 otherwise.
+        pixels and touches the image border (padding) when ``border_ignore``, 0 otherwise.
     """
     batch, height, width = labels.shape
     hs, ws = superpatch_grid(height, width, patch_size)
@@ -89,7 +93,7 @@ def policy_targets(labels: Tensor, patch_size: int, ignore_index: int = IGNORE_I
     on_border = torch.zeros(hs, ws, dtype=torch.bool, device=labels.device)
     on_border[0, :] = on_border[-1, :] = True
     on_border[:, 0] = on_border[:, -1] = True
-    ambiguous = one_class & has_ignore & on_border
+    ambiguous = one_class & has_ignore & on_border & border_ignore
 
     targets = torch.zeros(batch, hs, ws, dtype=torch.int64, device=labels.device)
     targets = targets.masked_fill(ambiguous, ignore_index)

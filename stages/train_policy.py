@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,47 @@ PARAMS = (
 )
 
 
+@dataclass(frozen=True)
+class PolicyRecipe:
+    """How the policy net is trained on one dataset.
+
+    Attributes:
+        crop: a random ``crop_size`` crop (else the whole image resized to ``crop_size``).
+        short_side: with ``crop``, the short side is first resized to this (None: kept).
+        border_ignore: :func:`cts.sharing.policy_targets`' border rule.
+        constant_lr: the lr stays ``policy_lr`` (else it decays, poly 0.9, to 0).
+    """
+
+    crop: bool = False
+    short_side: int | None = None
+    border_ignore: bool = True
+    constant_lr: bool = False
+
+
+# The authors' recipes: policynet/train.py (AdamW at a constant lr) with
+# policynet/policynet/data_ade20k.py (whole image resized to 512, border rule),
+# data_pcontext.py (short side 512, random 480 crop) and data_cityscapes.py (random 768 crop
+# of the full image), the last two without the border rule. Synthetic and folder datasets
+# keep this project's recipe (the whole image at the crop size, border rule, poly decay).
+POLICY_RECIPES = {
+    "ade20k": PolicyRecipe(constant_lr=True),
+    "pascal_context": PolicyRecipe(
+        crop=True, short_side=512, border_ignore=False, constant_lr=True
+    ),
+    "cityscapes": PolicyRecipe(crop=True, border_ignore=False, constant_lr=True),
+}
+
+
+def policy_recipe(dataset: str) -> PolicyRecipe:
+    """The policy-training recipe of ``dataset`` (a :class:`DatasetInfo` name)."""
+    return POLICY_RECIPES.get(dataset, PolicyRecipe())
+
+
+def policy_lr_schedule(recipe: PolicyRecipe, iterations: int):
+    """LambdaLR factor of the policy net's lr at each step."""
+    return (lambda step: 1.0) if recipe.constant_lr else poly_schedule(iterations)
+
+
 def paper_k(crop_size: int, patch_size: int) -> int:
     """K of the paper's 30% token reduction: ceil(N / 10) (103 at 512, 90 at 480, 160 at 640)."""
     return math.ceil((crop_size // patch_size) ** 2 / 10)
@@ -125,9 +167,19 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         input_std=std,
         pretrained_path=params["policy_pretrained_path"],
     ).to(device)
-    train_set = SegmentationFolder(
-        params["data_root"], "train", PolicyTransform(mean, std, crop, patch, flip=True)
+    recipe = policy_recipe(info.name)
+    train_transform = PolicyTransform(
+        mean,
+        std,
+        crop,
+        patch,
+        flip=True,
+        ignore_index=info.ignore_index,
+        crop=recipe.crop,
+        short_side=recipe.short_side,
+        border_ignore=recipe.border_ignore,
     )
+    train_set = SegmentationFolder(params["data_root"], "train", train_transform)
     val_set = SegmentationFolder(
         params["data_root"], "val", PolicyTransform(mean, std, crop, patch, flip=False)
     )
@@ -148,7 +200,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=params["policy_lr"], weight_decay=params["policy_weight_decay"]
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(iterations))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, policy_lr_schedule(recipe, iterations))
     model = wrap_distributed(policy, context, device)
     key = fingerprint(params, PARAMS)
     resume_path = RESUME_DIR / f"policy-{key}.pt"

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from cts.data.transforms import (
+    PolicyTransform,
     TrainTransform,
     crop_box,
     keep_ratio_size,
@@ -24,7 +25,9 @@ from cts.data.transforms import (
 )
 from cts.engine import TrainLoop, TrainState
 from cts.models.segmenter import Segmenter
+from cts.sharing import policy_targets
 from stages.common import segmenter_config
+from stages.train_policy import policy_lr_schedule, policy_recipe
 from stages.train_segmenter import (
     build_optimizer,
     lr_schedule,
@@ -320,3 +323,66 @@ def test_hue_shift_is_drawn_from_minus_18_to_17():
     photometric_distortion(np.full((4, 4, 3), 100, np.uint8), recorder)
     assert (-18, 18) in recorder.integer_calls
     assert all(call in ((2,), (-18, 18)) for call in recorder.integer_calls)
+
+
+# --- policy net ------------------------------------------------------------------------
+
+
+def test_policy_recipes_are_the_authors():
+    ade, pcontext, cityscapes = (policy_recipe(n) for n in CONFIGS)
+    assert (ade.crop, ade.border_ignore, ade.constant_lr) == (False, True, True)
+    assert (pcontext.crop, pcontext.short_side, pcontext.border_ignore) == (True, 512, False)
+    assert (cityscapes.crop, cityscapes.short_side, cityscapes.border_ignore) == (
+        True,
+        None,
+        False,
+    )
+    assert pcontext.constant_lr and cityscapes.constant_lr
+    # policynet/train.py: AdamW at a constant lr, no schedule.
+    for recipe in (ade, pcontext, cityscapes):
+        factor = policy_lr_schedule(recipe, 50000)
+        assert [factor(i) for i in (0, 1, 25000, 49999)] == [1.0] * 4
+    # Synthetic and folder data keep this project's recipe (the default run unchanged).
+    default = policy_recipe("synthetic")
+    assert (default.crop, default.border_ignore, default.constant_lr) == (False, True, False)
+    assert policy_lr_schedule(default, 10)(5) < 1.0
+
+
+def test_policy_crop_recipe_resizes_the_short_side_then_crops():
+    # Pascal-Context: torchvision resize(512) of a 375x500 image -> 512x682 (long side
+    # truncated), then a 480 crop at int(u * margin), then the flip.
+    transform = PolicyTransform(size=480, patch_size=16, crop=True, short_side=512, **HALF)
+    label = np.zeros((375, 500), np.uint8)
+    out = transform(np.zeros((375, 500, 3), np.uint8), label, rng(2))
+    assert out["image"].shape == (3, 480, 480) and out["target"].shape == (15, 15)
+    draws = rng(2)
+    top, left = int(draws.random() * (512 - 480)), int(draws.random() * (682 - 480))
+    image = coordinate_image(375, 500)
+    expected = PolicyTransform(size=(512, 682), patch_size=1, flip=False, **HALF)(
+        image, np.zeros((375, 500), np.uint8), rng()
+    )["image"][:, top : top + 480, left : left + 480]
+    if draws.random() < 0.5:
+        expected = expected.flip(-1)
+    got = PolicyTransform(size=480, patch_size=16, crop=True, short_side=512, **HALF)(
+        image, label, rng(2)
+    )["image"]
+    assert torch.equal(got, expected)
+
+
+def test_policy_crop_recipe_without_resize_crops_the_full_image():
+    transform = PolicyTransform(size=32, patch_size=8, crop=True, flip=False, **HALF)
+    out = transform(coordinate_image(64, 128), np.zeros((64, 128), np.uint8), rng(5))
+    draws = rng(5)
+    top, left = int(draws.random() * 32), int(draws.random() * 96)
+    restored = ((out["image"] * 0.5 + 0.5) * 255).round()
+    assert (int(restored[0, 0, 0]), int(restored[1, 0, 0])) == (top, left)
+
+
+def test_policy_targets_without_the_border_rule():
+    labels = torch.full((1, 64, 64), 3)
+    labels[0, :4, :4] = 255  # one class + ignore in a border superpatch
+    assert policy_targets(labels, 16)[0, 0, 0] == 255
+    assert policy_targets(labels, 16, border_ignore=False)[0, 0, 0] == 0
+    transform = PolicyTransform(size=64, patch_size=16, flip=False, border_ignore=False, **HALF)
+    out = transform(np.zeros((64, 64, 3), np.uint8), labels[0].numpy().astype(np.uint8), rng())
+    assert out["target"][0, 0] == 0 and out["target"][1, 1] == 1

@@ -217,11 +217,24 @@ class ValTransform:
 
 
 class PolicyTransform:
-    """Policy-network samples: the whole image resized to ``size`` (label with nearest
-    interpolation), horizontal flip (p = 0.5 when ``flip``), and its superpatch targets.
+    """Policy-network samples and their superpatch targets.
 
-    Returns ``{"image": (3, H, W) float32, "target": (H / 2p, W / 2p) int64}`` with
-    targets from :func:`cts.sharing.policy_targets` (1 uniform, 0 not, ``ignore_index``).
+    Two geometries, those of the authors' per-dataset policy data (``policynet/policynet/
+    data_*.py``):
+
+    - ``crop=False`` (ADE20K): the whole image resized to ``size`` (label with nearest
+      interpolation);
+    - ``crop=True`` (Pascal-Context, Cityscapes): the short side resized to ``short_side``
+      (None: the image as it is; the long side ``int(short_side * long / short)``, as
+      torchvision's ``resize``), then a ``size`` crop at a uniform random offset
+      (``int(u * margin)`` for top, then left), padded (image 0 after normalisation, label
+      ``ignore_index``) if the image is smaller.
+
+    Then a horizontal flip (p = 0.5 when ``flip``) and the targets of
+    :func:`cts.sharing.policy_targets` (1 uniform, 0 not, ``ignore_index``; the border rule
+    only when ``border_ignore``, as the authors' ADE20K targets and not their others).
+
+    Returns ``{"image": (3, H, W) float32, "target": (H / 2p, W / 2p) int64}``.
     """
 
     def __init__(
@@ -232,20 +245,60 @@ class PolicyTransform:
         patch_size: int = 16,
         flip: bool = True,
         ignore_index: int = IGNORE_INDEX,
+        crop: bool = False,
+        short_side: int | None = None,
+        border_ignore: bool = True,
     ) -> None:
         self.height, self.width = (size, size) if isinstance(size, int) else size
         self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size = patch_size
         self.flip = flip
         self.ignore_index = ignore_index
+        self.crop = crop
+        self.short_side = short_side
+        self.border_ignore = border_ignore
+
+    def _resize_short_side(
+        self, image: np.ndarray, label: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        height, width = label.shape
+        short, long = min(height, width), max(height, width)
+        new_short, new_long = self.short_side, int(self.short_side * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)  # (w, h)
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        return image, cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+
+    def _random_crop(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        top = int(rng.random() * max(label.shape[0] - self.height, 0))
+        left = int(rng.random() * max(label.shape[1] - self.width, 0))
+        window = (slice(top, top + self.height), slice(left, left + self.width))
+        return image[window], label[window]
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> dict[str, Tensor]:
-        size = (self.width, self.height)
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+        if not self.crop:
+            size = (self.width, self.height)
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+        else:
+            if self.short_side is not None:
+                image, label = self._resize_short_side(image, label)
+            image, label = self._random_crop(image, label, rng)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        targets = policy_targets(_label_tensor(label)[None], self.patch_size, self.ignore_index)
-        return {"image": normalize(image, self.mean, self.std), "target": targets[0]}
+        image_t, label_t = normalize(image, self.mean, self.std), _label_tensor(label)
+        height, width = label_t.shape
+        if (height, width) != (self.height, self.width):  # a crop of a smaller image
+            padded = image_t.new_zeros(3, self.height, self.width)
+            padded[:, :height, :width] = image_t
+            image_t = padded
+            label_t = torch.nn.functional.pad(
+                label_t, (0, self.width - width, 0, self.height - height), value=self.ignore_index
+            )
+        targets = policy_targets(
+            label_t[None], self.patch_size, self.ignore_index, border_ignore=self.border_ignore
+        )
+        return {"image": image_t, "target": targets[0]}
