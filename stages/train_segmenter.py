@@ -136,6 +136,59 @@ def lr_schedule(params: dict[str, Any]) -> Callable[[int], float]:
     return poly_schedule(iterations, 0.9, warmup)
 
 
+def segmenter_loss(
+    num_tokens_shared: int,
+    params: dict[str, Any],
+    ignore_index: int,
+    weight: torch.Tensor | None,
+    step: Callable[[], int],
+) -> tuple[Callable[[nn.Module, dict], torch.Tensor], Callable[[dict], torch.Tensor]]:
+    """``loss_fn`` and ``count_fn`` of the segmenter's :class:`cts.engine.TrainLoop`.
+
+    ``loss_fn`` sums the cross-entropy (``ignore_index`` left out, class ``weight`` or none)
+    of the class scores bilinearly upsampled (``align_corners=False``) to the crop, on every
+    ``loss_stride``-th pixel; ``count_fn`` is the (weighted) number of labelled pixels that
+    sum is over, and the loop divides one by the other over the global batch. With
+    ``loss_stride`` 1 and no weight that is ``F.cross_entropy(F.interpolate(logits, crop),
+    labels, ignore_index=255)``, the authors' ``CrossEntropyLoss(ignore_index=255)`` on
+    ``model.forward(im)``. ``step()`` is the optimizer step the sharing K is drawn for
+    (:func:`cts.sharing.training_num_shared`).
+    """
+    stride = params["loss_stride"]
+
+    def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
+        # The scheduler counts optimizer steps and is resumed with them, so every micro-batch
+        # and process of a step, and a resumed run, draw the same K.
+        k = training_num_shared(
+            num_tokens_shared, params["train_unshared_fraction"], params["seed"], step()
+        )
+        out = net(batch["image"], batch["label"], num_tokens_shared=k, upsample=False)
+        return subgrid_cross_entropy(
+            out.logits,
+            batch["label"],
+            stride,
+            ignore_index=ignore_index,
+            weight=weight,
+            reduction="sum",
+        )
+
+    pixel_weight = None if weight is None else weight.cpu()
+
+    def count_fn(batch: dict) -> torch.Tensor:
+        # What normalises the summed loss, the same on every process: the expected
+        # (class-weighted, as cross_entropy's weighted mean) number of labelled pixels the
+        # subgrid samples.
+        labels = batch["label"]
+        valid = labels != ignore_index
+        if pixel_weight is None:
+            total = valid.sum()
+        else:
+            total = (pixel_weight[torch.where(valid, labels, 0).cpu()] * valid.cpu()).sum()
+        return total.double() / stride**2
+
+    return loss_fn, count_fn
+
+
 def class_frequencies(path: Path, num_classes: int) -> torch.Tensor:
     """``(num_classes,)`` float64 share of the labelled pixels per class, from preprocess's
     ``train_classes.csv`` (columns ``class_id``, ``frequency``); absent classes get 0."""
@@ -214,38 +267,13 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         )
         weight = class_weights(frequencies, params["class_weight_power"]).to(device)
 
-    def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
-        # The scheduler counts optimizer steps and is resumed with them, so every micro-batch
-        # and process of a step, and a resumed run, draw the same K.
-        k = training_num_shared(
-            segmenter.num_tokens_shared,
-            params["train_unshared_fraction"],
-            params["seed"],
-            scheduler.last_epoch,
-        )
-        out = net(batch["image"], batch["label"], num_tokens_shared=k, upsample=False)
-        return subgrid_cross_entropy(
-            out.logits,
-            batch["label"],
-            params["loss_stride"],
-            ignore_index=info.ignore_index,
-            weight=weight,
-            reduction="sum",
-        )
-
-    pixel_weight = None if weight is None else weight.cpu()
-
-    def count_fn(batch: dict) -> torch.Tensor:
-        # What normalises the summed loss, the same on every process: the expected
-        # (class-weighted, as cross_entropy's weighted mean) number of labelled pixels the
-        # subgrid samples.
-        labels = batch["label"]
-        valid = labels != info.ignore_index
-        if pixel_weight is None:
-            total = valid.sum()
-        else:
-            total = (pixel_weight[torch.where(valid, labels, 0).cpu()] * valid.cpu()).sum()
-        return total.double() / params["loss_stride"] ** 2
+    loss_fn, count_fn = segmenter_loss(
+        segmenter.num_tokens_shared,
+        params,
+        info.ignore_index,
+        weight,
+        lambda: scheduler.last_epoch,
+    )
 
     def validate(net: nn.Module) -> dict[str, float]:
         net.eval()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from cts.data.transforms import (
@@ -31,6 +32,7 @@ from stages.train_policy import policy_lr_schedule, policy_recipe
 from stages.train_segmenter import (
     build_optimizer,
     lr_schedule,
+    segmenter_loss,
     weight_decay_groups,
 )
 
@@ -85,6 +87,81 @@ class RecordingSGD(torch.optim.SGD):
                 if p.grad is not None
             }
         )
+
+
+# --- the loss -------------------------------------------------------------------------
+
+
+def tiny_paper_segmenter(params: dict) -> Segmenter:
+    """configs/ade20k.yaml's model (mask transformer, policy net, 150 classes) built by the
+    pipeline's own code, but 2 ViT-Ti blocks on 96x96 crops, dropout and drop-path off."""
+    config = segmenter_config(params, num_classes=150)
+    config.dropout = 0.0
+    torch.manual_seed(0)
+    return Segmenter(config)
+
+
+def test_training_loss_and_gradients_are_full_resolution_cross_entropy():
+    params = config("ade20k")
+    params.update(
+        backbone="vit_tiny_patch16_384",
+        depth=2,
+        crop_size=96,
+        num_tokens_shared=3,  # of 9 superpatches: the sharing path runs
+        pretrained=False,
+        drop_path_rate=0.0,
+    )
+    assert params["loss_stride"] == 1 and params["class_weight_power"] == 0
+    model = tiny_paper_segmenter(params)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 96, 96, generator=generator)
+    labels = torch.randint(0, 150, (2, 96, 96), generator=generator)
+    labels[:, :20, :30] = 255  # ignored pixels (the padding of a small image)
+    labels[1, 50:] = 7
+    batch = {"image": images, "label": labels}
+
+    # Our training step: the loss and count the stage builds, through the training loop.
+    optimizer = RecordingSGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loss_fn, count_fn = segmenter_loss(model.num_tokens_shared, params, 255, None, lambda: 0)
+    loop = TrainLoop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        loss_fn=loss_fn,
+        count_fn=count_fn,
+        iterations=1,
+        device=torch.device("cpu"),
+        precision="fp32",
+    )
+    state = loop.run(TrainState(), iter([batch]))
+    ours_loss = state.history[-1]["loss"]
+
+    # Independently: the authors' CrossEntropyLoss(ignore_index=255) on the class scores
+    # bilinearly upsampled to the crop, same weights, same shared superpatches.
+    model.train()
+    model.zero_grad(set_to_none=True)
+    scores = model(images, labels, num_tokens_shared=3, upsample=False).logits
+    assert scores.shape == (2, 150, 6, 6)
+    logits = F.interpolate(scores, size=(96, 96), mode="bilinear", align_corners=False)
+    reference = F.cross_entropy(logits, labels, ignore_index=255)
+    reference.backward()
+
+    assert ours_loss == pytest.approx(reference.item(), abs=1e-5)
+    named = dict(model.named_parameters())
+    checked = [
+        "encoder.vit.patch_embed.proj.weight",
+        "encoder.vit.pos_embed",
+        "encoder.vit.blocks.0.attn.qkv.weight",
+        "encoder.vit.blocks.1.mlp.fc2.bias",
+        "decoder.cls_emb",
+        "decoder.proj_patch",
+        "decoder.blocks.1.attn.proj.weight",
+        "decoder.mask_norm.weight",
+    ]
+    for name in checked:
+        ours = optimizer.grads[0][id(named[name])]
+        assert named[name].grad.abs().max() > 0, name
+        assert torch.allclose(ours, named[name].grad, atol=1e-5, rtol=0), name
 
 
 # --- optimizer and learning-rate schedule ---------------------------------------------
