@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cts.data.transforms import keep_ratio_size
 from cts.metrics import SegmentationMetric
 from cts.progress import progress_bar
 
@@ -56,25 +57,10 @@ class EvalGeometry:
             )
 
 
-def _round_half_up(value: float) -> int:
-    return int(value + 0.5)
-
-
-def keep_ratio_size(
-    height: int, width: int, long_side: float, short_side: float
-) -> tuple[int, int]:
-    """The largest ``(h, w)`` of the image's aspect ratio with its long side at most
-    ``long_side`` and its short side at most ``short_side`` (one of them reached), rounded
-    half up: mmcv's ``imrescale`` size."""
-    factor = min(long_side / max(height, width), short_side / min(height, width))
-    return _round_half_up(height * factor), _round_half_up(width * factor)
-
-
 def scaled_size(height: int, width: int, geometry: EvalGeometry, ratio: float) -> tuple[int, int]:
-    """Size of an ``(height, width)`` image at scale ``ratio`` (step 1 of the protocol)."""
-    long_side = int(geometry.max_ratio * geometry.base_size * ratio)
-    short_side = int(geometry.base_size * ratio)
-    return keep_ratio_size(height, width, long_side, short_side)
+    """Size of an ``(height, width)`` image at scale ``ratio`` (step 1 of the protocol): the
+    keep-ratio resize that training's random rescale uses too."""
+    return keep_ratio_size(height, width, geometry.base_size, ratio, geometry.max_ratio)
 
 
 def window_fitting_size(height: int, width: int, window: int) -> tuple[int, int]:

@@ -40,8 +40,10 @@ from stages.common import (
     PREPROCESSED,
     RESUME_DIR,
     SEGMENTER_CHECKPOINT,
+    base_size,
     build_segmenter_for_training,
     dataset_info,
+    eval_geometry,
     other_stage_metrics,
     remove_resume_checkpoints,
     require,
@@ -79,6 +81,9 @@ PARAMS = (
     "weight_decay",
     "warmup_iterations",
     "eval_every",
+    "base_size",
+    "eval_window",
+    "eval_stride",
     "checkpoint_every",
     "device",
     "precision",
@@ -222,7 +227,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         params["data_root"],
         "train",
         TrainTransform(
-            info.base_size,
+            base_size(params, info),
             params["crop_size"],
             mean,
             std,
@@ -242,9 +247,8 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         distributed=context.enabled,
         device=device,
     )
-    val_set = SegmentationFolder(
-        params["data_root"], "val", ValTransform(info.base_size, mean, std)
-    )
+    val_set = SegmentationFolder(params["data_root"], "val", ValTransform(mean, std))
+    geometry = eval_geometry(params, info)
     val_loader = build_loader(
         val_set, 1, False, 0, params["seed"], drop_last=False, distributed=context.enabled
     )
@@ -282,9 +286,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
                 lambda images: net(images).logits,
                 val_loader,
                 info.num_classes,
-                info.base_size,
-                info.window,
-                info.stride,
+                geometry,
                 device,
                 progress=False,
             )

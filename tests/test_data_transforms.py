@@ -134,12 +134,14 @@ def test_same_rng_same_sample():
     assert not torch.equal(a["image"], c["image"])
 
 
-def test_val_resizes_image_only():
-    out = ValTransform(base_size=32, **HALF)(
-        np.zeros((64, 100, 3), np.uint8), np.zeros((64, 100), np.uint8), rngs(1)[0]
-    )
-    assert out["image"].shape == (3, 32, 50) and out["label"].shape == (64, 100)
-    assert out["image"].min() == pytest.approx(-1.0)
+def test_val_keeps_original_size():
+    # The evaluation protocol resizes the original image per scale: the loader must not.
+    image = np.zeros((64, 100, 3), np.uint8)
+    image[:, 50:] = 255
+    out = ValTransform(**HALF)(image, np.zeros((64, 100), np.uint8), rngs(1)[0])
+    assert out["image"].shape == (3, 64, 100) and out["label"].shape == (64, 100)
+    assert out["image"][:, :, :50].unique().tolist() == [-1.0]
+    assert out["image"][:, :, 50:].unique().tolist() == [1.0]
 
 
 def test_policy_targets_match_resized_label():

@@ -7,7 +7,6 @@ import cts  # noqa: F401  (applies the torchvision import fix)
 from cts.inference import (
     EvalGeometry,
     evaluate,
-    keep_ratio_size,
     predict_logits,
     scaled_size,
     sliding_window_logits,
@@ -77,14 +76,16 @@ def test_batch_size_chunks_whole_windows():
     assert seen == [4, 2]  # 3 windows x 2 images, at most 2 whole windows per forward
 
 
-def test_keep_ratio_size_rounds_half_up_and_caps_the_long_side():
-    # 5 x 3 to short side 5: 8.333 -> 8; 3 x 5 * 1.5 = 4.5 x 7.5 rounds up to 5 x 8 (Python's
-    # round would give 4 x 8).
-    assert keep_ratio_size(3, 5, long_side=100, short_side=5) == (5, 8)
-    assert keep_ratio_size(6, 10, long_side=100, short_side=4.5) == (5, 8)
-    # long side capped: 10 x 100 at (short 20, long 80) -> factor 0.8
-    assert keep_ratio_size(10, 100, long_side=80, short_side=20) == (8, 80)
-    assert keep_ratio_size(100, 10, long_side=80, short_side=20) == (80, 8)
+def test_scaled_size_rounds_half_up_and_caps_the_long_side():
+    # 4 x 13 to short side 2: 2 x 6.5 rounds up to 2 x 7 (Python's round gives 2 x 6).
+    assert scaled_size(4, 13, EvalGeometry(base_size=2, window=2, stride=2, max_ratio=10), 1) == (
+        2,
+        7,
+    )
+    # base 9 at ratio 0.5: short side int(4.5) = 4, long side at most int(2 * 4.5) = 9.
+    geometry = EvalGeometry(base_size=9, window=4, stride=4, max_ratio=2)
+    assert scaled_size(10, 40, geometry, 0.5) == (2, 9)
+    assert scaled_size(40, 10, geometry, 0.5) == (9, 2)
 
 
 def test_scaled_size_is_computed_from_the_original_image():

@@ -196,23 +196,21 @@ class TrainTransform:
 
 
 class ValTransform:
-    """Validation: the image's short side resized to ``base_size``, then normalised.
+    """Validation: the image normalised at its original size, the label as it is.
 
-    The label stays at its ORIGINAL resolution so that mIoU is measured there; the
-    evaluator upsamples the logits to the label's size. Images of one split therefore
-    differ in size: batch them one at a time (or with a padding collate).
+    The evaluation protocol (:mod:`cts.inference`) resizes the original image once per
+    scale, as mmsegmentation's ``MultiScaleFlipAug`` does, and scores at the label's
+    resolution. Images of one split therefore differ in size: batch them one at a time.
 
-    Returns ``{"image": (3, h, w) float32, "label": (H, W) int64}``.
+    Returns ``{"image": (3, H, W) float32, "label": (H, W) int64}``.
     """
 
-    def __init__(self, base_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.base_size = base_size
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> dict[str, Tensor]:
-        image = resize_short_side(image, self.base_size, cv2.INTER_LINEAR)
         return {"image": normalize(image, self.mean, self.std), "label": _label_tensor(label)}
 
 
