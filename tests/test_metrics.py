@@ -63,17 +63,36 @@ def test_uint8_labels():
     assert metric.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
 
 
-def test_reduce_distributed(tmp_path):
-    metric = SegmentationMetric(3)
-    metric.update(PRED, TARGET)
-    metric.reduce_distributed()  # not initialised: no-op
-    store = f"file://{tmp_path / 'store'}"
-    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+def _reduce_on_rank(rank: int, store: str, out: str) -> None:
+    """One of two gloo processes: scores its own half of the data, then reduces."""
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
+        metric = SegmentationMetric(3)
+        if rank == 0:
+            metric.update(PRED, TARGET)
+        else:
+            metric.update(PRED.flip(-1), TARGET.flip(-1))
         metric.reduce_distributed()
+        torch.save(metric.confusion, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
-    assert metric.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_reduce_distributed_sums_the_processes_matrices(tmp_path):
+    alone = SegmentationMetric(3)
+    alone.update(PRED, TARGET)
+    alone.reduce_distributed()  # not initialised: no-op
+    assert alone.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+    both = SegmentationMetric(3)
+    both.update(torch.cat([PRED, PRED.flip(-1)]), torch.cat([TARGET, TARGET.flip(-1)]))
+    store, out = f"file://{tmp_path / 'store'}", str(tmp_path / "confusion")
+    # fork: the children need no second import of torch (seconds each on a busy machine)
+    torch.multiprocessing.start_processes(
+        _reduce_on_rank, args=(store, out), nprocs=2, start_method="fork"
+    )
+    for rank in (0, 1):  # each process holds the sum, as if it had scored all the data
+        assert torch.equal(torch.load(f"{out}.{rank}"), both.confusion)
 
 
 def test_per_class_table():
