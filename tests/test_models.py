@@ -111,12 +111,20 @@ def test_gradients_reach_encoder_and_decoder_but_not_policy():
     assert all(p.grad is None for p in model.policy_net.parameters())
 
 
-def test_images_not_multiple_of_32_are_padded_and_cropped_back():
-    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=8, policy="random").eval()
+def test_images_not_multiple_of_32_are_zero_padded_bottom_right_and_cropped_back():
+    torch.manual_seed(0)
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=8, policy="policy_net")
+    model.eval()
+    image = torch.randn(1, 3, 100, 75)
+    padded = torch.nn.functional.pad(image, (0, 96 - 75, 0, 128 - 100))  # next multiples of 32
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 100, 75))
+        out = model(image)
+        full = model(padded)
     assert out.logits.shape == (1, 5, 100, 75)
-    assert out.shared.shape == (1, 4, 3)
+    assert out.shared.shape == (1, 4, 3) and torch.equal(out.shared, full.shared)
+    assert out.num_tokens == full.num_tokens == 8 * 6 - 3 * 8
+    # The same scores as the image padded by hand, the padding's rows and columns cut off.
+    torch.testing.assert_close(out.logits, full.logits[..., :100, :75])
 
 
 @pytest.mark.parametrize("patch_size, crop", [(8, 128), (14, 112)])
@@ -146,7 +154,7 @@ def test_unknown_backbone_lists_supported_names():
         build_segmenter(backbone="vit_huge_nonsense", num_classes=3)
 
 
-def test_bf16_autocast_forward_matches_fp32_labels_mostly():
+def test_bf16_autocast_forward_stays_within_bf16_rounding_of_fp32():
     torch.manual_seed(0)
     model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=6, policy="policy_net").eval()
     images = torch.randn(2, 3, 128, 128)
@@ -155,8 +163,16 @@ def test_bf16_autocast_forward_matches_fp32_labels_mostly():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(images)
     assert torch.equal(out.shared, ref.shared)
-    agree = (out.logits.argmax(1) == ref.logits.argmax(1)).float().mean()
-    assert agree > 0.9
+    # bf16 keeps 8 significant bits (0.4%); two blocks and a decoder stay within 5% of the
+    # largest logit at every pixel (measured: 2%), where a wrong region would be far off.
+    bound = 0.05 * ref.logits.abs().max().item()
+    torch.testing.assert_close(out.logits.float(), ref.logits, atol=bound, rtol=0)
+    # So no label flips where fp32's best class leads the second by more than 2 x bound,
+    # which holds for most pixels (the check is not empty).
+    best, second = ref.logits.topk(2, dim=1).values.unbind(1)
+    clear = best - second > 2 * bound
+    assert clear.float().mean() > 0.5
+    assert torch.equal(out.logits.argmax(1)[clear], ref.logits.argmax(1)[clear])
 
 
 @pytest.mark.parametrize("stride, blocks", [(8, 3), (16, 5), (32, 7)])
