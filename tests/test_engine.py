@@ -105,17 +105,63 @@ def test_resume_ignores_a_checkpoint_of_other_settings(tmp_path):
     assert resume(tmp_path / "last.pt", model, optimizer, scheduler, "other") is None
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path):
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    loop, state, loader, whole = _loop(tmp_path / "one", iterations=1)
-    whole[1].p = 0.0
-    loop.run(state, batches_from(loader))
-    loop, state, loader, split = _loop(tmp_path / "two", iterations=1, accum=2)
-    split[1].p = 0.0
-    loop.run(state, batches_from(loader))
-    for key, value in whole.state_dict().items():
-        torch.testing.assert_close(split.state_dict()[key], value)
+def _targets(batch: dict) -> torch.Tensor:
+    """The labels with those of points whose first coordinate is > 0.5 ignored (-1): about a
+    third, unevenly spread over micro-batches."""
+    return batch["y"].masked_fill(batch["x"][:, 0] > 0.5, -1)
+
+
+def _masked_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(batch["x"])
+    return nn.functional.cross_entropy(logits, _targets(batch), ignore_index=-1, reduction="sum")
+
+
+def _masked_count(batch: dict) -> torch.Tensor:
+    return (_targets(batch) != -1).sum()
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_gradient_accumulation_matches_a_plain_loop_over_the_full_batch(accum):
+    iterations = 5  # past the first epoch's 3 batches of 4: the second epoch reshuffles
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        seed_everything(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        schedule = poly_schedule(iterations, warmup=2)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    # The reference: one batch of 4 per step, its loss summed over the counted targets and
+    # divided by their number, momentum and schedule carried from step to step.
+    reference, optimizer, scheduler = fresh()
+    batches = batches_from(build_loader(Points(), 4, True, 0, seed=0, drop_last=True))
+    losses = []
+    for _ in range(iterations):
+        batch = next(batches)
+        loss = _masked_loss(reference, batch) / _masked_count(batch).clamp(min=1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        losses.append(loss.item())
+
+    model, optimizer, scheduler = fresh()
+    loop = TrainLoop(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=_masked_loss,
+        count_fn=_masked_count,
+        iterations=iterations,
+        device=torch.device("cpu"),
+        grad_accum_steps=accum,
+        log_every=1,
+    )
+    micro_batches = build_loader(Points(), 4 // accum, True, 0, seed=0, drop_last=True)
+    state = loop.run(TrainState(), batches_from(micro_batches))
+    assert [row["loss"] for row in state.history] == pytest.approx(losses, rel=1e-5)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
 
 
 def test_device_and_precision_errors_name_the_allowed_values():
