@@ -108,7 +108,11 @@ def test_only_the_stage_keys_are_checked(params_file):
     data = yaml.safe_load(params_file.read_text())
     data["policy"] = "learned"
     params_file.write_text(yaml.safe_dump(data))
-    load_params(params_file, keys=["bench_batch_size", "device"])
+    params = load_params(params_file, keys=["bench_batch_size", "device"])
+    assert params["bench_batch_size"] == data["bench_batch_size"]
+    assert params["policy"] == "learned"  # read as written: this stage does not use it
+    with pytest.raises(ParamError, match=r"policy='learned': allowed: none, policy_net"):
+        load_params(params_file, keys=["bench_batch_size", "policy"])
 
 
 def _edit(params_file: Path, old: str, new: str) -> None:
