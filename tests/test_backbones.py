@@ -1,0 +1,239 @@
+"""CTS on timm's ViT families: class, register and distillation tokens, patch 14, average and
+attention-pool heads, pre-norm, rotary positions; and the families that are refused.
+
+Every model has one or two blocks and a 4x4 patch grid (2x2 superpatches), so the module
+stays fast; the reference is always timm's own forward of the same weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cts.models import build_segmenter
+from cts.models.rope import rope_table
+from cts.models.vit import CTSViTEncoder, check_vit_backbone, create_vit
+from cts.sharing import plan_layout, select_shared
+
+timm = importlib.import_module("timm")  # after cts: its import-time torchvision workaround
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> what it covers. Each is built with depth 1 and a 4 x 4 patch grid.
+ARCHITECTURES = {
+    "deit_tiny_patch16_224": "DeiT: class token",
+    "deit_tiny_distilled_patch16_224": "distilled DeiT: class + distillation token",
+    "vit_tiny_patch16_224": "augreg ViT",
+    "deit3_small_patch16_224": "DeiT-III: no position embedding on the class token",
+    "vit_little_patch16_reg4_gap_256": "4 registers, no class token, average-pool head",
+    "vit_medium_patch16_gap_256": "no class token at all (was: torch.cat([]))",
+    "vit_small_patch14_reg4_dinov2": "DINOv2: patch 14, class token + 4 registers",
+    "vit_base_patch16_siglip_224": "SigLIP: no class token, attention-pool head",
+    "vit_base_patch16_clip_224": "CLIP: pre-norm",
+    "eva02_tiny_patch14_224": "EVA-02: patch 14, absolute + rotary positions",
+    "vit_small_patch16_rope_224": "rotary only, xy grid",
+    "vit_small_patch16_rope_mixed_224": "rotary with learned per-block frequencies",
+    "vit_medium_patch16_rope_reg1_gap_256": "rotary, 1 register, no class token",
+    "vit_small_patch16_dinov3": "DINOv3: rotary on centred coordinates, 4 registers",
+}
+# name -> what the one-line refusal says.
+REFUSED = {
+    "vit_base_r50_s16_384": "hybrid ViT",
+    "vit_relpos_small_patch16_224": "relative position bias",
+    "beit_base_patch16_224": "relative position bias",
+    "samvit_base_patch16": "windowed attention",
+}
+# The pooling head timm builds for classification; the segmentation ViT drops it.
+HEAD_KEYS = ("fc_norm.", "attn_pool.")
+
+
+def _patch(name: str) -> int:
+    return 14 if "patch14" in name else 16
+
+
+def _encoder(name: str, depth: int = 1, **overrides) -> CTSViTEncoder:
+    torch.manual_seed(0)
+    return CTSViTEncoder(create_vit(name, img_size=4 * _patch(name), depth=depth, **overrides))
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_without_sharing_the_encoder_is_timms_forward_features(name):
+    """K = 0 equals timm's own model (built as timm builds it, same weights) within 1e-5, and
+    so does the shared path given a layout that shares nothing."""
+    encoder = _encoder(name).eval()
+    crop = 4 * encoder.patch_size
+    reference = timm.create_model(name, num_classes=0, depth=1, img_size=crop).eval()
+    missing, unexpected = reference.load_state_dict(encoder.vit.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(HEAD_KEYS) for k in missing), missing
+    images = torch.randn(2, 3, crop, crop)
+    nothing_shared = plan_layout(select_shared(torch.rand(2, 4), 0), (4, 4))
+    with torch.no_grad():
+        expected = reference.forward_features(images)[:, reference.num_prefix_tokens :]
+        torch.testing.assert_close(encoder(images), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(encoder(images, nothing_shared), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_segmenter_shares_tokens_in_training_and_inference(name):
+    patch = _patch(name)
+    crop = 4 * patch
+    torch.manual_seed(0)
+    model = build_segmenter(  # the encoder is under test: the cheapest decoder and policy
+        backbone=name,
+        num_classes=3,
+        crop_size=crop,
+        depth=1,
+        num_tokens_shared=2,
+        policy="random",
+        decoder="linear",
+    )
+    images = torch.randn(2, 3, crop, crop)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+        plain = model(images, num_tokens_shared=0)
+    assert out.num_tokens == 16 - 3 * 2 and plain.num_tokens == 16
+    assert out.logits.shape == plain.logits.shape == (2, 3, crop, crop)
+    assert out.shared.shape == (2, 2, 2) and out.shared.flatten(1).sum(1).tolist() == [2, 2]
+    assert torch.isfinite(out.logits).all()
+    model.train()
+    loss = F.cross_entropy(model(images).logits, torch.randint(0, 3, (2, crop, crop)))
+    loss.backward()
+    # Every encoder parameter is used (DistributedDataParallel refuses unused ones).
+    unused = [n for n, p in model.encoder.named_parameters() if p.grad is None]
+    assert not unused
+
+
+def test_images_of_other_sizes_are_resampled_as_timm_does():
+    """dynamic_img_size: a padded 100 x 75 image (8 x 6 patches) on a 56 px /14 model."""
+    encoder = _encoder("vit_small_patch14_reg4_dinov2").eval()
+    reference = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", num_classes=0, depth=1, img_size=56, dynamic_img_size=True
+    ).eval()
+    reference.load_state_dict(encoder.vit.state_dict())
+    images = torch.randn(1, 3, 112, 84)
+    with torch.no_grad():
+        expected = reference.forward_features(images)[:, 5:]
+        torch.testing.assert_close(encoder(images), expected, rtol=0, atol=1e-5)
+        layout = plan_layout(select_shared(torch.rand(1, 12), 0), (8, 6))
+        torch.testing.assert_close(encoder(images, layout), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, reason", list(REFUSED.items()))
+def test_unservable_families_are_refused_in_one_line_before_any_work(name, reason, monkeypatch):
+    create = timm.create_model
+
+    def meta_only(*args, **kwargs):  # the check may build on the meta device, nothing else
+        assert torch.empty(0).device.type == "meta", "a model was built for real"
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", meta_only)
+    for build in (check_vit_backbone, lambda n: build_segmenter(backbone=n, num_classes=3)):
+        with pytest.raises(ValueError, match=f"^backbone '{name}' cannot share tokens: {reason}"):
+            build(name)
+    with pytest.raises(ValueError) as error:
+        check_vit_backbone(name)
+    assert "\n" not in str(error.value)
+
+
+def test_params_validation_refuses_a_hybrid_backbone():
+    from stages.params import ParamError, load_params
+
+    with pytest.raises(ParamError, match="--set backbone: .*vit_base_r50_s16_384.*hybrid ViT"):
+        load_params(
+            REPO / "configs" / "ade20k.yaml", ["backbone=vit_base_r50_s16_384"], ["backbone"]
+        )
+
+
+# --- rotary positions -------------------------------------------------------------------------
+
+ROPES = [
+    "eva02_tiny_patch14_224",  # RotaryEmbeddingCat, index grid rescaled to a 16 x 16 reference
+    "vit_small_patch16_rope_224",  # RotaryEmbeddingCat, xy indexing
+    "vit_small_patch16_rope_mixed_224",  # RotaryEmbeddingMixed, learned frequencies
+    "vit_small_patch16_dinov3",  # RotaryEmbeddingDinoV3, centred normalised coordinates
+]
+
+
+def _angles(table: torch.Tensor) -> torch.Tensor:
+    """``(..., M, D)`` concatenated [sin, cos] -> the ``(..., M, D/2)`` angles."""
+    sin, cos = table.chunk(2, dim=-1)
+    return torch.atan2(sin, cos)
+
+
+def _centre_angles(patch_angles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(..., N, D/2)`` angles of a patch grid -> ``(..., S, D/2)`` at the superpatch centres.
+
+    An angle is linear in the coordinates, so the centre's is the mean of its four patches'
+    (unwrapped against the top-left one: neighbours here differ by less than pi)."""
+    h, w = grid
+    quads = patch_angles.unflatten(-2, (h // 2, 2, w // 2, 2))  # (..., hs, 2, ws, 2, D/2)
+    top_left = quads[..., :, :1, :, :1, :]
+    offsets = torch.remainder(quads - top_left + math.pi, 2 * math.pi) - math.pi
+    centre = top_left + offsets.mean(dim=(-4, -2), keepdim=True)
+    return centre.flatten(-5, -2)
+
+
+@pytest.mark.parametrize("name", ROPES)
+def test_shared_tokens_rotate_at_their_superpatch_centre(name):
+    rope = _encoder(name).rope.eval()
+    grid = (16, 16)  # neighbouring patches' angles differ by less than pi (EVA-02: 1 rad)
+    with torch.no_grad():
+        table = rope_table(rope, grid)
+        timm_patches = rope.get_embed(shape=grid)  # timm's own embedding of the patches
+    n = grid[0] * grid[1]
+    torch.testing.assert_close(table[..., :n, :], timm_patches, rtol=0, atol=1e-6)
+    centres = _centre_angles(_angles(timm_patches), grid)
+    sin, cos = table[..., n:, :].chunk(2, dim=-1)
+    torch.testing.assert_close(sin, centres.sin(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cos, centres.cos(), rtol=0, atol=1e-5)
+
+
+def test_coordinate_augmentation_moves_patches_and_centres_by_one_draw():
+    rope = _encoder("vit_small_patch16_dinov3", rope_shift_coords=1.0, rope_jitter_coords=1.5).rope
+    grid, n = (16, 16), 256
+    rope.eval()
+    plain = rope_table(rope, grid)
+    rope.train()
+    torch.manual_seed(3)
+    table = rope_table(rope, grid)
+    assert not torch.allclose(table[:n], plain[:n], atol=1e-3)  # the draw moved the patches
+    centres = _centre_angles(_angles(table[:n]), grid)  # ... and the centres with them
+    sin, cos = table[n:].chunk(2, dim=-1)
+    torch.testing.assert_close(sin, centres.sin(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cos, centres.cos(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_224"])
+def test_shared_sequence_is_timms_blocks_on_centre_rotated_tokens(name):
+    """The encoder with K > 0 against timm's blocks fed by hand: on an image that is constant
+    within each superpatch, a shared token's pixels are its patches', so its input is any of
+    its patches' embedding; kept patches rotate as timm rotates them, shared tokens at the
+    centre of their superpatch (angles from timm's own patch embedding)."""
+    encoder = _encoder(name, depth=2).eval()
+    vit, grid, n = encoder.vit, (4, 4), 16
+    images = torch.randn(2, 3, 2, 2).repeat_interleave(32, -1).repeat_interleave(32, -2)
+    layout = plan_layout(select_shared(torch.rand(2, 4), 2), grid)
+    with torch.no_grad():
+        out = encoder(images, layout)
+        patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        top_left = layout.shared_patches[:, ::4]
+        rows = torch.cat([layout.kept_patches, top_left], 1)
+        tokens = torch.stack([patches[b, rows[b]] for b in range(2)])
+        x = torch.cat([vit.cls_token.expand(2, -1, -1), tokens], 1)
+        patch_rope = vit.rope.get_embed(shape=grid)  # (N, D) or (depth, heads, N, D)
+        centres = _centre_angles(_angles(patch_rope), grid)
+        table = torch.cat([patch_rope, torch.cat([centres.sin(), centres.cos()], -1)], -2)
+        index = torch.cat([layout.kept_patches, n + layout.shared_superpatches], 1)
+        for i, block in enumerate(vit.blocks):
+            block_table = table[i] if table.dim() == 4 else table.unsqueeze(0)
+            rope = torch.stack([block_table[:, index[b]] for b in range(2)])
+            x = block(x, rope=rope)
+        expected = vit.norm(x)[:, 1:]
+    assert out.shape == (2, n - 3 * 2, encoder.embed_dim)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
