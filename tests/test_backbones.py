@@ -237,3 +237,34 @@ def test_shared_sequence_is_timms_blocks_on_centre_rotated_tokens(name):
         expected = vit.norm(x)[:, 1:]
     assert out.shape == (2, n - 3 * 2, encoder.embed_dim)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+# --- the policy grid --------------------------------------------------------------------------
+
+
+def test_policy_net_reads_28_px_superpatches_on_their_own_grid():
+    """A /14 ViT at 112 px has 4 x 4 superpatches of 28 px: the policy net sees the image
+    resized so that each spans 32 px (128 px), and its stride-32 cells are the superpatches
+    (before: 32 px cells of the 112 px image, drifting 4 px per cell off the superpatches)."""
+    from cts.models import PolicyNet
+
+    torch.manual_seed(0)
+    policy = PolicyNet().eval()
+    images = torch.randn(2, 3, 112, 112)
+    resized = F.interpolate(images, size=(128, 128), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        logits = policy(images, (4, 4))
+        cells = policy(resized)  # no grid: its own stride-32 feature grid, no resampling
+    assert cells.shape == logits.shape == (2, 2, 4, 4)
+    torch.testing.assert_close(logits, cells, rtol=0, atol=0)
+    model = build_segmenter(
+        backbone="vit_small_patch14_reg4_dinov2",
+        num_classes=3,
+        crop_size=112,
+        depth=1,
+        num_tokens_shared=4,
+    ).eval()
+    model.policy_net.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        scores = model._share_scores(images, None, (4, 4))
+    torch.testing.assert_close(scores, cells.softmax(1)[:, 1].flatten(1))

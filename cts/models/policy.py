@@ -81,11 +81,20 @@ class PolicyNet(nn.Module):
                 del state_dict[key]
 
     def forward(self, images: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
-        """``(B, 3, H, W) -> (B, 2, hs, ws)`` logits, resampled to ``grid`` when given."""
+        """``(B, 3, H, W) -> (B, 2, hs, ws)`` logits, resampled to ``grid`` when given.
+
+        With a ``grid`` of superpatches other than 32 px (a /14 ViT's are 28 px), the image
+        is first resized so that each superpatch spans ``32 * input_scale`` px, as a /16
+        ViT's does: the feature grid then falls on the superpatch grid cell for cell
+        (read at 32 px cells, 28 px superpatches drift 4 px further off with every cell).
+        """
         # Resized before it is re-normalised (both are per-channel linear): the full-size
         # image is read once.
         x = images
-        if self.input_scale != 1.0:
+        if grid is not None and tuple(images.shape[-2:]) != (32 * grid[0], 32 * grid[1]):
+            size = (round(32 * self.input_scale * grid[0]), round(32 * self.input_scale * grid[1]))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        elif self.input_scale != 1.0:
             x = F.interpolate(
                 x, scale_factor=self.input_scale, mode="bilinear", align_corners=False
             )
