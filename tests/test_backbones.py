@@ -268,3 +268,86 @@ def test_policy_net_reads_28_px_superpatches_on_their_own_grid():
     with torch.no_grad():
         scores = model._share_scores(images, None, (4, 4))
     torch.testing.assert_close(scores, cells.softmax(1)[:, 1].flatten(1))
+
+
+# --- weights from a local file ----------------------------------------------------------------
+
+# One per family; each file is a timm classification state dict (head, pooling head and all).
+WEIGHT_FAMILIES = [
+    "deit_tiny_distilled_patch16_224",
+    "vit_small_patch14_reg4_dinov2",
+    "vit_base_patch16_siglip_224",
+    "eva02_tiny_patch14_224",
+    "vit_small_patch16_rope_mixed_224",
+    "vit_small_patch16_dinov3",
+]
+
+
+def _timm_state(name: str, crop: int, blocks: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return timm.create_model(name, depth=blocks, img_size=crop, num_classes=5).state_dict()
+
+
+def _load(name: str, path, crop: int):
+    model = build_segmenter(
+        backbone=name, num_classes=3, crop_size=crop, depth=1, policy="none", pretrained_path=path
+    )
+    return model.encoder.vit.state_dict()
+
+
+@pytest.mark.parametrize("name", WEIGHT_FAMILIES)
+def test_pretrained_path_loads_every_family_from_timms_layout(name, tmp_path):
+    import safetensors.torch
+
+    crop = 4 * _patch(name)
+    state = _timm_state(name, crop)
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    loaded = _load(name, str(path), crop)
+    assert set(loaded) <= set(state)  # the head and pooling head are the file's extra keys
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_dinov2_weights_load_from_the_original_release_layout(tmp_path):
+    """facebookresearch/dinov2 with registers: register_tokens, the class token's position in
+    pos_embed, a mask token; timm moves the class position into the class token."""
+    name, crop = "vit_small_patch14_reg4_dinov2", 56
+    state = _timm_state(name, crop)
+    original = {k: v for k, v in state.items() if not k.startswith("head")}
+    class_pos = torch.randn(1, 1, 384)
+    original["register_tokens"] = original.pop("reg_token")
+    original["cls_token"] = original["cls_token"] - class_pos
+    original["pos_embed"] = torch.cat([class_pos, original["pos_embed"]], 1)
+    original["mask_token"] = torch.zeros(1, 384)
+    torch.save(original, tmp_path / "dinov2.pth")
+    loaded = _load(name, tmp_path / "dinov2.pth", crop)
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_eva02_and_dinov3_weights_load_from_their_original_layouts(tmp_path):
+    """EVA-02 (baaivision: mlp.w12 / mlp.w3, rotary buffers saved) and DINOv3 (Meta:
+    storage_tokens, ls1/ls2, rotary periods, mask token), as timm converts them."""
+    eva_state = _timm_state("eva02_tiny_patch14_224", 56)
+    eva = {
+        k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v
+        for k, v in eva_state.items()
+    }
+    eva["rope.freqs_cos"] = torch.randn(16, 32)
+    dino_state = _timm_state("vit_small_patch16_dinov3", 64)
+    dino = {
+        k.replace("reg_token", "storage_tokens")
+        .replace("gamma_1", "ls1.gamma")
+        .replace("gamma_2", "ls2.gamma"): v
+        for k, v in dino_state.items()
+    }
+    dino.update({"rope_embed.periods": torch.ones(16), "mask_token": torch.zeros(1, 384)})
+    for name, crop, original, state in (
+        ("eva02_tiny_patch14_224", 56, eva, eva_state),
+        ("vit_small_patch16_dinov3", 64, dino, dino_state),
+    ):
+        torch.save(original, tmp_path / f"{name}.pth")
+        loaded = _load(name, tmp_path / f"{name}.pth", crop)
+        for key, value in loaded.items():
+            assert torch.equal(value, state[key]), f"{name}: {key}"

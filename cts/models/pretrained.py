@@ -159,6 +159,7 @@ def _say_depth(path: str, available: int, depth: int) -> None:
 def load_vit_weights(vit: nn.Module, path: str | os.PathLike, name: str) -> None:
     """Load a local pretrained file into a timm ViT built without weights.
 
+    timm's layout or an original release's that timm converts (:func:`_checkpoint_filter`).
     The position embedding is resampled to the model's grid, the classifier head dropped;
     with fewer blocks than the file (a depth override) the first ``depth`` blocks load and
     a warning says so. Anything else that does not fit is an error listing the keys.
@@ -167,6 +168,12 @@ def load_vit_weights(vit: nn.Module, path: str | os.PathLike, name: str) -> None
     depth = len(vit.blocks)
     if path.suffix == ".npz":  # original JAX checkpoint: timm's own loader (first blocks)
         import numpy as np
+
+        if not hasattr(vit, "load_pretrained"):
+            raise ValueError(
+                f"{path}: JAX .npz weights load into timm VisionTransformer models only; "
+                f"give {name} a .pth/.safetensors state dict"
+            )
 
         with np.load(path) as npz:
             blocks = {int(m.group(1)) for k in npz.files if (m := _NPZ_BLOCK.search(k))}
@@ -178,25 +185,38 @@ def load_vit_weights(vit: nn.Module, path: str | os.PathLike, name: str) -> None
             raise ValueError(f"{path} does not fit backbone {name}: {error}") from error
         _say_depth(str(path), max(blocks, default=-1) + 1, depth)
         return
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     state = read_state_dict(path)
     file_blocks = max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1) + 1
     try:
-        state = checkpoint_filter_fn(state, vit)
+        state = _checkpoint_filter(vit)(state, vit)
     except Exception as error:
         raise ValueError(f"{path} does not fit backbone {name}: {error}") from error
     own = vit.state_dict()
     state = {
         k: v
         for k, v in state.items()
-        if k in own or not (k.split(".")[0] in ("head", "head_dist") or _beyond(k, depth))
+        if k in own or not (k.split(".")[0] in _HEAD_KEYS or _beyond(k, depth))
     }
     problems = fit_report(own, state)
     if problems:
         raise ValueError(f"{path} does not fit backbone {name}: {'; '.join(problems)}")
     vit.load_state_dict(state)
     _say_depth(str(path), file_blocks, depth)
+
+
+# Classifier and pooling-head keys: a file may hold them, the segmentation ViT has none.
+_HEAD_KEYS = ("head", "head_dist", "fc_norm", "attn_pool")
+
+
+def _checkpoint_filter(vit: nn.Module):
+    """timm's converter of the ViT's family: renames an original release's keys (DINOv2,
+    DINOv3, EVA-02, CLIP, DeiT-III layer scale...) to timm's and resamples the position
+    and patch embeddings to the model's grid."""
+    from timm.models import eva, vision_transformer
+
+    if isinstance(vit, eva.Eva):
+        return eva.checkpoint_filter_fn
+    return functools.partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=True)
 
 
 def _beyond(key: str, depth: int) -> bool:
