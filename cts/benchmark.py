@@ -583,14 +583,42 @@ class TableSettings:
         return settings
 
 
+def backbone_row(key: str) -> TableRow:
+    """A row for any backbone sharing serves, ``NAME`` or ``NAME@CROP``: Segmenter on
+    ADE20K's 150 classes at ``CROP`` (default: 512 rounded down to a multiple of the
+    superpatch, 504 for a /14 ViT), K for the paper's 30% fewer tokens (``ceil(N / 10)``)."""
+    from cts.models.vit import backbone_patch_size
+
+    name, _, crop_text = key.partition("@")
+    superpatch = 2 * backbone_patch_size(name)
+    crop = int(crop_text) if crop_text.isdigit() else 512 // superpatch * superpatch
+    if (crop_text and not crop_text.isdigit()) or crop < superpatch or crop % superpatch:
+        raise ValueError(
+            f"row {key!r}: the crop must be a positive multiple of {superpatch} "
+            f"(2 x {name}'s patch size), e.g. {name}@{512 // superpatch * superpatch}"
+        )
+    patch_tokens = (crop // superpatch * 2) ** 2
+    return TableRow(key, f"{name} {crop}", name, crop, -(-patch_tokens // 10), 150, "ADE20K")
+
+
 def select_rows(keys: Iterable[str] | None) -> tuple[TableRow, ...]:
-    """Rows by key, in the paper's order (None or empty: all)."""
+    """Rows by key, the paper's in its order, then backbone rows (:func:`backbone_row`) in
+    the order given (None or empty: the paper's rows)."""
     keys = list(keys or [])
     known = {row.key: row for row in PAPER_TABLE}
-    unknown = [k for k in keys if k not in known]
-    if unknown:
-        raise ValueError(f"unknown row(s) {unknown}: use {', '.join(known)}")
-    return tuple(row for row in PAPER_TABLE if not keys or row.key in keys)
+    backbones = []
+    for key in (k for k in keys if k not in known):
+        try:
+            backbones.append(backbone_row(key))
+        except ValueError as error:
+            if not str(error).startswith("unknown backbone"):
+                raise
+            raise ValueError(
+                f"unknown row {key!r}: use {', '.join(known)}, or a timm backbone name "
+                "(NAME or NAME@CROP, e.g. vit_small_patch14_reg4_dinov2@504)"
+            ) from error
+    paper = tuple(row for row in PAPER_TABLE if not keys or row.key in keys)
+    return paper + tuple(backbones)
 
 
 def build_row_model(row: TableRow, settings: TableSettings, device: torch.device) -> Segmenter:
@@ -711,6 +739,7 @@ __all__ = [
     "ForwardCost",
     "TableRow",
     "TableSettings",
+    "backbone_row",
     "bf16_supported",
     "build_row_model",
     "check_batch_fits",

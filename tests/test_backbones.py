@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cts.models import build_segmenter
+from cts.models import Segmenter, build_segmenter
 from cts.models.rope import rope_table
 from cts.models.vit import CTSViTEncoder, check_vit_backbone, create_vit
 from cts.sharing import plan_layout, select_shared
@@ -351,3 +351,66 @@ def test_eva02_and_dinov3_weights_load_from_their_original_layouts(tmp_path):
         loaded = _load(name, tmp_path / f"{name}.pth", crop)
         for key, value in loaded.items():
             assert torch.equal(value, state[key]), f"{name}: {key}"
+
+
+# --- the modern-backbone config and throughput rows -------------------------------------------
+
+
+def test_dinov2_config_shares_30_percent_of_its_tokens_on_the_superpatch_grid():
+    from stages.common import segmenter_config
+    from stages.params import CHECKS, load_params
+
+    params = load_params(REPO / "configs" / "ade20k_dinov2_s14.yaml")
+    assert set(params) == set(CHECKS)
+    assert (params["backbone"], params["crop_size"], params["num_tokens_shared"]) == (
+        "vit_small_patch14_reg4_dinov2",
+        504,
+        130,
+    )
+    assert params["eval_window"] % 28 == 0 and max(params["sweep_tokens_shared"]) <= 18 * 18
+    n, k = (504 // 14) ** 2, params["num_tokens_shared"]
+    assert (n, n - 3 * k, round(100 * 3 * k / n, 1)) == (1296, 906, 30.1)
+    config = segmenter_config({**params, "pretrained": False}, num_classes=150)
+    with torch.device("meta"):  # the model the pipeline builds, without weights or memory
+        model = Segmenter(config).eval()
+        with torch.no_grad():
+            out = model(torch.empty(1, 3, 504, 504))
+    assert model.patch_size == 14 and model.encoder.vit.num_prefix_tokens == 5
+    assert out.num_tokens == 906 and out.shared.shape == (1, 18, 18)
+
+
+def test_throughput_rows_take_any_supported_backbone():
+    from cts.benchmark import select_rows
+
+    rows = select_rows(
+        ["vit_small_patch14_reg4_dinov2", "vit_ti_512", "eva02_tiny_patch14_224@448"]
+    )
+    assert [(r.key, r.crop_size, r.num_tokens_shared, r.num_classes) for r in rows] == [
+        ("vit_ti_512", 512, 103, 150),
+        ("vit_small_patch14_reg4_dinov2", 504, 130, 150),  # 1296 -> 906 tokens
+        ("eva02_tiny_patch14_224@448", 448, 103, 150),  # 1024 -> 715 tokens
+    ]
+    with pytest.raises(ValueError, match="multiple of 28"):
+        select_rows(["vit_small_patch14_reg4_dinov2@512"])
+    with pytest.raises(ValueError, match="cannot share tokens: hybrid ViT"):
+        select_rows(["vit_base_r50_s16_384"])
+    with pytest.raises(ValueError, match="unknown row 'vit_h_1024'.*NAME@CROP"):
+        select_rows(["vit_h_1024"])
+
+
+def test_throughput_command_measures_a_rotary_backbone_row(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cts.cli import app
+
+    args = ["--depth", "1", "--batch-size", "1", "--warmup", "0", "--repeats", "1"]
+    row = "vit_small_patch16_rope_224@64"
+    result = CliRunner().invoke(
+        app, ["throughput", "-r", row, "--precision", "fp32", *args, "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert (record["key"], record["tokens_no_sharing"], record["tokens"]) == (row, 16, 16 - 3 * 2)
+    assert record["ims_per_sec"] > 0 and record["ims_per_sec_no_sharing"] > 0
