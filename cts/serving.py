@@ -3,20 +3,42 @@
 The labels are computed as ``cts predict`` computes them (:class:`cts.predict.Predictor`:
 the image resized to the crop's short side, sliding windows of the crop, the checkpoint's K,
 upsampled back to the input size). The checkpoint travels inside the MLflow model as an
-artifact, so ``mlflow models serve -m models:/cts-segmenter/latest`` needs nothing else.
+artifact and the ``cts`` package as its code (``code/cts``), with the third-party packages
+that code imports pinned to the versions installed when it was logged, so
+``mlflow models serve -m models:/cts-segmenter/latest`` needs nothing else, whatever the env
+manager: ``cts`` is not a requirement (on PyPI that name is another project).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+# The distributions of what the model's code imports (cts.serving, cts.predict,
+# cts.checkpoint and their imports: torch, timm and its hub, numpy, cv2, yaml, pandas, rich);
+# mlflow adds itself. tests/test_serving.py checks them against a load of the logged model.
+REQUIREMENTS = (
+    "torch",
+    "timm",
+    "huggingface-hub",
+    "numpy",
+    "opencv-python-headless",
+    "pyyaml",
+    "pandas",
+    "rich",
+)
 
 # Batches of (H, W, 3) uint8 RGB images of any size -> (H, W) class ids. MLflow's serving
 # enforces this schema: a request of another rank or channel count is answered with 400.
@@ -51,6 +73,22 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         return np.stack([self.predictor.labels(image) for image in model_input])
 
 
+def pip_requirements() -> list[str]:
+    """:data:`REQUIREMENTS` pinned to the versions installed here; a local version tag
+    (torch's ``+cu130``) is dropped, as no package index serves it."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+@contextmanager
+def _code_copy() -> Iterator[str]:
+    """A copy of the ``cts`` package without bytecode, for the model's ``code_paths``."""
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "cts"
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(Path(__file__).resolve().parent, target, ignore=ignore)
+        yield str(target)
+
+
 def log_segmenter_model(
     checkpoint: str | os.PathLike,
     registered_model_name: str | None = None,
@@ -60,13 +98,41 @@ def log_segmenter_model(
 
     The input example is one small grey image, so logging stays cheap.
     """
-    example = np.full((1, 64, 64, 3), 128, dtype=np.uint8)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=SegmenterModel(),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
-        signature=SIGNATURE,
-        input_example=example,
-        registered_model_name=registered_model_name,
-        pip_requirements=["torch", "timm", "cts"],
+    active = mlflow.active_run()
+    if active is None:
+        raise ValueError("log_segmenter_model needs an active MLflow run")
+    return log_model_to_run(active.info.run_id, checkpoint, registered_model_name, name)
+
+
+def log_model_to_run(
+    run_id: str,
+    checkpoint: str | os.PathLike,
+    registered_model_name: str | None = None,
+    name: str = "model",
+) -> mlflow.models.model.ModelInfo:
+    """The pyfunc model logged on run ``run_id``, active or not, in the run's experiment.
+
+    The run's experiment is given explicitly: without an active run, MLflow would put the
+    model in the default experiment.
+    """
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
     )
+    example = np.full((1, 64, 64, 3), 128, dtype=np.uint8)
+    with _code_copy() as code:
+        return Model.log(
+            artifact_path=None,  # deprecated for `name`, still a required argument
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=SegmenterModel(),
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            code_paths=[code],
+            signature=SIGNATURE,
+            input_example=example,
+            registered_model_name=registered_model_name,
+            pip_requirements=pip_requirements(),
+        )

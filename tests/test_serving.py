@@ -17,12 +17,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from cts.checkpoint import save_checkpoint, segmenter_payload
 from cts.cli import app
 from cts.data.io import read_mask, write_image
 from cts.models import build_segmenter
+from cts.predict import Predictor
 from cts.serving import log_segmenter_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,123 @@ def test_model_is_registered_with_a_signature(registered):
     assert "uint8" in signature["inputs"] and "[-1, -1, -1, 3]" in signature["inputs"]
     assert "int64" in signature["outputs"]
     assert info.saved_input_example_info is not None
+
+
+# Loads the logged model where `cts` is not installed (its editable finder removed), predicts,
+# and reports the cts modules it ran and the distributions of what they import.
+LOAD_ELSEWHERE = """
+import ast, importlib.metadata, importlib.util, json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("cts") is None, "cts is importable"
+import mlflow.pyfunc, numpy as np
+model_dir, images, out = sys.argv[1:]
+np.save(out, mlflow.pyfunc.load_model(model_dir).predict(np.load(images)))
+ours = {n: m.__file__ for n, m in list(sys.modules.items()) if n.split(".")[0] == "cts"}
+provides = importlib.metadata.packages_distributions()
+imported = set()
+for path in ours.values():
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+third_party = sorted(
+    name for name in imported - set(sys.stdlib_module_names) - {"cts", "__future__"}
+    if name in sys.modules
+)
+print(json.dumps({"files": ours, "needs": {name: provides[name] for name in third_party}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(registered, tmp_path_factory) -> Path:
+    _, _, uri, info = registered
+    location = mlflow.MlflowClient(uri).get_logged_model(info.model_id).artifact_location
+    folder = tmp_path_factory.mktemp("downloaded")
+    return Path(mlflow.artifacts.download_artifacts(location, dst_path=folder))
+
+
+@pytest.fixture(scope="module")
+def loaded_elsewhere(model_dir, tmp_path_factory) -> tuple[dict, np.ndarray, np.ndarray]:
+    folder = tmp_path_factory.mktemp("elsewhere")
+    images = np.random.default_rng(1).integers(0, 256, (2, 50, 70, 3), dtype=np.uint8)
+    np.save(folder / "images.npy", images)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-B",
+            "-c",
+            LOAD_ELSEWHERE,
+            str(model_dir),
+            "images.npy",
+            "labels.npy",
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report, images, np.load(folder / "labels.npy")
+
+
+def _requirements(model_dir: Path) -> dict[str, str]:
+    """requirements.txt as {canonical name: specifier}."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (model_dir / "requirements.txt").read_text().splitlines()
+    parsed = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {canonicalize_name(r.name): str(r.specifier) for r in parsed}
+
+
+def test_logged_model_carries_its_code_and_loads_where_cts_is_not_installed(
+    registered, model_dir, loaded_elsewhere
+):
+    _, checkpoint, _, _ = registered
+    report, images, labels = loaded_elsewhere
+    assert (model_dir / "code" / "cts" / "serving.py").is_file()
+    assert not list((model_dir / "code").rglob("__pycache__"))
+    code = (model_dir / "code").resolve()
+    assert report["files"] and all(
+        Path(path).resolve().is_relative_to(code) for path in report["files"].values()
+    )
+    from cts.checkpoint import load_segmenter
+
+    predictor = Predictor(load_segmenter(checkpoint, torch.device("cpu")), torch.device("cpu"))
+    assert np.array_equal(labels, np.stack([predictor.labels(image) for image in images]))
+
+
+def test_logged_requirements_pin_what_the_code_imports_and_nothing_else(
+    model_dir, loaded_elsewhere
+):
+    from importlib.metadata import version
+
+    from packaging.utils import canonicalize_name
+
+    report, _, _ = loaded_elsewhere
+    requirements = _requirements(model_dir)
+    assert "cts" not in requirements  # on the registry, `cts` is another project
+    needs = {
+        module: {canonicalize_name(dist) for dist in dists}
+        for module, dists in report["needs"].items()
+    }
+    provided = set().union(*needs.values())
+    assert set(requirements) <= provided, sorted(set(requirements) - provided)
+    assert [m for m, dists in needs.items() if not dists & set(requirements)] == []
+    for name, specifier in requirements.items():  # pinned to what was tested here
+        assert specifier == f"=={version(name).split('+')[0]}", (name, specifier)
+    # conda.yaml (env manager conda) installs the same pip requirements.
+    conda = yaml.safe_load((model_dir / "conda.yaml").read_text())
+    (pip,) = [dep["pip"] for dep in conda["dependencies"] if isinstance(dep, dict)]
+    lines = (model_dir / "requirements.txt").read_text().split()
+    assert sorted(pip) == sorted(lines)
 
 
 def test_served_model_answers_like_cts_predict(registered, tmp_path):
