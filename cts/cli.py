@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from cts.processes import Terminated, raise_terminated
+
 app = typer.Typer(
     help="Content-aware Token Sharing for Segmenter: the pipeline's stages.",
     no_args_is_help=True,
@@ -38,16 +40,6 @@ ResumeOption = Annotated[
     bool,
     typer.Option(help="Resume from this stage's last checkpoint when its settings match."),
 ]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, `timeout`, `docker stop`, DVC's queue): unwinds like Ctrl-C, so
-    resume checkpoints stay, temporary files go and MLflow runs end KILLED."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-    raise Terminated()
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -443,7 +435,7 @@ def export(
 def main() -> None:
     # The pipeline layer lives next to params.yaml; make it importable from the repository.
     sys.path.insert(0, os.getcwd())
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, raise_terminated)
     app()
 
 

@@ -10,6 +10,12 @@ environment, as under torchrun, so the same code runs under an outer ``torchrun`
 Bad settings fail here, before any worker starts, with one line; a worker that dies ends
 the launch with :class:`WorkerFailed`, whose message names its rank and the cause, after the
 elastic agent has stopped the other workers.
+
+SIGTERM or Ctrl-C, whether sent to the launcher alone or to every process of the job at once
+(as SLURM and Kubernetes do), end the launch as they end one process: every worker unwinds
+(its handler raises :class:`~cts.processes.Terminated` or KeyboardInterrupt once and ignores
+repeats), so rank 0 ends its MLflow runs KILLED and resume checkpoints stay; the workers exit
+with 128 + the signal, and the launcher raises the same interrupt.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from cts.processes import STOP_SIGNALS, interrupt_for, stop_exit_code, stop_once, stopped_by
 
 # The rendezvous port of torchrun when several nodes must agree on one.
 DEFAULT_MASTER_PORT = 29500
@@ -177,15 +185,13 @@ def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
     ``fn`` must be importable by name (the workers are spawned). Without OMP_NUM_THREADS set,
     each worker gets an equal share of this machine's cores.
     """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     settings = prepare(settings)
     if not os.environ.get("CTS_DEBUG"):
-        # The agent logs every failure as a traceback; the one line of WorkerFailed says it.
-        for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _quiet_agent()
     cores = len(os.sched_getaffinity(0))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(cores // settings.nproc_per_node, 1)))
     with tempfile.TemporaryDirectory(prefix="cts-launch-") as log_dir:
@@ -201,26 +207,66 @@ def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
             monitor_interval=0.2,
             start_method="spawn",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+            # The agent's handlers raise SignalException, which it answers by passing the
+            # signal to the workers; SIGHUP and SIGQUIT keep their default, as in one process.
+            signals_to_handle=",".join(each.name for each in STOP_SIGNALS),
         )
+        # The agent installs its handlers over ours and leaves them: ours come back after it.
+        handlers = {each: signal.getsignal(each) for each in STOP_SIGNALS}
         try:
             elastic_launch(config, _worker)(fn, *args)
+        except SignalException as error:
+            # The agent has stopped the workers (they unwound, or were killed after its
+            # shutdown timeout): the launcher stops the way one process does.
+            raise interrupt_for(error.sigval) from None
         except ChildFailedError as error:
-            raise WorkerFailed(_describe(*_root_cause(error.failures))) from None
+            rank, failure = _root_cause(error.failures)
+            if (stop := stopped_by(failure.exitcode)) is not None:
+                # The workers alone were signalled: the job was stopped, nothing failed.
+                raise interrupt_for(stop) from None
+            raise WorkerFailed(_describe(rank, failure)) from None
+        finally:
+            for each, handler in handlers.items():
+                if handler is not None:  # None: installed outside Python, cannot be restored
+                    signal.signal(each, handler)
+
+
+def _quiet_agent() -> None:
+    """The agent logs every failure as a traceback and every signal as a warning; the one
+    line of WorkerFailed or of the interrupt says it. Its modules set their loggers' levels
+    themselves (torch.distributed.elastic.utils.logging), so each is set, not the parents."""
+    loggers = logging.Logger.manager.loggerDict
+    for name in [*_QUIET_LOGGERS, *loggers]:
+        if name.startswith(_QUIET_LOGGERS):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _worker(fn: Callable[..., None], *args) -> None:
     if sys.platform == "linux":
         # A launcher killed outright (SIGKILL) cannot stop its workers: they die with it.
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    fn(*args)
+    # A spawned process starts with Python's defaults: SIGTERM would kill the worker before
+    # rank 0 could end its MLflow runs.
+    for each in STOP_SIGNALS:
+        signal.signal(each, stop_once)
+    try:
+        fn(*args)
+    except KeyboardInterrupt as error:
+        # Stopped, not failed: no traceback and no error record, and an exit status that
+        # says which signal stopped it.
+        raise SystemExit(stop_exit_code(error)) from None
 
 
 def _root_cause(failures: dict) -> tuple:
     """The failure that ended the run: a worker killed by a signal (the others then see a
-    closed connection, and the agent ends them with SIGTERM), else the earliest."""
+    closed connection, and the agent ends them with SIGTERM), else the earliest failure that
+    is not a stop, else the earliest stop (every worker was told to stop)."""
     killed = [
-        (rank, f) for rank, f in failures.items() if f.exitcode < 0 and f.signal_name() != "SIGTERM"
+        (rank, f)
+        for rank, f in failures.items()
+        if f.exitcode < 0 and stopped_by(f.exitcode) is None
     ]
     if killed:
         return killed[0]
-    return min(failures.items(), key=lambda item: item[1].timestamp)
+    failed = {rank: f for rank, f in failures.items() if stopped_by(f.exitcode) is None}
+    return min((failed or failures).items(), key=lambda item: item[1].timestamp)

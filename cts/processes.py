@@ -1,15 +1,69 @@
 """Which processes still run: what lets a later process clean up after a killed one (its
-temporary files, its MLflow runs) without touching the work of a live one."""
+temporary files, its MLflow runs) without touching the work of a live one; and how a process
+of ours ends when it is told to stop (SIGTERM, Ctrl-C)."""
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+from types import FrameType
+
+# The signals that stop a stage cleanly; a worker they stop exits with 128 + the signal, as a
+# shell reports it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `timeout`, `docker stop`, DVC's queue): unwinds like Ctrl-C, so
+    resume checkpoints stay, temporary files go and MLflow runs end KILLED."""
+
+
+def raise_terminated(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler of a stage's own process: the first unwinds, a second ends it at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """A Python-level no-op, not SIG_IGN: SIG_IGN would survive exec into any process the
+    worker starts while it unwinds."""
+
+
+def stop_once(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM and SIGINT handler of a worker process: the first raises Terminated (SIGTERM)
+    or KeyboardInterrupt (SIGINT), later ones are ignored. A scheduler signals every process
+    of the job and then the launcher passes the signal on: the second must not cut short the
+    worker's cleanup (ending its MLflow runs KILLED). The launcher SIGKILLs a worker that
+    has not ended within its shutdown timeout."""
+    for each in STOP_SIGNALS:
+        signal.signal(each, _ignore)
+    raise interrupt_for(signum)
+
+
+def stop_exit_code(error: KeyboardInterrupt) -> int:
+    """The exit status of a worker that this interrupt stopped."""
+    return 128 + (signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
+
+
+def stopped_by(exitcode: int) -> signal.Signals | None:
+    """The stop signal behind a process's exit status (a worker stopped cleanly: 128 + N; one
+    that had no handler yet: -N), else None."""
+    for each in STOP_SIGNALS:
+        if exitcode in (128 + each, -each):
+            return each
+    return None
+
+
+def interrupt_for(signum: int) -> KeyboardInterrupt:
+    """What a stop signal raises in the process that handles it."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields of ``/proc/PID/stat`` after the command name (Linux): state at 0, parent pid
-    at 1, start time at 19; None when the process is gone or there is no /proc."""
+    at 1, process group at 2, start time at 19; None when the process is gone or there is
+    no /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -53,3 +107,17 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             stack.append(child)
     return found
+
+
+def process_group(pgid: int) -> list[int]:
+    """The running processes (zombies left out) of process group ``pgid`` (Linux; empty
+    without /proc): what a scheduler's signal to the job reaches, and must leave nothing of."""
+    proc = Path("/proc")
+    return [
+        int(entry.name)
+        for entry in (proc.iterdir() if proc.is_dir() else ())
+        if entry.name.isdigit()
+        and (fields := _stat_fields(int(entry.name)))
+        and int(fields[2]) == pgid
+        and fields[0] != "Z"
+    ]

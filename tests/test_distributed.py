@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from cts.launch import LaunchSettings, prepare, resolve_nproc_per_node
+from cts.processes import process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -215,6 +216,74 @@ def test_a_killed_worker_ends_the_stage_with_one_line_and_the_rerun_resumes(repo
         r"error: train_segmenter: worker rank [01] \(pid \d+\) was killed by SIGKILL", errors[0]
     ), errors
     assert not any(_running(pid) for pid in workers)
+
+    result = _cts(root, env, "train_segmenter", *settings)
+    resumed = re.search(r"resuming segmenter training at iteration (\d+)", result.stdout)
+    assert resumed and 1 <= int(resumed.group(1)) < 12
+    payload = torch.load(root / "checkpoints" / "segmenter.pt", weights_only=False)
+    assert payload["history"][-1]["step"] == 12
+
+
+def _start_training(root: Path, env: dict, *settings: str) -> subprocess.Popen:
+    """`cts train_segmenter` in a session of its own: its process group is the whole job,
+    which is what a scheduler signals."""
+    return subprocess.Popen(
+        [str(BIN / "cts"), "train_segmenter", *settings],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _gone_within(pgid: int, seconds: float) -> list[int]:
+    """The processes of group ``pgid`` still running after up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (left := process_group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@needs_dvc
+@pytest.mark.parametrize("target", ["launcher", "process_group"])
+def test_sigterm_with_two_processes_is_143_one_line_runs_killed_and_the_rerun_resumes(repo, target):
+    """SLURM, Kubernetes and `dvc queue kill` send SIGTERM to the stage's process, or to every
+    process of the job at once: both end like one process does."""
+    from mlflow.tracking import MlflowClient
+
+    root, env, store = repo
+    settings = ["--set", "iterations=12", "--set", "checkpoint_every=1", "--set", "eval_every=0"]
+    resume_dir = root / "checkpoints" / "resume"
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    launcher = _start_training(root, env, *settings)
+    deadline = time.monotonic() + 120
+    while not list(resume_dir.glob("segmenter-*.pt")) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    assert len(_children(launcher.pid)) == 2
+    if target == "launcher":
+        launcher.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(launcher.pid, signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train_segmenter terminated (SIGTERM); run it again to resume"]
+    # Neither a traceback nor the elastic agent's own account of the signal.
+    assert not re.search(r"Traceback|SignalException|death signal|Closing process", stderr), stderr
+    assert _gone_within(launcher.pid, 10) == []
+    assert list(resume_dir.glob("segmenter-*.pt"))
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("cts").experiment_id
+    (train, *_) = client.search_runs(
+        [experiment],
+        "tags.`cts.stage` = 'train_segmenter'",
+        order_by=["attributes.start_time DESC"],
+    )
+    parent = client.get_run(train.data.tags["mlflow.parentRunId"])
+    assert (train.info.status, parent.info.status) == ("KILLED", "KILLED")
 
     result = _cts(root, env, "train_segmenter", *settings)
     resumed = re.search(r"resuming segmenter training at iteration (\d+)", result.stdout)
