@@ -150,6 +150,28 @@ def test_params_validation_refuses_a_hybrid_backbone():
         )
 
 
+def test_a_rotary_backbone_compiles_to_one_graph_with_and_without_sharing():
+    """What cts throughput's CUDA graphs need (backend "eager": tracing only): the rotary
+    table of patches and centres traces too."""
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="eva02_tiny_patch14_224",
+        num_classes=3,
+        crop_size=56,
+        depth=1,
+        num_tokens_shared=2,
+        policy_feature_stride=16,
+        policy_input_scale=0.5,
+    ).eval()
+    images = torch.randn(2, 3, 56, 56)
+    torch.compiler.reset()
+    compiled = torch.compile(model.predict, backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        for k in (2, 0):
+            assert torch.equal(compiled(images, k), model.predict(images, k))
+    torch.compiler.reset()
+
+
 # --- rotary positions -------------------------------------------------------------------------
 
 ROPES = [
