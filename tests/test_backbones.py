@@ -35,6 +35,7 @@ ARCHITECTURES = {
     "vit_small_patch14_reg4_dinov2": "DINOv2: patch 14, class token + 4 registers",
     "vit_base_patch16_siglip_224": "SigLIP: no class token, attention-pool head",
     "vit_base_patch16_clip_224": "CLIP: pre-norm",
+    "vit_pwee_patch16_reg1_gap_256": "parallel attention + MLP blocks (was: no block.attn)",
     "eva02_tiny_patch14_224": "EVA-02: patch 14, absolute + rotary positions",
     "vit_small_patch16_rope_224": "rotary only, xy grid",
     "vit_small_patch16_rope_mixed_224": "rotary with learned per-block frequencies",

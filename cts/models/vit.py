@@ -200,7 +200,11 @@ class CTSViTEncoder(nn.Module):
         self.vit = vit
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
-        self.num_heads = int(vit.blocks[0].attn.num_heads)
+        # The first module of a block that knows its heads: the block itself for timm's
+        # parallel blocks (ParallelScalingBlock has no .attn), else its attention.
+        self.num_heads = next(
+            int(m.num_heads) for m in vit.blocks[0].modules() if hasattr(m, "num_heads")
+        )
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
 
     @property
