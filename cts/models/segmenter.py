@@ -13,6 +13,7 @@ from cts.models.decoder import MaskTransformer, build_decoder
 from cts.models.policy import BACKBONE as POLICY_BACKBONE
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
 from cts.models.pretrained import check_hub_weights, require_weights_file
+from cts.models.upsample import upsample_argmax
 from cts.models.vit import CTSViTEncoder, create_vit
 from cts.sharing import (
     IGNORE_INDEX,
@@ -251,27 +252,17 @@ class Segmenter(nn.Module):
         return SegmenterOutput(logits[..., :height, :width], shared, num_tokens)
 
     def predict(self, images: Tensor, num_tokens_shared: int | None = None) -> Tensor:
-        """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images.
+        """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images: the argmax
+        of ``forward``'s logits (up to ties).
 
-        Inference only: upsampling and argmax are one step (:func:`upsample_argmax`). Compiled
-        (``torch.compile``), that step is one kernel that never writes the ``(B, n_cls, H, W)``
-        scores to memory; eager, the fp32 upsampled scores are materialised first.
+        Inference only: upsampling and argmax are one step
+        (:func:`cts.models.upsample.upsample_argmax`) that never writes the ``(B, n_cls, H,
+        W)`` scores to memory: compiled, Inductor fuses it into one kernel; eager, only the
+        pixels of cells of the patch grid where several classes can win are interpolated.
         """
         height, width = images.shape[-2:]
         scores, _, _, padded = self._token_scores(images, None, num_tokens_shared)
-        return upsample_argmax(scores, padded)[:, :height, :width]
-
-
-def upsample_argmax(scores: Tensor, size: tuple[int, int]) -> Tensor:
-    """``(B, n_cls, h, w)`` scores -> ``(B, H, W)`` labels of their bilinear upsampling.
-
-    The upsampling is in fp32 whatever the autocast: rounding the scores to bf16 before the
-    argmax would flip near-tied pixels, and once fused with the argmax the fp32 arithmetic
-    costs no memory traffic (only the small ``(B, n_cls, h, w)`` input is read).
-    """
-    with torch.autocast(scores.device.type, enabled=False):
-        upsampled = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-    return upsampled.argmax(dim=1)
+        return upsample_argmax(scores, padded, (height, width))
 
 
 def build_segmenter(**kwargs) -> Segmenter:
