@@ -93,15 +93,16 @@ def log_segmenter_model(
     checkpoint: str | os.PathLike,
     registered_model_name: str | None = None,
     name: str = "model",
-) -> mlflow.models.model.ModelInfo:
+) -> mlflow.models.model.ModelInfo | None:
     """Log the checkpoint as a pyfunc model on the active run (and register it when named).
 
-    The input example is one small grey image, so logging stays cheap.
+    The input example is one small grey image, so logging stays cheap. Inside a stage
+    (:func:`cts.tracking.stage_run`) the model goes on the stage run, or is kept and logged
+    later while the tracking server does not answer (None then).
     """
-    active = mlflow.active_run()
-    if active is None:
-        raise ValueError("log_segmenter_model needs an active MLflow run")
-    return log_model_to_run(active.info.run_id, checkpoint, registered_model_name, name)
+    from cts.tracking import log_model
+
+    return log_model(checkpoint, registered_model_name, name)
 
 
 def log_model_to_run(

@@ -21,23 +21,42 @@ the parent holds a file lock, so stages starting at once share one parent.
 The default store is `sqlite:///<repo root>/mlruns.db` with artifacts in
 `<repo root>/mlartifacts`, where the repo root is that of the original repository even
 when DVC runs the stage in a copy under `.dvc/tmp/exps/` (`dvc exp run --temp/--queue`).
+
+A tracking server (`http(s)://...`) is never a stage's point of failure. MLflow's client
+retries a failed request for minutes; inside a stage it retries twice and waits at most
+20 s for an answer (a user's own MLFLOW_HTTP_REQUEST_* settings win). A server that does not
+answer when the stage starts, or stops answering during it, is reported in one line on
+stderr, and the stage goes on to its outputs: what it would have logged (runs, params,
+metrics, artifacts, the model) is kept, in order, in `<repo root>/mlflow-spool/` (one JSONL
+file per stage execution, copies of its files beside it). The kept records are logged as
+soon as the server answers again: during the stage (it asks again every 30 s), when the
+next stage starts, or with `python -m cts.tracking`. Each record is logged once: progress
+is saved after every record, and a metric already in the run's history is not logged again.
+A stage does not fail for an unreachable server, even at its start, because it may have
+done its work before it opens its run (the evaluations score the whole set first).
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
+from mlflow.entities import LoggedModelStatus, Metric, Param, Run, RunData, RunInfo
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -53,6 +72,23 @@ _PROCESS_TAG = "cts.process"
 # table); without the tag it guesses, and an empty experiment opens in the GenAI overview.
 _EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _EXPERIMENT_KIND = (_EXPERIMENT_KIND_TAG, "custom_model_development")
+
+SPOOL_DIR = "mlflow-spool"
+# Reachability: how long a probe of the server waits, and how often a stage that lost its
+# server asks again. A probe costs nothing against a refused connection and at most its
+# timeout against a silent host.
+PROBE_TIMEOUT_SECONDS = 5.0
+REPROBE_SECONDS = 30.0
+# MLflow's own defaults (7 retries with exponential backoff, 120 s per request) held a stage
+# about 9 minutes per call once its server had died.
+_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+# For the one call that must go out while the server is known not to answer: MLflow's
+# end_run forgets its active run, then tells the server.
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -228,11 +264,522 @@ def _store_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _end_parent(client: MlflowClient, parent_id: str, status: str) -> None:
+def _end_parent(
+    client: MlflowClient, parent_id: str, status: str, end_time: int | None = None
+) -> None:
     """The parent takes the latest stage's state; an ended parent is never set RUNNING."""
     if status == "FINISHED" and client.get_run(parent_id).info.status == "FINISHED":
         return
-    client.set_terminated(parent_id, status)
+    client.set_terminated(parent_id, status, end_time)
+
+
+def _remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """None when the tracking server at `uri` answers (any HTTP status below 500: an answer
+    that asks for credentials is an answer); else why not, in a few words."""
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or verify
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=verify)
+    except requests.Timeout:
+        return f"no answer within {timeout:g} s"
+    except requests.ConnectionError as error:
+        text = str(error)
+        if "refused" in text.lower():
+            return "connection refused"
+        if "resolve" in text.lower() or "name or service" in text.lower():
+            return "host not found"
+        return type(error).__name__
+    except requests.RequestException as error:
+        return type(error).__name__
+    return f"HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+@contextmanager
+def _environment(values: Mapping[str, str], override: bool) -> Iterator[None]:
+    """Sets environment variables for the block (only unset ones unless `override`)."""
+    previous = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if override or previous[name] is None:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _log_batch(
+    client: MlflowClient,
+    run_id: str,
+    metrics: Sequence[Sequence[Any]] = (),
+    params: Mapping[str, Any] | None = None,
+) -> None:
+    """Metrics as (key, value, timestamp ms, step) rows, params as str(value), in one call."""
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), int(ts), int(step)) for key, value, ts, step in metrics],
+        params=[Param(key, str(value)) for key, value in (params or {}).items()],
+    )
+
+
+def _find_or_create_parent(client: MlflowClient, experiment_id: str, start: Mapping) -> str:
+    """The pipeline's parent run (see the module doc); a new one gets the params and the
+    upstream stages' results. The caller holds the store lock."""
+    if parent_id := _find_parent(client, experiment_id, start["key"]):
+        return parent_id
+    tags = {_KEY_TAG: start["key"], _KIND_TAG: "pipeline", _PROCESS_TAG: start["process"]}
+    parent_id = client.create_run(
+        experiment_id, start_time=start["start_time"], tags=tags, run_name=start["parent_name"]
+    ).info.run_id
+    upstream = [(key, value, start["start_time"], 0) for key, value in start["upstream"].items()]
+    _log_batch(client, parent_id, upstream, start["params"])
+    return parent_id
+
+
+def _open_kept_runs(client: MlflowClient, uri: str, start: Mapping) -> tuple[str, str]:
+    """Creates the runs of a stage that started while its server did not answer, with the
+    times, tags and values it had then; returns (child, parent)."""
+    experiment_id = _experiment_id(client, start["experiment"], uri)
+    with _store_lock(uri):
+        parent_id = _find_or_create_parent(client, experiment_id, start)
+    tags = {**start["tags"], _PARENT_TAG: parent_id}
+    child_id = client.create_run(
+        experiment_id, start_time=start["start_time"], tags=tags, run_name=start["stage"]
+    ).info.run_id
+    _log_batch(client, child_id, params=start["params"])
+    return child_id, parent_id
+
+
+def _apply(client: MlflowClient, record: Mapping[str, Any], folder: Path | None = None) -> Any:
+    """Logs one record (see `_Session.send`); file paths are relative to `folder` when the
+    record comes from a spool."""
+
+    def local(path: str) -> str:
+        return str(folder / path) if folder is not None else path
+
+    op, run_id = record["op"], record["run"]
+    if op == "metrics":
+        _log_batch(client, run_id, record["metrics"])
+    elif op == "artifact":
+        client.log_artifact(run_id, local(record["path"]), record.get("artifact_path"))
+    elif op == "model":
+        from cts.serving import log_model_to_run  # torch: only where a model is logged
+
+        return log_model_to_run(
+            run_id, local(record["checkpoint"]), record["registered_model_name"], record["name"]
+        )
+    elif op == "end":
+        client.set_terminated(run_id, record["status"], record["end_time"])
+    elif op == "end_parent":
+        _end_parent(client, run_id, record["status"], record["end_time"])
+    else:
+        raise ValueError(f"unknown tracking record {op!r}")
+    return None
+
+
+class _Spool:
+    """The records one stage execution could not log: `<stamp>-<stage>-<pid>.jsonl` in the
+    spool folder, its files copied to `<same name>.files/<n>/<file name>` (the name is what
+    the artifact is called). The writer holds an flock on the file while it lives, so a
+    replay leaves the file of a running stage alone; the kernel drops it if the writer dies."""
+
+    def __init__(self, folder: Path, uri: str, stage: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        ignore = folder / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# what stages kept while their MLflow server did not answer\n*\n")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        self.path = folder / f"{stamp}-{stage}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+        self.files = self.path.with_suffix(".files")
+        # Locked and given its header under another name: a replay never sees it unlocked.
+        partial = self.path.with_suffix(".partial")
+        self._file = open(partial, "a")  # noqa: SIM115 (closed by close())
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._write({"op": "header", "uri": uri, "stage": stage, "pid": os.getpid()})
+        os.replace(partial, self.path)
+        self._copies = 0
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def keep(self, record: dict[str, Any], files: Sequence[str]) -> None:
+        """Appends `record`, its fields named in `files` replaced by copies of those files
+        (copies: the stage may replace the originals before the records are logged)."""
+        record = dict(record)
+        for field in files:
+            self._copies += 1
+            source = Path(record[field])
+            target = self.files / str(self._copies) / source.name
+            target.parent.mkdir(parents=True)
+            shutil.copy2(source, target)
+            record[field] = str(target.relative_to(self.files))
+        self._write(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _progress_path(path: Path) -> Path:
+    return path.with_suffix(".done")
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The file's records; a last line cut short by a killed writer is left out."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def _replay_file(client: MlflowClient, uri: str, path: Path) -> tuple[int, dict[str, str]]:
+    """Logs the records of one spool file not yet logged; returns how many it logged and the
+    ids of the runs it created for the runs the stage could not create (its refs -> ids).
+    Progress is saved after each record; a connection error propagates and leaves the rest."""
+    records = _read_records(path)[1:]
+    progress_file = _progress_path(path)
+    progress = {"applied": 0, "runs": {}}
+    if progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+    runs: dict[str, str] = progress["runs"]
+    history: dict[tuple[str, str], set[tuple[int, int, float]]] = {}
+    folder = path.with_suffix(".files")
+    logged = 0
+    for index in range(progress["applied"], len(records)):
+        record = dict(records[index])
+        record["run"] = runs.get(record["run"], record["run"])
+        if record["op"] == "start":
+            child_id, parent_id = _open_kept_runs(client, uri, record)
+            runs.update({records[index]["run"]: child_id, record["parent"]: parent_id})
+        elif record["op"] == "metrics":
+            new = []
+            for key, value, ts, step in record["metrics"]:
+                if (record["run"], key) not in history:
+                    history[record["run"], key] = {
+                        (m.step, m.timestamp, m.value)
+                        for m in client.get_metric_history(record["run"], key)
+                    }
+                if (step, ts, value) not in history[record["run"], key]:
+                    new.append((key, value, ts, step))
+            if new:
+                _apply(client, {**record, "metrics": new})
+        elif record["op"] == "model" and _has_model(client, record["run"], record["name"]):
+            pass  # logged before the progress of an earlier replay was saved
+        else:
+            _apply(client, record, folder)
+        logged += 1
+        progress["applied"] = index + 1
+        temporary = progress_file.with_suffix(".done.tmp")
+        temporary.write_text(json.dumps(progress))
+        os.replace(temporary, progress_file)
+    return logged, runs
+
+
+def _has_model(client: MlflowClient, run_id: str, name: str) -> bool:
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+    )
+    return any(model.status == LoggedModelStatus.READY for model in found)
+
+
+def _remove_spool(path: Path) -> None:
+    shutil.rmtree(path.with_suffix(".files"), ignore_errors=True)
+    _progress_path(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def replay_spool(uri: str | None = None, start: Path | None = None) -> int:
+    """Logs what stages kept in the spool folder while their server did not answer, to
+    `uri`'s server (default: each file's own server); returns how many records it logged.
+
+    Files of stages still running are left; a server that does not answer keeps its files.
+    """
+    folder = repo_root(start) / SPOOL_DIR
+    logged = 0
+    with _environment(_HTTP_SETTINGS, override=False):
+        for path in sorted(folder.glob("*.jsonl")):
+            with open(path) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its stage is still running
+                records = _read_records(path)
+                if not records:
+                    continue
+                target = records[0]["uri"]
+                if (uri is not None and target != uri) or unreachable(target):
+                    continue
+                mlflow.set_tracking_uri(target)  # the model's logging reads it
+                try:
+                    logged += _replay_file(MlflowClient(target), target, path)[0]
+                except Exception as error:
+                    if not unreachable(target):
+                        # Not the connection: say so and leave the file; the stage that
+                        # replays goes on, and the rest of the file waits for a fix.
+                        text = str(error).splitlines()[0] if str(error) else ""
+                        print(
+                            f"mlflow: could not log the records kept in {path}: "
+                            f"{type(error).__name__}: {text}",
+                            file=sys.stderr,
+                        )
+                    continue
+                _remove_spool(path)
+    return logged
+
+
+class _Session:
+    """The tracking of the stage that runs: logs each record, or keeps it while the server
+    does not answer (see the module doc)."""
+
+    def __init__(self, uri: str, stage: str, start: dict[str, Any]) -> None:
+        self.uri = uri
+        self.stage = stage
+        self.start = start
+        self.client = MlflowClient(uri)
+        self.remote = _remote(uri)
+        self.run_id: str = start["run"]
+        self.parent_id: str = start["parent"]
+        self.online = True
+        self.spool: _Spool | None = None
+        self.next_probe = 0.0
+        self.kept_run: mlflow.ActiveRun | None = None
+        self.refs: dict[str, str] = {}  # kept runs' refs -> their ids, once created
+
+    def send(self, record: dict[str, Any], files: Sequence[str] = ()) -> Any:
+        """Logs `record` (its `run` field names the stage run or the parent), or keeps it
+        while the server does not answer; returns what logging it returned (None if kept)."""
+        if not self.online and time.monotonic() >= self.next_probe:
+            self.reconnect()
+        record = {**record, "run": self.refs.get(record["run"], record["run"])}
+        if self.online:
+            try:
+                return _apply(self.client, record)
+            except Exception:
+                why = unreachable(self.uri) if self.remote else None
+                if why is None:
+                    if not self.remote:
+                        raise
+                    return _apply(self.client, record)  # back already; a second error is real
+                self.go_offline(f"lost {self.uri} ({why})")
+        self.spool.keep(record, files)
+        return None
+
+    def go_offline(self, what: str) -> None:
+        self.online = False
+        self.next_probe = time.monotonic() + REPROBE_SECONDS
+        if self.spool is None:
+            self.spool = _Spool(repo_root() / SPOOL_DIR, self.uri, self.stage)
+        where = self.spool.path
+        if where.is_relative_to(Path.cwd()):
+            where = where.relative_to(Path.cwd())
+        print(
+            f"mlflow: {what}; {self.stage} goes on and keeps its tracking in {where}, logged "
+            "when the server answers (or by `python -m cts.tracking`); to log locally "
+            "instead: --set mlflow_tracking_uri=sqlite:///mlruns.db (params.yaml: "
+            "mlflow_tracking_uri)",
+            file=sys.stderr,
+        )
+
+    def reconnect(self) -> bool:
+        """When the server answers again: logs what was kept and goes on logging."""
+        self.next_probe = time.monotonic() + REPROBE_SECONDS
+        if unreachable(self.uri):
+            return False
+        try:
+            logged, runs = _replay_file(self.client, self.uri, self.spool.path)
+            if self.run_id in runs:  # the stage started without its server: its runs exist now
+                mlflow.start_run(run_id=runs[self.run_id])
+        except Exception:
+            if unreachable(self.uri):
+                return False  # lost again: the progress is saved, the rest stays kept
+            raise
+        if self.run_id in runs:
+            self.refs.update(runs)
+            self.run_id, self.parent_id = runs[self.run_id], runs[self.parent_id]
+            self.kept_run = None
+        self.spool.close()
+        _remove_spool(self.spool.path)
+        self.spool = None
+        self.online = True
+        logged += replay_spool(self.uri)  # what other stages kept
+        print(f"mlflow: {self.uri} answers again; logged {logged} kept record(s)", file=sys.stderr)
+        return True
+
+    def active_run(self) -> mlflow.ActiveRun | None:
+        """The stage's run for `mlflow.active_run()` in the stage's code: MLflow's active run,
+        or, while the stage's runs wait to be created, a stand-in with the stage's ref."""
+        return _mlflow_active_run() or self.kept_run
+
+    def end(self, status: str) -> None:
+        """Ends the stage run and the parent (or keeps that for later)."""
+        if not self.online and time.monotonic() >= self.next_probe:
+            self.reconnect()
+        end_time = _now_ms()
+        ended = False
+        if _mlflow_active_run() is not None:
+            # Without a server, end_run fails fast and the end is kept like any other record.
+            try:
+                with _environment(_FAIL_FAST, override=not self.online):
+                    mlflow.end_run(status)
+                ended = True
+            except Exception:
+                if not self.remote:
+                    raise
+        if not ended:
+            self.send({"op": "end", "run": self.run_id, "status": status, "end_time": end_time})
+        self.send(
+            {"op": "end_parent", "run": self.parent_id, "status": status, "end_time": end_time}
+        )
+        if self.spool is not None:
+            self.spool.close()
+
+
+_SESSION: _Session | None = None
+_mlflow_active_run: Callable[[], mlflow.ActiveRun | None] = mlflow.active_run
+_mlflow_log_artifact: Callable[..., None] = mlflow.log_artifact
+
+
+def log_artifact(
+    local_path: str | os.PathLike, artifact_path: str | None = None, run_id: str | None = None
+) -> None:
+    """`mlflow.log_artifact` that keeps the file for later while the stage's server does not
+    answer. Inside `stage_run`, `mlflow.log_artifact` is this function (stages call it)."""
+    session = _SESSION
+    if session is None or (run_id is not None and run_id != session.run_id):
+        _mlflow_log_artifact(str(local_path), artifact_path, run_id)
+        return
+    record = {"op": "artifact", "run": session.run_id, "path": str(local_path)}
+    session.send({**record, "artifact_path": artifact_path}, files=("path",))
+
+
+def log_model(
+    checkpoint: str | os.PathLike, registered_model_name: str | None = None, name: str = "model"
+) -> Any:
+    """The pyfunc model of `checkpoint` on the stage run (cts.serving), kept for later while
+    the server does not answer (then None); outside a stage, on MLflow's active run."""
+    from cts.serving import log_model_to_run
+
+    session = _SESSION
+    if session is None:
+        active = _mlflow_active_run()
+        if active is None:
+            raise ValueError("logging a model needs an active MLflow run")
+        return log_model_to_run(active.info.run_id, checkpoint, registered_model_name, name)
+    record = {"op": "model", "run": session.run_id, "checkpoint": str(checkpoint), "name": name}
+    return session.send({**record, "registered_model_name": registered_model_name}, ("checkpoint",))
+
+
+@contextmanager
+def _stage_calls(session: _Session) -> Iterator[None]:
+    """Routes the stage code's `mlflow.active_run` and `mlflow.log_artifact` through the
+    session for the stage's duration (the stages call them directly)."""
+    global _SESSION
+    _SESSION = session
+    mlflow.active_run, mlflow.log_artifact = session.active_run, log_artifact
+    try:
+        yield
+    finally:
+        mlflow.active_run, mlflow.log_artifact = _mlflow_active_run, _mlflow_log_artifact
+        _SESSION = None
+
+
+class _Unreachable(Exception):
+    """The server did not answer the probe at the stage's start."""
+
+
+def _open_session(
+    stage: str,
+    params: Mapping[str, Any],
+    experiment: str,
+    uri: str,
+    upstream_metrics: Sequence[str | Path],
+) -> _Session:
+    """Replays what earlier stages kept, closes runs of dead stages, finds or creates the
+    parent and starts the stage run; without an answering server, a session that keeps."""
+    key = pipeline_key(params)
+    process = _this_process()
+    tags = {_KEY_TAG: key, _KIND_TAG: "stage", _STAGE_TAG: stage, _PROCESS_TAG: process}
+    upstream: dict[str, float] = {}
+    for path in map(Path, upstream_metrics):
+        if path.is_file():
+            upstream.update(_scalars(_read_json(path), f"{path.stem}."))
+    start = {
+        "op": "start",
+        "run": f"kept-{uuid.uuid4().hex}",
+        "parent": f"kept-{uuid.uuid4().hex}",
+        "experiment": experiment,
+        "key": key,
+        "parent_name": parent_run_name(params, key),
+        "stage": stage,
+        "process": process,
+        "params": _flatten(params),
+        "upstream": upstream,
+        "start_time": _now_ms(),
+    }
+    session = _Session(uri, stage, start)
+    remote = session.remote
+    child = None
+    try:
+        if remote and (why := unreachable(uri)):
+            raise _Unreachable(why)
+        client = session.client
+        if remote:
+            replayed = replay_spool(uri)
+            if replayed:
+                print(
+                    f"mlflow: logged {replayed} record(s) kept by earlier stages", file=sys.stderr
+                )
+        experiment_id = _experiment_id(client, experiment, uri)
+        with _store_lock(uri):
+            close_stale_runs(client, experiment_id)
+            parent_id = _find_or_create_parent(client, experiment_id, start)
+        child = mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags
+        )
+        session.run_id, session.parent_id = child.info.run_id, parent_id
+        _log_batch(client, session.run_id, params=start["params"])
+    except Exception as error:
+        why = str(error) if isinstance(error, _Unreachable) else None
+        why = why or (unreachable(uri) if remote else None)
+        if why is None:
+            raise
+        if child is not None:  # started, then lost: the replay creates the stage's runs
+            with _environment(_FAIL_FAST, override=True), contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
+        from mlflow.tracking.context.registry import resolve_tags
+
+        start["tags"] = resolve_tags(tags)
+        session.run_id, session.parent_id = start["run"], start["parent"]
+        session.go_offline(f"{uri} does not answer ({why})")
+        session.spool.keep(start, ())
+        info = RunInfo(
+            run_id=session.run_id,
+            experiment_id="",
+            user_id="",
+            status="RUNNING",
+            start_time=start["start_time"],
+            end_time=None,
+            lifecycle_stage="active",
+            run_name=stage,
+        )
+        session.kept_run = mlflow.ActiveRun(Run(info, RunData()))
+    return session
 
 
 @contextmanager
@@ -253,6 +800,10 @@ def stage_run(
     `mlflow.log_*` calls inside the body go to it. An exception marks both runs FAILED,
     an interrupt (KeyboardInterrupt, which SIGTERM raises in `cts`) KILLED; it propagates.
     In a multi-process run only rank 0 logs: the other ranks get None.
+
+    With a tracking server that does not answer, the body still runs (see the module doc):
+    log through this module's functions, `mlflow.log_artifact` or `mlflow.active_run()`;
+    other `mlflow.*` calls reach the server directly.
     """
     if int(os.environ.get("RANK", 0)) != 0:
         yield None
@@ -260,42 +811,18 @@ def stage_run(
     _quiet_mlflow()
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment_id = _experiment_id(client, experiment, uri)
-    key = pipeline_key(params)
-    flat_params = _flatten(params)
-    process = {_PROCESS_TAG: _this_process()}
-
-    with _store_lock(uri):
-        close_stale_runs(client, experiment_id)
-        parent_id = _find_parent(client, experiment_id, key)
-        if parent_id is None:
-            tags = {_KEY_TAG: key, _KIND_TAG: "pipeline", **process}
-            name = parent_run_name(params, key)
-            parent_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-            mlflow.log_params(flat_params, run_id=parent_id)
-            for path in map(Path, upstream_metrics):
-                if path.is_file():
-                    mlflow.log_metrics(
-                        _scalars(_read_json(path), f"{path.stem}."), run_id=parent_id
-                    )
-    child = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=stage,
-        parent_run_id=parent_id,
-        tags={_KEY_TAG: key, _KIND_TAG: "stage", _STAGE_TAG: stage, **process},
-    )
-    status = "FAILED"
-    try:
-        mlflow.log_params(flat_params)
-        yield child
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        mlflow.end_run(status)
-        _end_parent(client, parent_id, status)
+    with _environment(_HTTP_SETTINGS if _remote(uri) else {}, override=False):
+        session = _open_session(stage, params, experiment, uri, upstream_metrics)
+        status = "FAILED"
+        with _stage_calls(session):
+            try:
+                yield session.active_run()
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                session.end(status)
 
 
 def log_json_metrics(
@@ -308,14 +835,15 @@ def log_json_metrics(
     the stage name) and a dot. Outside `stage_run` nothing is logged, so stages also run
     untracked.
     """
-    if (active := mlflow.active_run()) is None:
+    if (session := _SESSION) is None:
         return
-    scalars = _scalars(metrics)
-    mlflow.log_metrics(scalars, step=step)
+    scalars, now = _scalars(metrics), _now_ms()
+    rows = [(key, value, now, step or 0) for key, value in scalars.items()]
+    session.send({"op": "metrics", "run": session.run_id, "metrics": rows})
     if step is None:
-        tags = MlflowClient().get_run(active.info.run_id).data.tags
-        prefix = prefix or tags[_STAGE_TAG]
-        mlflow.log_metrics(_scalars(scalars, f"{prefix}."), run_id=tags[_PARENT_TAG])
+        prefix = prefix or session.stage
+        rows = [(f"{prefix}.{key}", value, now, 0) for key, value in scalars.items()]
+        session.send({"op": "metrics", "run": session.parent_id, "metrics": rows})
 
 
 def log_metrics_file(path: str | Path) -> None:
@@ -324,8 +852,21 @@ def log_metrics_file(path: str | Path) -> None:
     The stem is the prefix `stage_run` uses when it seeds a new parent from the same file,
     so a result keeps its name whichever run logged it.
     """
-    if mlflow.active_run() is None:
+    if _SESSION is None:
         return
     path = Path(path)
     log_json_metrics(_read_json(path), prefix=path.stem)
-    mlflow.log_artifact(str(path))
+    log_artifact(path)
+
+
+def main() -> int:
+    """`python -m cts.tracking`: logs what stages kept while their server did not answer."""
+    _quiet_mlflow()
+    logged = replay_spool()
+    left = sorted((repo_root() / SPOOL_DIR).glob("*.jsonl"))
+    print(f"mlflow: logged {logged} kept record(s); {len(left)} stage run(s) still kept")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,12 @@
+import importlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -6,15 +14,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import cts  # noqa: F401  (applies the torchvision import fix)
+import cts.tracking
 from cts.tracking import (
     log_json_metrics,
     log_metrics_file,
     parent_run_name,
     pipeline_key,
+    replay_spool,
     repo_root,
     stage_run,
     tracking_uri,
 )
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 PARAMS = {"seed": 0, "sharing": {"num_tokens_shared": 103, "policy": "effnet"}}
 
@@ -171,6 +184,260 @@ def test_artifacts_live_next_to_the_store(store):
     assert location == (Path(store.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
-def test_logging_outside_a_stage_is_a_no_op(tmp_path):
-    log_json_metrics({"mIoU": 1.0})
+def test_logging_outside_a_stage_logs_nothing_even_into_an_active_run(store, tmp_path):
+    results = tmp_path / "eval_ss.json"
+    results.write_text(json.dumps({"mIoU": 45.1}))
+    client = MlflowClient(store)
+    experiment_id = client.create_experiment("outside")
+    mlflow.set_tracking_uri(store)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            log_json_metrics({"mIoU": 1.0})
+            log_json_metrics({"loss": 0.5}, step=3)
+            log_metrics_file(results)
+    finally:
+        mlflow.set_tracking_uri(None)
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.metrics == {} and client.list_artifacts(run.info.run_id) == []
+    log_json_metrics({"mIoU": 1.0})  # no run at all: nothing to log to, and no error
+
+
+# ------------------------------------------------- a tracking server that stops answering
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """The real `mlflow server` on loopback (sqlite store, proxied artifacts), which a test
+    kills (SIGKILL, its whole process group) and starts again on the same port and store."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner processes
+        command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}"]
+        command += ["--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"]
+        with open(self.folder / "server.log", "a") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow server not up within {timeout} s"
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=60)
+
+    @property
+    def up(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    yield server
+    server.kill()
+
+
+def _silent_port():
+    """A port that accepts connections and never answers (a hung host)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener
+
+
+def _mlflow_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("mlflow:")]
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent"])
+def test_an_unreachable_server_at_start_is_one_line_and_the_stage_goes_on(
+    kind, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    listener = _silent_port() if kind == "silent" else None
+    port = listener.getsockname()[1] if listener else _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    results = tmp_path / "eval_ss.json"
+    results.write_text(json.dumps({"mIoU": 45.1}))
+    started = time.monotonic()
+    try:
+        with stage_run("eval_ss", PARAMS, "down", uri) as run:
+            assert mlflow.active_run() is run is not None  # stages check it before logging
+            log_json_metrics({"loss": 0.5}, step=1)
+            log_metrics_file(results)
+            mlflow.log_artifact(str(results), artifact_path="copies")
+    finally:
+        if listener:
+            listener.close()
+    seconds = time.monotonic() - started
+    (line,) = _mlflow_lines(capsys.readouterr().err)
+    assert uri in line and "sqlite:///" in line and "mlflow-spool" in line, line
+    assert seconds < 15, seconds  # a probe of 5 s, not MLflow's minutes of retries
     assert mlflow.active_run() is None
+    (kept,) = (tmp_path / "mlflow-spool").glob("*.jsonl")
+    ops = [json.loads(line)["op"] for line in kept.read_text().splitlines()]
+    assert ops == ["header", "start"] + ["metrics"] * 3 + ["artifact"] * 2 + ["end", "end_parent"]
+
+
+def test_a_replay_cut_short_logs_nothing_twice(store, tmp_path):
+    """Progress is saved after each record; were it lost (a replay killed between logging a
+    record and saving), metrics already in the run's history are not logged again."""
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("replayed")).info.run_id
+    spool = cts.tracking._Spool(tmp_path / "spool", store, "train_segmenter")
+    for step in (1, 2):
+        metrics = [["loss", 1.0 / step, 1000 + step, step], ["lr", 0.1, 1000 + step, step]]
+        spool.keep({"op": "metrics", "run": run_id, "metrics": metrics}, ())
+    spool.keep({"op": "end", "run": run_id, "status": "FINISHED", "end_time": 5000}, ())
+    spool.close()
+    assert cts.tracking._replay_file(client, store, spool.path)[0] == 3
+    spool.path.with_suffix(".done").unlink()
+    assert cts.tracking._replay_file(client, store, spool.path)[0] == 3
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value, m.timestamp) for m in history] == [(1, 1.0, 1001), (2, 0.5, 1002)]
+    assert len(client.get_metric_history(run_id, "lr")) == 2
+    run = client.get_run(run_id).info
+    assert (run.status, run.end_time) == ("FINISHED", 5000)
+
+
+MICRO = [
+    "synthetic_num_train=6",
+    "synthetic_num_val=2",
+    "synthetic_image_size=128",
+    "crop_size=128",
+    "num_tokens_shared=4",
+    "depth=1",
+    "policy_iterations=3",
+    "policy_batch_size=2",
+    "iterations=4",
+    "batch_size=2",
+    "eval_every=2",
+    "checkpoint_every=2",
+    "warmup_iterations=1",
+    "device=cpu",
+    "num_workers=0",
+    "mlflow_registered_model=cts-kill-test",
+]
+
+
+def _run_stage(stage: str, uri: str) -> dict:
+    from stages.params import load_params
+
+    module = importlib.import_module(f"stages.{stage}")
+    overrides = [*MICRO, f"mlflow_tracking_uri={uri}"]
+    params = load_params(REPO / "params.yaml", overrides, keys=module.PARAMS, stage=stage)
+    module.run(params)
+    return params
+
+
+def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
+    server, tmp_path, monkeypatch, capsys
+):
+    import stages.evaluation
+    import stages.train_segmenter
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    server.start()
+    for stage in ("download", "preprocess", "train_policy"):
+        _run_stage(stage, server.uri)
+    capsys.readouterr()
+
+    # The server dies at the first validation of training (step 2 of 4), before it is logged.
+    logged = stages.train_segmenter.log_json_metrics
+
+    def killed_at_step_2(metrics, step=None, prefix=None):
+        if step == 2 and server.up:
+            server.kill()
+        logged(metrics, step, prefix)
+
+    monkeypatch.setattr(stages.train_segmenter, "log_json_metrics", killed_at_step_2)
+    started = time.monotonic()
+    _run_stage("train_segmenter", server.uri)
+    training_seconds = time.monotonic() - started
+    assert not server.up and (repo / "checkpoints" / "segmenter.pt").is_file()
+    assert (repo / "metrics" / "train.json").is_file()
+
+    # eval_ss starts without its server, which comes back before its results are logged.
+    monkeypatch.setattr(cts.tracking, "REPROBE_SECONDS", 0.0)
+    log_results = stages.evaluation.log_metrics_file
+
+    def server_back_first(path):
+        server.start()
+        log_results(path)
+
+    monkeypatch.setattr(stages.evaluation, "log_metrics_file", server_back_first)
+    _run_stage("eval_ss", server.uri)
+    lines = _mlflow_lines(capsys.readouterr().err)
+    assert (repo / "metrics" / "eval_ss.json").is_file()
+
+    lost = [line for line in lines if f"lost {server.uri}" in line]
+    down = [line for line in lines if f"{server.uri} does not answer" in line]
+    back = [line for line in lines if "answers again" in line]
+    assert len(lost) == len(down) == len(back) == 1, lines
+    assert training_seconds < 120, training_seconds  # was ~9 minutes of retries, then exit 1
+
+    def state() -> dict:
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("cts")
+        found = client.search_runs([experiment.experiment_id])
+        (parent,) = [r for r in found if r.data.tags["cts.run_kind"] == "pipeline"]
+        stages = {r.data.tags["cts.stage"]: r for r in found if r is not parent}
+        histories = {
+            (stage, key): [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)]
+            for stage, r in stages.items()
+            for key in r.data.metrics
+        }
+        return {"parent": parent, "stages": stages, "histories": histories, "client": client}
+
+    found = state()
+    stages, histories, client = found["stages"], found["histories"], found["client"]
+    assert len(found["stages"]) == 5 and sorted(stages) == sorted(
+        ["download", "preprocess", "train_policy", "train_segmenter", "eval_ss"]
+    )
+    assert {r.info.status for r in stages.values()} == {"FINISHED"}
+    assert found["parent"].info.status == "FINISHED"
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    evaluation = json.loads((repo / "metrics" / "eval_ss.json").read_text())
+    # Validations at steps 2 and 4, the result (step 0): each once.
+    assert sorted(step for step, _ in histories["train_segmenter", "val_mIoU"]) == [0, 2, 4]
+    assert [step for step, _ in histories["train_segmenter", "loss"]] == [4]
+    assert histories["train_segmenter", "final_loss"] == [(0, train["final_loss"])]
+    assert histories["eval_ss", "mIoU"] == [(0, evaluation["mIoU"])]
+    parent_metrics = found["parent"].data.metrics
+    assert parent_metrics["train.final_loss"] == train["final_loss"]
+    assert parent_metrics["eval_ss.mIoU"] == evaluation["mIoU"]
+    train_id = stages["train_segmenter"].info.run_id
+    assert {a.path for a in client.list_artifacts(train_id)} >= {"checkpoints", "train.json"}
+    eval_artifacts = {a.path for a in client.list_artifacts(stages["eval_ss"].info.run_id)}
+    assert eval_artifacts >= {"eval_ss.json", "per_class_iou_ss.csv", "eval_ss"}
+    (version,) = client.search_model_versions("name = 'cts-kill-test'")
+    assert version.run_id == train_id
+    assert not list((repo / "mlflow-spool").glob("*.jsonl"))
+
+    # Nothing is left to log, and nothing is logged twice.
+    assert replay_spool() == 0
+    again = state()
+    assert again["histories"] == histories and len(again["stages"]) == 5
