@@ -38,16 +38,14 @@ from torch import Tensor
 # Cells are labelled in tiers by their number of candidate classes, each tier interpolating
 # only as many classes as its width; past the last tier, every class.
 CANDIDATE_TIERS = (4, 16, 64)
-# Up to this many classes, the argmax compares class planes in turn (the index-returning
-# reductions are slow over a short dimension).
-LOOP_MAX = 16
 # Below this many pixels per cell, finding the candidates costs more than it saves.
 MIN_CELL_PIXELS = 16
 
 
 def chunk_values(device: torch.device) -> int:
     """Values (pixels x classes) interpolated at a time: on a CPU 2**20 fp32 (4 MiB, in
-    the L2/L3 cache), on a GPU 2**26 (256 MiB: few kernel launches)."""
+    the L3 cache; 2**16-2**18 cost more in op launches than they gain in cache hits), on a
+    GPU 2**26 (256 MiB: few kernel launches; not measured)."""
     return 2**20 if device.type == "cpu" else 2**26
 
 
@@ -277,39 +275,17 @@ def _argmax_upsampled(values: list[Tensor], weights: list[Tensor], choice: Tenso
     values: the four corners' ``(n, width)`` values (top-left, top-right, bottom-left,
     bottom-right); weights: ``(n, Fy)`` of the top and bottom row and ``(n, Fx)`` of the
     left and right column per pixel; choice: ``(n, width)`` the classes of the values
-    (None: width is every class). Returns ``(n, Fy, Fx)`` class indices. Along the columns,
-    then the rows, as F.interpolate's CPU kernel.
+    (None: width is every class). Returns ``(n, Fy, Fx)`` class indices.
     """
     wy0, wy1, wx0, wx1 = weights
-    n, width = values[0].shape
-    if width > LOOP_MAX:  # (n, Fy, Fx, width): the argmax kernel over a contiguous dim
-        top = torch.addcmul(values[0][:, None] * wx0[..., None], values[1][:, None], wx1[..., None])
-        bottom = torch.addcmul(
-            values[2][:, None] * wx0[..., None], values[3][:, None], wx1[..., None]
-        )
-        upsampled = top[:, None] * wy0[:, :, None, None]
-        upsampled.addcmul_(bottom[:, None], wy1[:, :, None, None])
-        best = upsampled.argmax(-1)
-        if choice is None:
-            return best
-        return choice.gather(1, best.view(n, -1)).view_as(best)
-    # Few classes: class planes (n, width, Fy, Fx) compared one after the other; the index
-    # kernels are slow over a short dimension. Strictly greater keeps the first maximum.
+    n = values[0].shape[0]
+    # Along the columns, then the rows, as F.interpolate's CPU kernel: (n, width, Fy, Fx),
+    # each class's pixels contiguous, where max(1) is fastest.
     top = torch.addcmul(values[0][..., None] * wx0[:, None], values[1][..., None], wx1[:, None])
     bottom = torch.addcmul(values[2][..., None] * wx0[:, None], values[3][..., None], wx1[:, None])
     upsampled = top[:, :, None] * wy0[:, None, :, None]
     upsampled.addcmul_(bottom[:, :, None], wy1[:, None, :, None])
-    best_value = upsampled[:, 0].clone()
+    best = argmax_classes(upsampled)
     if choice is None:
-        best = torch.zeros(best_value.shape, dtype=torch.long, device=best_value.device)
-    else:
-        best = choice[:, 0, None, None].expand(best_value.shape).clone()
-    for k in range(1, width):
-        plane = upsampled[:, k]
-        better = plane > best_value
-        best_value = torch.maximum(best_value, plane)
-        if choice is None:
-            best.masked_fill_(better, k)
-        else:
-            best = torch.where(better, choice[:, k, None, None], best)
-    return best
+        return best
+    return choice.gather(1, best.view(n, -1)).view_as(best)
