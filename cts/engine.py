@@ -180,12 +180,20 @@ def segmenter_poly_schedule(
     return lambda step: lr(step) / base_lr
 
 
-def batches_from(loader: DataLoader, start_iteration: int = 0) -> Iterator[dict]:
-    """Endless batches, epoch after epoch, positioned at ``start_iteration`` (for resuming)."""
+def batches_from(
+    loader: DataLoader, start_iteration: int = 0, grad_accum_steps: int = 1
+) -> Iterator[dict]:
+    """Endless (micro-)batches, epoch after epoch, positioned after ``start_iteration``
+    optimizer steps of ``grad_accum_steps`` micro-batches each (for resuming).
+
+    The stream is the epochs' batches end to end, so the position is a count of
+    micro-batches: a step that takes the last micro-batch of one epoch and the first of the
+    next resumes exactly as well.
+    """
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError("the training loader yields no batch: fewer samples than batch_size")
-    epoch, skip = divmod(start_iteration, per_epoch)
+    epoch, skip = divmod(start_iteration * grad_accum_steps, per_epoch)
     while True:
         loader.sampler.set_epoch(epoch)
         for index, batch in enumerate(loader):

@@ -322,7 +322,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             context=context,
             description="train_segmenter",
         )
-        state = loop.run(state, batches_from(train_loader, state.iteration))
+        state = loop.run(state, batches_from(train_loader, state.iteration, accum))
         if not context.is_main:
             return
         seconds = time.perf_counter() - started
