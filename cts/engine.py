@@ -208,6 +208,9 @@ class TrainState:
 
     iteration: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    # The fp16 GradScaler's state (scale, growth tracker): a resumed run continues at the
+    # scale it had reached instead of restarting at 65536 and skipping steps again.
+    grad_scaler: dict[str, Any] | None = None
 
 
 def resume(
@@ -227,7 +230,18 @@ def resume(
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     _restore_rng(payload.get("torch_rng_per_rank") or [payload["torch_rng"]])
-    return TrainState(payload["iteration"], payload["history"])
+    _restore_cuda_rng(payload.get("cuda_rng_per_rank"))
+    return TrainState(payload["iteration"], payload["history"], payload.get("grad_scaler"))
+
+
+def _restore_cuda_rng(states: list[Tensor | None] | None) -> None:
+    """On a GPU, dropout, drop-path and the random policy draw from the device's generator:
+    each process continues the stream of its saved rank (same process count only)."""
+    if not states or not torch.cuda.is_available():
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(states) == world and states[rank] is not None:
+        torch.cuda.set_rng_state(states[rank].cpu())
 
 
 def _restore_rng(states: list[Tensor]) -> None:
@@ -277,10 +291,13 @@ class TrainLoop:
     def _save(self, state: TrainState) -> None:
         if self.checkpoint_path is None:
             return
-        rng_states = [torch.get_rng_state()]
+        cuda = self.device.type == "cuda"
+        own = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        states = [own]
         if self.context.enabled:
-            rng_states = [None] * self.context.world_size
-            dist.all_gather_object(rng_states, torch.get_rng_state())
+            states = [None] * self.context.world_size
+            dist.all_gather_object(states, own)
+        rng_states = [cpu for cpu, _ in states]
         if not self.context.is_main:
             return
         payload = self.checkpoint_payload()
@@ -293,6 +310,8 @@ class TrainLoop:
             fingerprint=self.fingerprint,
             torch_rng=rng_states[0],
             torch_rng_per_rank=rng_states,
+            cuda_rng_per_rank=[device for _, device in states] if cuda else None,
+            grad_scaler=self._scaler.state_dict() if self._scaler.is_enabled() else None,
         )
         save_checkpoint(self.checkpoint_path, payload)
 
@@ -345,7 +364,10 @@ class TrainLoop:
         return value
 
     def run(self, state: TrainState, batches: Iterator[dict]) -> TrainState:
-        self._scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        # On the loop's device: a CUDA scaler on a CPU-only machine disables itself.
+        self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if state.grad_scaler and self._scaler.is_enabled():
+            self._scaler.load_state_dict(state.grad_scaler)
         self.model.train()
         running, count = 0.0, 0
         with progress_bar() as bar:

@@ -240,3 +240,44 @@ def test_resume_with_gradient_accumulation_is_bit_identical(tmp_path):
         k for k, v in reference.state_dict().items() if not torch.equal(model.state_dict()[k], v)
     ]
     assert differ == []
+
+
+def test_fp16_resume_restores_the_grad_scaler_and_is_bit_identical(tmp_path, monkeypatch):
+    """fp16 on the CPU (torch's CPU autocast and GradScaler allow it; the engine refuses it
+    to users): the scaler starts at 2**40 so that early steps overflow and back the scale
+    off. A resumed run must continue at the saved scale, not restart at the initial one."""
+    import functools
+
+    import cts.engine
+
+    monkeypatch.setattr(
+        cts.engine, "autocast", lambda device, precision: torch.autocast("cpu", torch.float16)
+    )
+    monkeypatch.setattr(
+        torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**40)
+    )
+
+    def fp16_loop(folder, fail_at=None):
+        loop, state, loader, model = _loop(folder, fail_at=fail_at)
+        loop.precision = "fp16"
+        return loop, state, loader, model
+
+    (tmp_path / "full").mkdir()
+    loop, state, loader, reference = fp16_loop(tmp_path / "full")
+    loop.run(state, batches_from(loader))
+    full_scale = loop._scaler.get_scale()
+    assert full_scale < 2.0**40  # it did back off
+
+    (tmp_path / "cut").mkdir()
+    loop, state, loader, _ = fp16_loop(tmp_path / "cut", fail_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(state, batches_from(loader))
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["grad_scaler"]["scale"] < 2.0**40
+    loop, state, loader, model = fp16_loop(tmp_path / "cut")
+    loop.run(state, batches_from(loader, state.iteration))
+    assert loop._scaler.get_scale() == full_scale
+    differ = [
+        k for k, v in reference.state_dict().items() if not torch.equal(model.state_dict()[k], v)
+    ]
+    assert differ == []
