@@ -14,6 +14,16 @@ as mmsegmentation 0.x's ``MultiScaleFlipAug`` + keep-ratio ``Resize`` and Segmen
    logits are averaged;
 4. the logits are resized to (H0, W0), mirrored back, turned into probabilities, and the
    probabilities averaged over scales and flips.
+
+The model may also return its logits on a coarser grid that covers the window exactly
+(a Segmenter's scores on its patch grid, ``upsample=False``): each window's output is then
+upsampled to the window as the model would. Labels (:func:`predict_labels`, what
+:func:`evaluate` scores) of a single scale without flip need no probabilities (the softmax
+keeps the argmax), so the last resize and the argmax are one step
+(:func:`cts.models.upsample.upsample_argmax`), which for an image that one window covers at
+the label size and a coarse output never writes the full-resolution logits. Several scales
+or flips average probabilities, which the softmax makes non-linear in the logits: those are
+computed at the label size, scale after scale, as the authors do.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +35,7 @@ from torch import Tensor, nn
 
 from cts.data.transforms import keep_ratio_size
 from cts.metrics import SegmentationMetric
+from cts.models.upsample import argmax_classes, upsample_argmax
 from cts.progress import progress_bar
 
 Model = Callable[[Tensor], Tensor]
@@ -92,6 +103,7 @@ def sliding_window_logits(
     H and W must be at least the window (see `window_fitting_size`). The crops of all B
     images for a window are forwarded together; `batch_size` caps the crops per forward
     (rounded down to whole windows, at least one window), None forwards every window at once.
+    A model output on a coarser grid (module docstring) is upsampled to the window.
     """
     b, _, h, w = images.shape
     if min(h, w) < window:
@@ -109,11 +121,30 @@ def sliding_window_logits(
     for start in range(0, len(windows), per_forward):
         group = windows[start : start + per_forward]
         crops = torch.cat([images[..., y : y + window, x : x + window] for y, x in group])
-        outputs = model(crops).split(b)
+        outputs = _window_logits(model(crops), window).split(b)
         for (y, x), output in zip(group, outputs, strict=True):
             logits[..., y : y + window, x : x + window] += output
             count[y : y + window, x : x + window] += 1
     return logits / count
+
+
+def _check_grid(output: Tensor, window: int) -> None:
+    if any(window % side for side in output.shape[-2:]):
+        raise ValueError(
+            f"model output {tuple(output.shape[-2:])} is neither the {window}x{window} window "
+            "nor a grid that divides it"
+        )
+
+
+def _window_logits(output: Tensor, window: int) -> Tensor:
+    """A window's logits at the window size: a coarse output upsampled as the model would."""
+    if tuple(output.shape[-2:]) == (window, window):
+        return output
+    _check_grid(output, window)
+    with torch.autocast(output.device.type, enabled=False):
+        return F.interpolate(
+            output.float(), size=(window, window), mode="bilinear", align_corners=False
+        )
 
 
 def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -140,8 +171,7 @@ def predict_logits(
     out_size = out_size or (height, width)
     probs = image.new_zeros(b, num_classes, *out_size, dtype=torch.float32)
     for ratio in scales:
-        resized = _resize(image, scaled_size(height, width, geometry, ratio))
-        resized = _resize(resized, window_fitting_size(*resized.shape[-2:], geometry.window))
+        resized = _scaled_input(image, geometry, ratio)
         if flip:
             resized = torch.cat([resized, resized.flip(-1)])
         logits = sliding_window_logits(
@@ -152,6 +182,49 @@ def predict_logits(
             scale_probs = scale_probs[:b] + scale_probs[b:].flip(-1)
         probs += scale_probs
     return probs / (len(scales) * (2 if flip else 1))
+
+
+def _scaled_input(image: Tensor, geometry: EvalGeometry, ratio: float) -> Tensor:
+    """Steps 1 and 2 of the protocol: the image at scale ``ratio``, fitted to the window."""
+    resized = _resize(image, scaled_size(*image.shape[-2:], geometry, ratio))
+    return _resize(resized, window_fitting_size(*resized.shape[-2:], geometry.window))
+
+
+def predict_labels(
+    model: Model,
+    image: Tensor,
+    num_classes: int,
+    geometry: EvalGeometry,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    out_size: tuple[int, int] | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Labels (B, *out_size) int64 of normalised (B, 3, H0, W0) images: the argmax of
+    :func:`predict_logits`' probabilities (up to ties).
+
+    Single scale without flip: the argmax of the window logits resized to ``out_size``
+    (no softmax, no probabilities); when one window covers the image at ``out_size`` and the
+    model's output is coarse, ``upsample_argmax`` of that output, which never writes the
+    full-resolution logits. Otherwise the probabilities are averaged as in
+    :func:`predict_logits` and their argmax taken with the faster kernel.
+    """
+    height, width = image.shape[-2:]
+    out_size = out_size or (height, width)
+    if len(scales) != 1 or flip:
+        probs = predict_logits(
+            model, image, num_classes, geometry, scales, flip, out_size, batch_size
+        )
+        return argmax_classes(probs)
+    resized = _scaled_input(image, geometry, scales[0])
+    window = geometry.window
+    if tuple(resized.shape[-2:]) == (window, window) == tuple(out_size):
+        output = model(resized)
+        if tuple(output.shape[-2:]) != (window, window):
+            _check_grid(output, window)
+        return upsample_argmax(output, (window, window))
+    logits = sliding_window_logits(model, resized, num_classes, window, geometry.stride, batch_size)
+    return upsample_argmax(logits, out_size)
 
 
 @torch.inference_mode()
@@ -191,7 +264,7 @@ def evaluate(
                 pairs = zip(images, labels, strict=True)
             for image, label in pairs:
                 label = label.to(device, torch.int64, non_blocking=True)
-                probs = predict_logits(
+                prediction = predict_labels(
                     model,
                     image.to(device, non_blocking=True),
                     num_classes,
@@ -201,7 +274,7 @@ def evaluate(
                     out_size=tuple(label.shape[-2:]),
                     batch_size=batch_size,
                 )
-                metric.update(probs.argmax(1), label)
+                metric.update(prediction, label)
             bar.advance(task)
     metric.reduce_distributed()
     return metric

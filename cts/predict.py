@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from cts.data.io import IMAGE_SUFFIXES, CorruptFileError, read_image, write_image
-from cts.inference import EvalGeometry, predict_logits
+from cts.inference import EvalGeometry, predict_labels
 from cts.models import Segmenter
+from cts.models.upsample import upsample_argmax
 from cts.progress import progress_bar
 from cts.sharing import check_num_shared
 from cts.visualize import colorize, denormalize, outline_shared, overlay, palette
@@ -112,7 +113,10 @@ class Predictor:
         self.colours = palette(config.num_classes)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images, num_tokens_shared=self.num_tokens_shared).logits.float()
+        """Window scores on the patch grid: the evaluation upsamples them only where it must
+        (:func:`cts.inference.predict_labels`)."""
+        out = self.model(images, num_tokens_shared=self.num_tokens_shared, upsample=False)
+        return out.logits.float()
 
     def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
         image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
@@ -124,14 +128,14 @@ class Predictor:
         return self._labels(self._normalise(rgb))
 
     def _labels(self, image: torch.Tensor) -> np.ndarray:
-        probs = predict_logits(
+        labels = predict_labels(
             self._forward,
             image,
             self.model.config.num_classes,
             self.geometry,
             batch_size=self.batch_size,
         )
-        return probs.argmax(1)[0].cpu().numpy()
+        return labels[0].cpu().numpy()
 
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +144,9 @@ class Predictor:
         labels = self._labels(image)
         size = (self.crop, self.crop)
         crop = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        out = self.model(crop, num_tokens_shared=self.num_tokens_shared)
+        out = self.model(crop, num_tokens_shared=self.num_tokens_shared, upsample=False)
         crop_rgb = denormalize(crop[0].cpu().numpy(), self.model.config.mean, self.model.config.std)
-        crop_labels = out.logits.argmax(1)[0].cpu().numpy()
+        crop_labels = upsample_argmax(out.logits, size)[0].cpu().numpy()
         picture = outline_shared(
             overlay(crop_rgb, crop_labels, self.colours),
             out.shared[0].cpu().numpy(),

@@ -7,6 +7,7 @@ import cts  # noqa: F401  (applies the torchvision import fix)
 from cts.inference import (
     EvalGeometry,
     evaluate,
+    predict_labels,
     predict_logits,
     scaled_size,
     sliding_window_logits,
@@ -170,3 +171,66 @@ def test_evaluate_tensor_and_list_batches():
     )
     assert metric.confusion.sum() == 8 * 12 * 2 + 11 * 8 - 3
     assert metric.compute() == pytest.approx({"mIoU": 100.0, "pixel_acc": 100.0, "mean_acc": 100.0})
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from cts.models import build_segmenter
+
+    torch.manual_seed(0)
+    return build_segmenter(
+        backbone="vit_tiny_patch16_384", num_classes=5, crop_size=64, num_tokens_shared=2, depth=2
+    ).eval()
+
+
+def off_ties(probs: Tensor) -> Tensor:
+    top2 = probs.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1] > 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("size", "base", "scales", "flip", "out_size"),
+    [
+        ((64, 64), 64, (1.0,), False, None),  # one window covers the image: no logits written
+        ((64, 64), 64, (1.0,), False, (48, 80)),  # ... but the labels are at another size
+        ((45, 70), 64, (1.0,), False, None),  # upsampled to the window, overlapping windows
+        ((150, 97), 64, (1.0,), False, None),  # downscaled
+        ((45, 70), 64, (0.75, 1.0, 1.5), True, None),  # probabilities averaged
+    ],
+)
+@pytest.mark.parametrize("coarse", [False, True])
+def test_labels_are_the_argmax_of_the_probabilities(
+    segmenter, size, base, scales, flip, out_size, coarse
+):
+    image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    geometry = EvalGeometry(base_size=base, window=64, stride=40, max_ratio=2)
+
+    def logits(x: Tensor) -> Tensor:
+        return segmenter(x).logits
+
+    def scores(x: Tensor) -> Tensor:  # the patch grid, upsampled by the evaluation
+        return segmenter(x, upsample=False).logits
+
+    probs = predict_logits(logits, image, 5, geometry, scales, flip, out_size)
+    model = scores if coarse else logits
+    labels = predict_labels(model, image, 5, geometry, scales, flip, out_size)
+    assert labels.shape == probs.argmax(1).shape and labels.dtype == torch.int64
+    keep = off_ties(probs)
+    assert keep.float().mean() > 0.99
+    assert torch.equal(labels[keep], probs.argmax(1)[keep])
+
+
+@torch.no_grad()
+def test_coarse_outputs_are_upsampled_to_the_window_as_the_model_does(segmenter):
+    image = torch.randn(1, 3, 64, 150, generator=torch.Generator().manual_seed(1))
+    full = sliding_window_logits(lambda x: segmenter(x).logits, image, 5, 64, 40)
+    coarse = sliding_window_logits(lambda x: segmenter(x, upsample=False).logits, image, 5, 64, 40)
+    torch.testing.assert_close(coarse, full, rtol=0, atol=0)
+
+
+def test_a_coarse_grid_that_does_not_divide_the_window_is_refused():
+    with pytest.raises(ValueError, match="nor a grid that divides it"):
+        sliding_window_logits(
+            lambda x: torch.zeros(x.shape[0], NUM_CLASSES, 3, 3), torch.zeros(1, 3, 8, 8), 4, 8, 8
+        )

@@ -155,6 +155,8 @@ def upsample_argmax(
     if _tracing():
         return upsample_argmax_reference(scores, size)[:, :out_h, :out_w]
     h, w = scores.shape[-2:]
+    if (h, w) == (height, width):  # nothing to resample
+        return argmax_classes(scores[:, :, :out_h, :out_w].float())
     with torch.autocast(scores.device.type, enabled=False):
         # inf x a weight of 0 is NaN in the cells' arithmetic, not in the reference's.
         small = height * width < MIN_CELL_PIXELS * h * w
