@@ -27,7 +27,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import cts.models.segmenter as segmenter_module
-from cts.benchmark import PAPER_TABLE, TableSettings, build_row_model
+from cts.benchmark import (
+    PAPER_TABLE,
+    POLICY_SETTINGS,
+    PolicySetting,
+    TableSettings,
+    build_row_model,
+)
 from cts.checkpoint import load_segmenter
 from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
@@ -82,6 +88,11 @@ def label_parts(model: Segmenter, clock: Callable[[], float]) -> None:
     for name in ("_embed", "_shared_tokens"):  # K = 0 / K > 0
         labelled = _labelled("patch embedding + sharing", getattr(encoder, name), clock)
         setattr(encoder, name, labelled)
+    # K = 0 runs timm's forward_features: its patch embedding and position embedding (K > 0
+    # embeds through _shared_tokens and uses _pos_embed for the positions only).
+    vit = encoder.vit
+    vit.patch_embed.forward = _labelled("patch embedding + sharing", vit.patch_embed.forward, clock)
+    vit._pos_embed = _labelled("patch embedding + sharing", vit._pos_embed, clock)
     encoder.vit.blocks.forward = _labelled("encoder blocks", encoder.vit.blocks.forward, clock)
     model.decoder.forward = _labelled("decoder", model.decoder.forward, clock)
 
@@ -97,8 +108,18 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", type=int, default=0, help="also print the N costliest ops")
-    parser.add_argument("--policy-stride", type=int, default=16, help="without a checkpoint")
-    parser.add_argument("--policy-scale", type=float, default=0.5, help="without a checkpoint")
+    parser.add_argument(
+        "--policy-stride",
+        type=int,
+        default=None,
+        help="without a checkpoint (default: the pipeline's 8; with --row: the table's 16)",
+    )
+    parser.add_argument(
+        "--policy-scale",
+        type=float,
+        default=None,
+        help="without a checkpoint (default: the pipeline's 0.25; with --row: the table's 0.5)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     rows = {row.key: row for row in PAPER_TABLE}
     parser.add_argument("--row", choices=sorted(rows), default=None, help="without a checkpoint")
@@ -110,16 +131,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    default_policy = POLICY_SETTINGS["half" if args.row else "quarter"]
+    args.policy_stride = args.policy_stride or default_policy.feature_stride
+    args.policy_scale = args.policy_scale or default_policy.input_scale
+
     device = torch.device(args.device)
     if args.checkpoint:
         model = load_segmenter(args.checkpoint, device)
     elif args.row:
-        settings = TableSettings(
-            batch_size=args.batch,
-            policy_feature_stride=args.policy_stride,
-            policy_input_scale=args.policy_scale,
-        )
-        model = build_row_model(rows[args.row], settings, device)
+        policy = PolicySetting("profile", args.policy_scale, args.policy_stride)
+        settings = TableSettings(batch_size=args.batch)
+        model = build_row_model(rows[args.row], settings, device, policy)
     else:
         torch.manual_seed(0)
         model = build_segmenter(

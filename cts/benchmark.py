@@ -79,6 +79,41 @@ PAPER_TABLE = (
 )
 
 
+@dataclass(frozen=True)
+class PolicySetting:
+    """Where the policy net looks: the image resized by ``input_scale``, the feature level of
+    stride ``feature_stride``. All three settings give the same superpatch grid."""
+
+    name: str
+    input_scale: float
+    feature_stride: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (x{self.input_scale:g}, stride {self.feature_stride})"
+
+
+# Multiply-adds per 512x512 image: paper (full resolution, stride 32) 1.90 G; half (the
+# table's default) 0.32 G; quarter (the pipeline's default) 0.037 G, precision@103 93.8%
+# against 92.3% for half on the embedded data.
+POLICY_SETTINGS = {
+    setting.name: setting
+    for setting in (
+        PolicySetting("paper", 1.0, 32),
+        PolicySetting("half", 0.5, 16),
+        PolicySetting("quarter", 0.25, 8),
+    )
+}
+
+
+def resolve_policies(names: Sequence[str]) -> tuple[str, ...]:
+    """Policy settings by name, each once, in the order given (empty: ``half``)."""
+    unknown = [name for name in names if name not in POLICY_SETTINGS]
+    if unknown:
+        raise ValueError(f"policy {unknown}: allowed {', '.join(POLICY_SETTINGS)}")
+    return tuple(dict.fromkeys(names)) or ("half",)
+
+
 class BenchmarkOutOfMemoryError(RuntimeError):
     """A batch does not fit on the device; the message names the largest that does."""
 
@@ -170,18 +205,38 @@ def inference_fn(model: Segmenter, compile_mode: str) -> Predict:
     replay as one launch. With CUDA graphs, the labels returned are overwritten by the next
     call: clone them to keep them.
     """
+    return _compiled(model.predict, compile_mode)
+
+
+def _compiled(fn: Callable[..., Tensor], compile_mode: str) -> Callable[..., Tensor]:
+    """``fn`` compiled as one graph with static shapes (``none``: as it is)."""
     if compile_mode == "none":
-        return model.predict
-    compiled = torch.compile(model.predict, mode=compile_mode, dynamic=False, fullgraph=True)
+        return fn
+    compiled = torch.compile(fn, mode=compile_mode, dynamic=False, fullgraph=True)
     if not uses_cuda_graphs(compile_mode):
         return compiled
 
-    def run(images: Tensor, k: int) -> Tensor:
+    def run(*args: Any) -> Tensor:
         # Each call is a new inference step: the graph may reuse the last call's outputs.
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(images, k)
+        return compiled(*args)
 
     return run
+
+
+def policy_fn(model: Segmenter, compile_mode: str) -> Callable[[Tensor], Tensor] | None:
+    """``images -> (B, S)`` share scores of the model's policy net alone (its input resize
+    included; not the top-K selection), compiled as :func:`inference_fn`; None without a
+    policy net."""
+    if model.policy_net is None:
+        return None
+    superpatch = 2 * model.patch_size
+
+    def scores(images: Tensor) -> Tensor:
+        grid = (-(-images.shape[-2] // superpatch), -(-images.shape[-1] // superpatch))
+        return model.policy_net.share_scores(images, grid)
+
+    return _compiled(scores, compile_mode)
 
 
 def release_compiled(device: torch.device) -> None:
@@ -328,6 +383,9 @@ def out_of_memory_as_error(what: str, advice: str, device: torch.device) -> Iter
         )
 
 
+POLICY = "policy"  # the key of the policy net's own timing in time_inference's results
+
+
 def time_inference(
     model: Segmenter,
     images: Tensor,
@@ -336,9 +394,11 @@ def time_inference(
     compile_mode: str = "none",
     warmup: int = 3,
     repeats: int = 10,
-) -> tuple[dict[int, float], dict[int, float | None]]:
+    time_policy: bool = False,
+) -> tuple[dict[int | str, float], dict[int | str, float | None]]:
     """Median seconds per batch and peak memory in MiB (None on CPU) of
-    :meth:`Segmenter.predict` at each K, the K timed in turns.
+    :meth:`Segmenter.predict` at each K, the K timed in turns; with ``time_policy`` (and a
+    policy net) also the policy net alone, under the key :data:`POLICY`, in the same turns.
 
     Compiled forwards get at least :data:`COMPILED_PREWARM` untimed calls per K before
     ``warmup`` more; their graphs are released afterwards.
@@ -346,7 +406,12 @@ def time_inference(
     device = images.device
     compile_mode = resolve_compile_mode(compile_mode, device)
     predict = inference_fn(model, compile_mode)
-    calls = {k: (lambda k=k: predict(images, k)) for k in dict.fromkeys(ks)}
+    calls: dict[int | str, Callable[[], object]] = {
+        k: (lambda k=k: predict(images, k)) for k in dict.fromkeys(ks)
+    }
+    policy = policy_fn(model, compile_mode) if time_policy else None
+    if policy is not None:
+        calls[POLICY] = lambda: policy(images)
     prewarm = 1 if compile_mode == "none" else COMPILED_PREWARM
     model.eval()
     try:
@@ -370,14 +435,26 @@ def measure_sharing(
     """Images per second and peak memory of one batch with K shared tokens and with none
     (:func:`time_inference`). Returns ``ims_per_sec``, ``ims_per_sec_no_sharing``,
     ``speedup``, ``ms_per_batch``, ``ms_per_batch_no_sharing``, ``peak_memory_mib``,
-    ``peak_memory_mib_no_sharing`` (None on CPU).
+    ``peak_memory_mib_no_sharing`` (None on CPU), and the policy net's own time per batch,
+    ``policy_ms_per_batch``, and share of the forward with sharing, ``policy_share`` (both
+    None without a policy net or at K = 0, where it does not run).
     """
     seconds, peaks = time_inference(
-        model, images, (num_tokens_shared, 0), precision, compile_mode, warmup, repeats
+        model,
+        images,
+        (num_tokens_shared, 0),
+        precision,
+        compile_mode,
+        warmup,
+        repeats,
+        time_policy=num_tokens_shared > 0,
     )
     batch = images.shape[0]
     shared, plain = seconds[num_tokens_shared], seconds[0]
+    policy = seconds.get(POLICY)
     return {
+        "policy_ms_per_batch": None if policy is None else policy * 1e3,
+        "policy_share": None if policy is None else policy / shared,
         "ims_per_sec": batch / shared,
         "ims_per_sec_no_sharing": batch / plain,
         "speedup": plain / shared,
@@ -544,8 +621,7 @@ class TableSettings:
     compile_mode: str = "auto"
     warmup: int = 5
     repeats: int = 20
-    policy_feature_stride: int = 16
-    policy_input_scale: float = 0.5
+    policies: tuple[str, ...] = ("half",)
     depth: int | None = None
     agreement_images: int = 8
     seed: int = 0
@@ -560,13 +636,12 @@ class TableSettings:
         compile_mode: str = "auto",
         warmup: int | None = None,
         repeats: int | None = None,
-        paper_policy: bool = False,
+        policies: Sequence[str] = ("half",),
         depth: int | None = None,
     ) -> TableSettings:
         """Settings with the device's defaults for what is None (GPU: batch 32, 5 warm-up
-        and 20 timed runs; CPU: 2, 1 and 3), checked. ``paper_policy``: the policy net on
-        the full-resolution image with stride-32 features, as the paper (else half
-        resolution, stride 16)."""
+        and 20 timed runs; CPU: 2, 1 and 3), checked. ``policies``: names of
+        :data:`POLICY_SETTINGS`, each row is measured with each."""
         gpu = device.type == "cuda"
         settings = cls(
             batch_size=(32 if gpu else 2) if batch_size is None else batch_size,
@@ -574,8 +649,7 @@ class TableSettings:
             compile_mode=resolve_compile_mode(compile_mode, device),
             warmup=(5 if gpu else 1) if warmup is None else warmup,
             repeats=(20 if gpu else 3) if repeats is None else repeats,
-            policy_feature_stride=32 if paper_policy else 16,
-            policy_input_scale=1.0 if paper_policy else 0.5,
+            policies=resolve_policies(policies),
             depth=depth,
         )
         if settings.batch_size < 1 or settings.repeats < 1 or settings.warmup < 0:
@@ -621,8 +695,16 @@ def select_rows(keys: Iterable[str] | None) -> tuple[TableRow, ...]:
     return paper + tuple(backbones)
 
 
-def build_row_model(row: TableRow, settings: TableSettings, device: torch.device) -> Segmenter:
-    """Randomly initialised Segmenter (mask transformer) with the policy net, for a row."""
+def build_row_model(
+    row: TableRow,
+    settings: TableSettings,
+    device: torch.device,
+    policy: PolicySetting | None = None,
+) -> Segmenter:
+    """Randomly initialised Segmenter (mask transformer) with the policy net, for a row;
+    ``policy`` default: the first of the settings'. The segmenter's weights depend on the
+    seed only (the policy net is built last), so every policy runs the same encoder."""
+    policy = policy or POLICY_SETTINGS[settings.policies[0]]
     torch.manual_seed(settings.seed)
     model = build_segmenter(
         backbone=row.backbone,
@@ -632,8 +714,8 @@ def build_row_model(row: TableRow, settings: TableSettings, device: torch.device
         policy="policy_net",
         decoder="mask_transformer",
         depth=settings.depth,
-        policy_feature_stride=settings.policy_feature_stride,
-        policy_input_scale=settings.policy_input_scale,
+        policy_feature_stride=policy.feature_stride,
+        policy_input_scale=policy.input_scale,
     )
     return model.to(device).eval()
 
@@ -641,24 +723,28 @@ def build_row_model(row: TableRow, settings: TableSettings, device: torch.device
 def measure_row(
     row: TableRow, settings: TableSettings, device: torch.device
 ) -> list[dict[str, Any]]:
-    """One record per precision for a row of the table."""
-    release_compiled(device)  # each model starts from an empty graph cache
-    model = build_row_model(row, settings, device)
-    images = random_images(settings.batch_size, row.crop_size, device, settings.seed)
-    records = measure_model(
-        model,
-        images,
-        row.num_tokens_shared,
-        settings.precisions,
-        settings.compile_mode,
-        settings.warmup,
-        settings.repeats,
-        what=row.label,
-        agreement_images=settings.agreement_images,
-    )
-    del model, images
-    release_compiled(device)
-    return [{**asdict(row), **record} for record in records]
+    """One record per policy setting and precision for a row of the table."""
+    records = []
+    for name in settings.policies:
+        policy = POLICY_SETTINGS[name]
+        release_compiled(device)  # each model starts from an empty graph cache
+        model = build_row_model(row, settings, device, policy)
+        images = random_images(settings.batch_size, row.crop_size, device, settings.seed)
+        measured = measure_model(
+            model,
+            images,
+            row.num_tokens_shared,
+            settings.precisions,
+            settings.compile_mode,
+            settings.warmup,
+            settings.repeats,
+            what=row.label,
+            agreement_images=settings.agreement_images,
+        )
+        del model, images
+        release_compiled(device)
+        records += [{**asdict(row), "policy": policy.label, **record} for record in measured]
+    return records
 
 
 def runtime(device: torch.device) -> dict[str, Any]:
@@ -689,27 +775,37 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _policy_time(record: dict[str, Any]) -> str:
+    ms = record.get("policy_ms_per_batch")
+    if ms is None:
+        return "-"
+    return f"{ms:,.{1 if ms >= 10 else 2}f} ({100 * record['policy_share']:.0f}%)"
+
+
 def markdown_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> str:
     """The table as markdown, with the settings it was measured under."""
+    policies = ", ".join(POLICY_SETTINGS[name].label for name in env["policies"])
     lines = [
         f"Measured on {env['device']}, torch {env['torch']}, {env['date']}: batch "
-        f"{env['batch_size']}, compile {env['compile_mode']}, policy net input x"
-        f"{env['policy_input_scale']} stride {env['policy_feature_stride']}"
+        f"{env['batch_size']}, compile {env['compile_mode']}, policy net input scale and "
+        f"feature stride: {policies}"
         + (f", depth {env['depth']}" if env["depth"] else "")
         + f"; median of {env['repeats']} runs after {env['warmup']} warm-up; "
-        "random weights (bf16/fp32 label agreement: eager, random inputs).",
+        "random weights (bf16/fp32 label agreement: eager, random inputs). Policy net: its "
+        "own time per batch and share of the CTS forward.",
         "",
-        "| Model | Dataset | K | Tokens | GFLOPs | Precision | im/s no sharing | im/s CTS "
-        "| Speed-up | Peak MiB no sharing / CTS | bf16 = fp32 labels no sharing / CTS |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|",
+        "| Model | Dataset | K | Tokens | Policy net | GFLOPs | Precision | im/s no sharing "
+        "| im/s CTS | Speed-up | Policy net ms (share) | Peak MiB no sharing / CTS "
+        "| bf16 = fp32 labels no sharing / CTS |",
+        "|---|---|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in records:
         lines.append(
             f"| {r['label']} | {r['dataset']} | {r['num_tokens_shared']} "
-            f"| {r['tokens_no_sharing']} -> {r['tokens']} "
+            f"| {r['tokens_no_sharing']} -> {r['tokens']} | {r['policy']} "
             f"| {r['gflops_no_sharing']:.1f} -> {r['gflops']:.1f} | {r['precision']} "
             f"| {r['ims_per_sec_no_sharing']:,.1f} | {r['ims_per_sec']:,.1f} "
-            f"| {r['speedup']:.2f}x "
+            f"| {r['speedup']:.2f}x | {_policy_time(r)} "
             f"| {_memory(r['peak_memory_mib_no_sharing'])} / {_memory(r['peak_memory_mib'])} "
             f"| {_share(r['bf16_fp32_agreement_no_sharing'])} "
             f"/ {_share(r['bf16_fp32_agreement'])} |"
@@ -735,8 +831,11 @@ __all__ = [
     "BENCH_PRECISIONS",
     "COMPILE_MODES",
     "PAPER_TABLE",
+    "POLICY",
+    "POLICY_SETTINGS",
     "BenchmarkOutOfMemoryError",
     "ForwardCost",
+    "PolicySetting",
     "TableRow",
     "TableSettings",
     "backbone_row",
@@ -756,9 +855,11 @@ __all__ = [
     "measure_sharing",
     "measure_sweep",
     "median_seconds_interleaved",
+    "policy_fn",
     "random_images",
     "release_compiled",
     "resolve_compile_mode",
+    "resolve_policies",
     "resolve_precisions",
     "runtime",
     "select_rows",

@@ -229,12 +229,17 @@ def throughput(
             "| default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
         ),
     ] = "auto",
-    paper_policy: Annotated[
-        bool,
+    policy: Annotated[
+        list[str] | None,
         typer.Option(
-            help="Policy net as in the paper: full-resolution input, stride-32 features "
-            "(default: half-resolution input, stride-16 features, the same grid)."
+            "--policy",
+            help="Policy net setting(s), each row measured with each (repeatable): paper "
+            "(full-resolution input, stride-32 features), half (half-size input, stride 16; "
+            "the default), quarter (quarter-size input, stride 8: the pipeline's default).",
         ),
+    ] = None,
+    paper_policy: Annotated[
+        bool, typer.Option(help="Same as --policy paper (added to any --policy given).")
     ] = False,
     depth: Annotated[
         int | None, typer.Option(help="Encoder blocks (default: the backbone's; for smoke tests).")
@@ -264,7 +269,7 @@ def throughput(
             compile_mode=compile_mode,
             warmup=warmup,
             repeats=repeats,
-            paper_policy=paper_policy,
+            policies=(["paper"] if paper_policy else []) + list(policy or []),
             depth=depth,
         )
         selected = bench.select_rows(rows)
@@ -281,8 +286,10 @@ def throughput(
             for record in bench.measure_row(row, settings, target):
                 records.append(record)
                 typer.echo(
-                    f"  {record['precision']}: {record['ims_per_sec_no_sharing']:,.1f} -> "
-                    f"{record['ims_per_sec']:,.1f} im/s ({record['speedup']:.2f}x)"
+                    f"  policy {record['policy']}, {record['precision']}: "
+                    f"{record['ims_per_sec_no_sharing']:,.1f} -> {record['ims_per_sec']:,.1f} "
+                    f"im/s ({record['speedup']:.2f}x), policy net "
+                    f"{record['policy_ms_per_batch']:,.2f} ms per batch"
                 )
             json_path, md_path = bench.write_table(records, env, out)
     except KeyboardInterrupt as error:

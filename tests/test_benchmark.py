@@ -228,9 +228,10 @@ def test_throughput_command_writes_the_table(tmp_path):
         assert r["speedup"] == pytest.approx(r["ims_per_sec"] / r["ims_per_sec_no_sharing"])
         assert 0.5 < r["bf16_fp32_agreement"] <= 1.0
         assert 0.5 < r["bf16_fp32_agreement_no_sharing"] <= 1.0
+        assert 0 < r["policy_share"] < 1
     table = (out / "throughput.md").read_text()
     assert table == markdown_table(rows, data["environment"])
-    assert "| ViT-Ti/16 512 | ADE20K | 103 | 1024 -> 715 |" in table
+    assert "| ViT-Ti/16 512 | ADE20K | 103 | 1024 -> 715 | half (x0.5, stride 16) |" in table
     assert "| ViT-Ti/16 512 |" in result.output
 
 
@@ -246,3 +247,43 @@ def test_table_settings_are_recorded():
     env = benchmark.environment(CPU, TableSettings(batch_size=3, depth=2))
     assert env["batch_size"] == 3 and env["depth"] == 2 and env["compile_mode"] == "none"
     assert env["torch"] == torch.__version__
+    assert env["policies"] == ("half",)  # the table's default policy setting
+
+
+def test_policy_settings_by_name():
+    assert TableSettings.for_device(CPU, policies=["quarter", "paper", "quarter"]).policies == (
+        "quarter",
+        "paper",
+    )
+    assert TableSettings.for_device(CPU).policies == ("half",)
+    with pytest.raises(ValueError, match="policy \\['tiny'\\]: allowed paper, half, quarter"):
+        TableSettings.for_device(CPU, policies=["tiny"])
+
+
+def test_throughput_shows_policy_settings_side_by_side_with_the_policy_net_time(
+    monkeypatch, tmp_path
+):
+    tiny = benchmark.TableRow("vit_ti_128", "ViT-Ti/16 128", "vit_tiny_patch16_384", 128, 4, 5, "X")
+    monkeypatch.setattr(benchmark, "PAPER_TABLE", (tiny,))
+    out = tmp_path / "throughput"
+    args = ["throughput", "--depth", "1", "--batch-size", "2", "--warmup", "0", "--repeats", "1"]
+    args += ["--precision", "fp32", "--out", str(out), "--policy", "quarter", "--paper-policy"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "throughput.json").read_text())
+    assert data["environment"]["policies"] == ["paper", "quarter"]
+    paper, quarter = data["rows"]
+    assert paper["policy"] == "paper (x1, stride 32)"
+    assert quarter["policy"] == "quarter (x0.25, stride 8)"
+    # The same segmenter: only the policy net's multiply-adds differ.
+    assert paper["gflops_no_sharing"] == quarter["gflops_no_sharing"]
+    assert paper["gflops"] > quarter["gflops"]
+    for record in (paper, quarter):
+        assert 0 < record["policy_ms_per_batch"] < record["ms_per_batch"]
+        assert record["policy_share"] == pytest.approx(
+            record["policy_ms_per_batch"] / record["ms_per_batch"]
+        )
+    table = (out / "throughput.md").read_text()
+    assert "paper (x1, stride 32), quarter (x0.25, stride 8)" in table
+    assert "| 64 -> 52 | quarter (x0.25, stride 8) |" in table
+    assert "policy paper (x1, stride 32), fp32:" in result.output
