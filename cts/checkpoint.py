@@ -11,12 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from cts.data.io import temp_file
+from cts.data.io import disk_full_error, temp_file
 from cts.models import PolicyNet, Segmenter, SegmenterConfig
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: never half-written."""
+    """torch.save to a temporary file in the same folder, then rename: never half-written.
+
+    Out of space: a :class:`cts.data.io.DiskFullError` naming the path, the size needed and
+    the space free, instead of torch's zip-writer message; the previous file is kept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path)
@@ -24,10 +28,28 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except Exception as error:
+        full = disk_full_error(path, _tensor_bytes(payload), error, tmp, "the checkpoint")
+        Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from error
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (nested dicts, lists, tuples): about the size of
+    its checkpoint, which is mostly tensor data."""
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 class UntrustedCheckpointError(ValueError):

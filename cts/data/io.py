@@ -12,6 +12,7 @@ writing is kept. Files and folders get the permissions the user's umask gives, a
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -114,7 +115,9 @@ def umask() -> int:
 def temp_file(path: str | os.PathLike) -> tuple[int, str]:
     """``mkstemp`` beside ``path``, named ``.NAME.PID.XXXX.tmp``, with umask permissions."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     os.fchmod(fd, 0o666 & ~umask())
     return fd, tmp
 
@@ -141,6 +144,63 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+class DiskFullError(OSError):
+    """A write ran out of space; its message is one line: what, where, needed and free."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the filesystem that holds ``path`` (its nearest existing folder)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def disk_full_error(
+    path: str | os.PathLike,
+    needed: int,
+    error: BaseException,
+    tmp: str | os.PathLike,
+    what: str = "the file",
+) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``error`` if it came from a full disk, else None.
+
+    Call it before the temporary file ``tmp`` is removed: the space free for a retry is
+    what is free now plus what ``tmp`` holds (measured after its removal it could still be
+    held: torch's writer keeps the file open until the error is gone). ``needed`` is the
+    size of what was being written (bytes, an estimate).
+    An ``OSError`` says ENOSPC itself; other errors are counted as a full disk when less
+    than ``needed`` (plus a margin) is free: torch's zip writer reports a short write as
+    ``[enforce fail at inline_container.cc] unexpected pos ...`` without the cause.
+    """
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+        free += os.stat(tmp).st_blocks * 512 if os.path.exists(tmp) else 0
+    except OSError:
+        return None
+    if isinstance(error, OSError):
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:
+        full = free < needed * 1.05 + (1 << 20)  # filesystem overhead: blocks, metadata
+    if not full:
+        return None
+    mb = 1 << 20
+    return DiskFullError(
+        f"{path}: disk full writing {what} (needed about {needed / mb:.1f} MB, "
+        f"{free / mb:.1f} MB free on {mount_point(folder)})"
+    )
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
@@ -150,8 +210,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        full = disk_full_error(path, len(data), error, tmp) if isinstance(error, OSError) else None
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from error
         raise
     return path
 
