@@ -130,6 +130,62 @@ def split_batch(
     return batch_size // parts
 
 
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum over processes, differentiable: the backward sums the gradients over processes."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor)
+
+
+class _GlobalBatchNorm:
+    """Mixin for a BatchNorm2d class (torch's or timm's BatchNormAct2d): in training under a
+    process group, the batch statistics are those of the global batch, as one process would
+    compute them. torch's SyncBatchNorm does this only on GPUs; this one runs on any device
+    (gloo on CPU), and the state dict is unchanged (the class is swapped in place)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, 2, 3]
+        count = _all_reduce_sum(x.new_tensor([x.numel() / x.shape[1]], dtype=torch.float64))
+        stats_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        xf = x.to(stats_dtype)
+        mean = _all_reduce_sum(xf.sum(dims)) / count.to(stats_dtype)
+        centered = xf - mean[None, :, None, None]
+        # Two passes (mean, then centred squares): as accurate as one process's variance.
+        var = _all_reduce_sum(centered.square().sum(dims)) / count.to(stats_dtype)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum
+                if momentum is None:  # cumulative moving average
+                    momentum = 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (count / (count - 1).clamp(min=1)).to(stats_dtype)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
+        y = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        y = y.to(x.dtype)
+        if hasattr(self, "act"):  # timm's BatchNormAct2d: dropout then activation after the norm
+            y = self.act(self.drop(y))
+        return y
+
+
+def sync_batch_norm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d of ``model`` normalise by global-batch statistics when trained
+    under a process group (see :class:`_GlobalBatchNorm`); in place, returns ``model``."""
+    swapped: dict[type, type] = {}
+    for module in model.modules():
+        cls = type(module)
+        if not isinstance(module, nn.BatchNorm2d) or isinstance(module, _GlobalBatchNorm):
+            continue
+        if cls not in swapped:
+            swapped[cls] = type(f"Global{cls.__name__}", (_GlobalBatchNorm, cls), {})
+        module.__class__ = swapped[cls]
+    return model
+
+
 def wrap_distributed(model: nn.Module, context: DistributedContext, device: torch.device):
     """DDP over the process group (the model itself in a one-process run)."""
     if not context.enabled:
