@@ -281,3 +281,25 @@ def test_fp16_resume_restores_the_grad_scaler_and_is_bit_identical(tmp_path, mon
         k for k, v in reference.state_dict().items() if not torch.equal(model.state_dict()[k], v)
     ]
     assert differ == []
+
+
+def test_checkpoint_carries_the_cuda_rng_state_and_resume_restores_it(tmp_path, monkeypatch):
+    """On a GPU dropout, drop-path and the random policy draw from the device's generator:
+    it is saved per process and restored (faked here: no CUDA on the test machine)."""
+    saved_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: saved_state.clone())
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device=None: restored.append(state)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loop, state, _, model = _loop(tmp_path)
+    loop.device = torch.device("cuda", 0)  # only the RNG calls see it
+    loop._scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state.iteration = 2
+    loop._save(state)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert [t.tolist() for t in payload["cuda_rng_per_rank"]] == [saved_state.tolist()]
+    assert payload["grad_scaler"] is None  # fp32: no scaler state
+    _loop(tmp_path)  # resumes from it
+    assert [t.tolist() for t in restored] == [saved_state.tolist()]
