@@ -57,7 +57,10 @@ def test_repository_params_are_valid_and_complete(params_file):
         ("lr=.nan", r"--set lr=nan: allowed: a finite number"),
         ("drop_path_rate=.nan", r"drop_path_rate=nan: allowed: a finite number"),
         ("ms_scales=[1.0, .inf]", r"ms_scales=\[1.0, inf\]: allowed: a non-empty list of posit"),
-        ("backbone=resnet50", r"--set backbone: backbone 'resnet50' cannot share tokens: ResNet is"),
+        (
+            "backbone=resnet50",
+            r"--set backbone: backbone 'resnet50' cannot share tokens: ResNet is",
+        ),
         ("train_unshared_fraction=1.5", r"train_unshared_fraction=1.5: allowed: a finite number"),
         ("train_unshared_fraction=[0.5]", r"train_unshared_fraction=\[0.5\]: allowed: a finite"),
     ],
