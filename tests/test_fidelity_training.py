@@ -426,24 +426,24 @@ def test_policy_recipes_are_the_authors():
 
 
 def test_policy_crop_recipe_resizes_the_short_side_then_crops():
-    # Pascal-Context: torchvision resize(512) of a 375x500 image -> 512x682 (long side
-    # truncated), then a 480 crop at int(u * margin), then the flip.
-    transform = PolicyTransform(size=480, patch_size=16, crop=True, short_side=512, **HALF)
-    label = np.zeros((375, 500), np.uint8)
-    out = transform(np.zeros((375, 500, 3), np.uint8), label, rng(2))
-    assert out["image"].shape == (3, 480, 480) and out["target"].shape == (15, 15)
+    # Pascal-Context's geometry (short side 512, long side int(512 * long / short) as
+    # torchvision's resize, a 480 crop at int(u * margin), then the flip) at a smaller
+    # scale: a 59x100 image to short side 96 is 96x162 (162.7 truncated), then a 64 crop.
+    # (Small images: OpenCV's thread pool, used on large ones, can deadlock the loader
+    # workers that later tests fork from this process.)
+    transform = PolicyTransform(size=64, patch_size=16, crop=True, short_side=96, **HALF)
+    label = np.zeros((59, 100), np.uint8)
+    out = transform(np.zeros((59, 100, 3), np.uint8), label, rng(2))
+    assert out["image"].shape == (3, 64, 64) and out["target"].shape == (2, 2)
     draws = rng(2)
-    top, left = int(draws.random() * (512 - 480)), int(draws.random() * (682 - 480))
-    image = coordinate_image(375, 500)
-    expected = PolicyTransform(size=(512, 682), patch_size=1, flip=False, **HALF)(
-        image, np.zeros((375, 500), np.uint8), rng()
-    )["image"][:, top : top + 480, left : left + 480]
+    top, left = int(draws.random() * (96 - 64)), int(draws.random() * (162 - 64))
+    image = coordinate_image(59, 100)
+    expected = PolicyTransform(size=(96, 162), patch_size=1, flip=False, **HALF)(
+        image, label, rng()
+    )["image"][:, top : top + 64, left : left + 64]
     if draws.random() < 0.5:
         expected = expected.flip(-1)
-    got = PolicyTransform(size=480, patch_size=16, crop=True, short_side=512, **HALF)(
-        image, label, rng(2)
-    )["image"]
-    assert torch.equal(got, expected)
+    assert torch.equal(transform(image, label, rng(2))["image"], expected)
 
 
 def test_policy_crop_recipe_without_resize_crops_the_full_image():
