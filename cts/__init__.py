@@ -1,6 +1,11 @@
 """Content-aware Token Sharing (CTS) for Segmenter: library."""
 
-from cts._compat import patch_torchvision_if_ops_unloadable
+from cts.processes import bound_openmp_spinning
+
+# Before anything imports torch (cts._compat does): OpenMP reads its wait policy only once.
+bound_openmp_spinning()
+
+from cts._compat import patch_torchvision_if_ops_unloadable  # noqa: E402
 
 patch_torchvision_if_ops_unloadable()
 

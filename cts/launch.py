@@ -21,6 +21,7 @@ with 128 + the signal, and the launcher raises the same interrupt.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -56,6 +57,7 @@ class LaunchSettings:
 
     ``master_port`` None: any free port on a single node, 29500 across nodes.
     ``timeout``: seconds a node waits for the master and for the other nodes.
+    ``threads``: CPU threads per worker; None: :func:`threads_per_process`'s ``auto``.
     """
 
     nproc_per_node: int
@@ -64,6 +66,7 @@ class LaunchSettings:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     timeout: float = 300.0
+    threads: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -91,6 +94,17 @@ def resolve_nproc_per_node(value: int | str, device: str) -> int:
             f"nproc_per_node={value}: only {gpus} GPU(s) visible{where}; use auto or at most {gpus}"
         )
     return value
+
+
+def threads_per_process(num_threads: int | str, processes: int) -> int:
+    """CPU threads (intra-op, OpenMP) of each of this node's ``processes``: ``num_threads``
+    itself, or for ``auto`` OMP_NUM_THREADS when it is set, else an equal share of the cores
+    this process may run on (its affinity: a container's or ``taskset``'s, not the machine's)."""
+    if num_threads != "auto":
+        return int(num_threads)
+    if (value := os.environ.get("OMP_NUM_THREADS", "")).isdigit() and int(value) > 0:
+        return int(value)
+    return max(len(os.sched_getaffinity(0)) // processes, 1)
 
 
 def _free_port(host: str) -> int:
@@ -154,14 +168,7 @@ def prepare(settings: LaunchSettings) -> LaunchSettings:
         _check_master_here(settings.master_addr, port)
     else:
         _wait_for_master(settings.master_addr, port, settings.timeout)
-    return LaunchSettings(
-        settings.nproc_per_node,
-        settings.nnodes,
-        settings.node_rank,
-        settings.master_addr,
-        port,
-        settings.timeout,
-    )
+    return dataclasses.replace(settings, master_port=port)
 
 
 def _describe(rank: int, failure) -> str:
@@ -182,8 +189,8 @@ def _describe(rank: int, failure) -> str:
 def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
     """Runs ``fn(*args)`` in every worker process of this node; returns when all are done.
 
-    ``fn`` must be importable by name (the workers are spawned). Without OMP_NUM_THREADS set,
-    each worker gets an equal share of this machine's cores.
+    ``fn`` must be importable by name (the workers are spawned). Each worker computes with
+    ``settings.threads`` threads (None: OMP_NUM_THREADS, else an equal share of the cores).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -192,8 +199,9 @@ def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
     settings = prepare(settings)
     if not os.environ.get("CTS_DEBUG"):
         _quiet_agent()
-    cores = len(os.sched_getaffinity(0))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(cores // settings.nproc_per_node, 1)))
+    threads = settings.threads or threads_per_process("auto", settings.nproc_per_node)
+    # The workers inherit it: their OpenMP and MKL start with that many threads.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory(prefix="cts-launch-") as log_dir:
         config = LaunchConfig(
             min_nodes=settings.nnodes,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from types import FrameType
 
@@ -58,6 +60,31 @@ def stopped_by(exitcode: int) -> signal.Signals | None:
 def interrupt_for(signum: int) -> KeyboardInterrupt:
     """What a stop signal raises in the process that handles it."""
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# libgomp, PyTorch's OpenMP runtime on Linux, lets a thread that waits for work spin 300,000
+# times before it sleeps (6 ms on the 2-core test machine). Between the ops of one job that
+# keeps it ready, but a second job on the same cores finds them taken by spinning threads: two
+# trainings on 2 cores took 7.7x as long each, not 2x. 10,000 spins (0.25 ms there) keep a
+# thread ready across the short gaps between the ops of a step and give the core up soon after;
+# OMP_WAIT_POLICY=PASSIVE (no spinning) made a job alone 17% slower. Measured by
+# benchmarks/concurrent_jobs.py (README, "Several jobs on one machine").
+OPENMP_SPIN_COUNT = 10_000
+
+
+def bound_openmp_spinning(
+    environ: MutableMapping[str, str] = os.environ, torch_loaded: bool | None = None
+) -> bool:
+    """Sets GOMP_SPINCOUNT to :data:`OPENMP_SPIN_COUNT` unless the user chose a wait policy or
+    spin count (OMP_WAIT_POLICY, GOMP_SPINCOUNT); returns whether it did. libgomp reads them
+    once, when torch loads it: only before that does this reach the process itself (and the
+    workers and loaders it starts, which inherit the environment)."""
+    if torch_loaded is None:
+        torch_loaded = "torch" in sys.modules
+    if torch_loaded or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return False
+    environ["GOMP_SPINCOUNT"] = str(OPENMP_SPIN_COUNT)
+    return True
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -204,6 +204,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "master_addr": _text(),
     "master_port": _integer(1, 65535, optional=True),
     "rendezvous_timeout": _number(0.0, low_open=True),
+    "num_threads": _auto_or(_integer(1)),
 }
 
 
