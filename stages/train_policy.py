@@ -28,6 +28,7 @@ from cts.engine import (
     resume,
     seed_everything,
     split_batch,
+    sync_batch_norm,
     wrap_distributed,
 )
 from cts.metrics import PolicyMetric
@@ -201,7 +202,10 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         policy.parameters(), lr=params["policy_lr"], weight_decay=params["policy_weight_decay"]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, policy_lr_schedule(recipe, iterations))
-    model = wrap_distributed(policy, context, device)
+    # The authors train the policy net on one GPU with batch norm in training mode; under DDP
+    # each process would normalise by its own B/W images: sync the statistics so that W
+    # processes compute what one does.
+    model = wrap_distributed(sync_batch_norm(policy), context, device)
     key = fingerprint(params, PARAMS)
     resume_path = RESUME_DIR / f"policy-{key}.pt"
     state = resume(resume_path, model, optimizer, scheduler, key) if resume_training else None

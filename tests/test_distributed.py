@@ -395,3 +395,31 @@ def test_an_unreachable_master_is_one_line_before_any_worker():
         port = busy.getsockname()[1]
         with pytest.raises(ValueError, match=f"master_port={port} is already in use"):
             prepare(LaunchSettings(2, master_port=port))
+
+
+@needs_dvc
+def test_policy_training_on_two_processes_matches_one_process(repo):
+    """The policy net's batch norm normalises by the statistics of the global batch (synced
+    over processes), so 2 processes x 1 image compute the running statistics of 1 process x
+    2 images. One iteration: both start from the same weights, so only the batch norm's
+    statistics can differ (AdamW's later steps would turn rounding noise on gradients that
+    are 0 in theory, a bias before a norm, into steps of +-lr, sync or not)."""
+    root, env, _ = repo
+    checkpoint = root / "checkpoints" / "policy.pt"
+    kept = checkpoint.read_bytes()  # from `dvc repro`; the later stages were built on it
+    runs = {}
+    try:
+        for nproc in (2, 1):
+            settings = ["--set", f"nproc_per_node={nproc}", "--set", "policy_iterations=1"]
+            _cts(root, env, "train_policy", "--no-resume", *settings)
+            runs[nproc] = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    finally:
+        checkpoint.write_bytes(kept)
+    statistics = [key for key in runs[1] if key.endswith(("running_mean", "running_var"))]
+    assert len(statistics) == 30  # 15 batch norms
+    differences = {
+        key: (runs[1][key].double() - runs[2][key].double()).abs().max().item()
+        for key in statistics
+    }
+    worst = max(differences, key=differences.get)
+    assert differences[worst] < 1e-4, (worst, differences[worst])
