@@ -89,8 +89,12 @@ def test_eval_stage_refuses_a_pickle_with_code(evil, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "segmenter.pt").write_bytes(path.read_bytes())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "classes.txt").write_text("a\nb\n")
+    params = {"device": "cpu", "data_root": "data"}
+    params.update(base_size=None, eval_window=None, eval_stride=None)
     with pytest.raises(ValueError, match="refusing to unpickle"):
-        run_evaluation({"device": "cpu"}, "eval_ss", [1.0], False)
+        run_evaluation(params, "eval_ss", [1.0], False)
     assert not marker.exists()
 
 
