@@ -15,9 +15,10 @@ repeat, it times one job alone and N jobs started together, in turns, each from 
 against running the N jobs one after the other (N x alone / the slowest of together; above 1:
 running them at once finishes sooner).
 
-``--code DIR`` runs the stages of another checkout (PYTHONPATH), to compare commits with the
-same script; ``--env KEY=VALUE`` and ``--set key=value`` go to every job. OMP_*, GOMP_* and
-KMP_* variables of the calling shell are passed on unchanged and printed with the results.
+``--code DIR`` runs the stages of another checkout (PYTHONPATH) with its params.yaml, to
+compare commits with the same script (and the same prepared ``--work`` folder); ``--env
+KEY=VALUE`` and ``--set key=value`` go to every job. OMP_*, GOMP_* and KMP_* variables of the
+calling shell are passed on unchanged and printed with the results.
 """
 
 from __future__ import annotations
@@ -58,14 +59,20 @@ def _cts(work: Path, env: dict[str, str], *words: str) -> None:
         raise SystemExit(f"cts {' '.join(words)} failed in {work}:\n{result.stderr[-2000:]}")
 
 
-def prepare(work: Path, jobs: int, env: dict[str, str]) -> list[Path]:
-    """The prepared base folder and one folder per job (reused when already there)."""
+def _write_params(folder: Path, code: Path) -> None:
+    """The params.yaml of the code that runs (another commit may know other keys)."""
+    params = yaml.safe_load((code / "params.yaml").read_text())
+    params["policy_iterations"] = 10
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def prepare(work: Path, jobs: int, env: dict[str, str], code: Path) -> list[Path]:
+    """The prepared base folder and one folder per job (reused when already there, also by
+    another commit's code: each run writes its code's params.yaml into the job folders)."""
     base = work / "base"
     if not (base / "checkpoints" / "policy.pt").is_file():
         base.mkdir(parents=True, exist_ok=True)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["policy_iterations"] = 10
-        (base / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        _write_params(base, code)
         for stage in ("download", "preprocess", "train_policy"):
             print(f"preparing: cts {stage}", flush=True)
             _cts(base, env, stage)
@@ -74,11 +81,11 @@ def prepare(work: Path, jobs: int, env: dict[str, str]) -> list[Path]:
         folder = work / f"job{index}"
         if not folder.is_dir():
             folder.mkdir()
-            shutil.copy(base / "params.yaml", folder / "params.yaml")
             (folder / "checkpoints").mkdir()
             shutil.copy(base / "checkpoints" / "policy.pt", folder / "checkpoints" / "policy.pt")
             for name in SHARED:
                 (folder / name).symlink_to(base / name)
+        _write_params(folder, code)
         folders.append(folder)
     return folders
 
@@ -130,7 +137,7 @@ def main() -> None:
 
     env = _environment(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="cts-concurrent-"))
-    folders = prepare(work, args.jobs, env)
+    folders = prepare(work, args.jobs, env, (args.code or REPO).resolve())
     words = ["--set", f"iterations={args.iterations}"]
     for override in args.overrides:
         words += ["--set", override]
