@@ -1,5 +1,6 @@
 """Several processes from the params: `dvc repro` with nproc_per_node 2, the same results as
-one process, two nodes on loopback, a killed worker, and bad launch settings (CPU, gloo)."""
+one process, two nodes on loopback, a killed worker, SIGTERM to the launcher or to the whole
+job, and bad launch settings (CPU, gloo)."""
 
 import json
 import os
