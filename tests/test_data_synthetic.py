@@ -99,3 +99,44 @@ def test_existing_root_refused_and_nothing_left_behind(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         generate_scene_dataset(tmp_path / "t", num_train=1, num_val=1, num_classes=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+FORK_AFTER_THREADS = """
+import sys, threading
+import cv2, numpy as np, torch
+from cts.data.synthetic import generate_scene_dataset
+
+image = np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), np.uint8)
+stop = threading.Event()
+
+def churn():
+    while not stop.is_set():
+        cv2.GaussianBlur(cv2.resize(image, (900, 900)), (9, 9), 0)
+        torch.randn(256, 256) @ torch.randn(256, 256)
+
+threads = [threading.Thread(target=churn) for _ in range(2)]
+for thread in threads:
+    thread.start()
+for i in range(5):
+    generate_scene_dataset(f"{sys.argv[1]}/d{i}", num_train=6, num_val=2, image_size=64, workers=2)
+stop.set()
+for thread in threads:
+    thread.join()
+print("generated")
+"""
+
+
+def test_parallel_generation_in_a_process_whose_thread_pools_are_busy(tmp_path):
+    """A parent that uses OpenCV's and OpenMP's thread pools (a notebook, a test session)
+    must not deadlock its workers: with fork they inherited locks held by those threads and
+    hung (the test session did, in the tracking tests)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_THREADS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0 and "generated" in result.stdout, result.stderr[-2000:]

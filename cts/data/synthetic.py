@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -504,7 +505,15 @@ def generate_scene_dataset(
             for job in jobs:
                 _write_sample(job)
         else:
-            pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
+            # spawn, not fork: a fork copies the state of OpenCV's and OpenMP's thread pools
+            # from a parent that used them (a notebook, a test session), and the worker can
+            # deadlock on a lock one of those threads held.
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
+            )
             try:
                 list(pool.map(_write_sample, jobs, chunksize=8))
             except BaseException:
