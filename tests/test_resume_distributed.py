@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cts.data.loader import SampleKey, build_loader
+from cts.data.loader import build_loader
 from cts.engine import (
     DistributedContext,
     TrainLoop,
@@ -25,31 +25,20 @@ from cts.engine import (
     seed_everything,
     split_batch,
 )
+from tests.test_engine import Points as EnginePoints
+from tests.test_engine import _count, _loss
 
 ITERATIONS = 6
 ACCUM = 2
 GLOBAL_BATCH = 4  # 1 point per process and micro-batch
 
 
-class Points(torch.utils.data.Dataset):
+class Points(EnginePoints):
     """Ten points: 5 per process and epoch, so with 2 accumulation steps of 1 point the third
     step takes the last micro-batch of one epoch and the first of the next."""
 
     def __len__(self) -> int:
         return 10
-
-    def __getitem__(self, key: SampleKey) -> dict:
-        generator = torch.Generator().manual_seed(key.index)
-        x = torch.randn(4, generator=generator)
-        return {"x": x, "y": (x.sum() > 0).long()}
-
-
-def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="sum")
-
-
-def _count(batch: dict) -> torch.Tensor:
-    return torch.tensor(len(batch["y"]))
 
 
 def _worker(rank: int, port: int, folder: str, kill_at: int | None) -> None:
