@@ -1,8 +1,9 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CLUSTER_STAMP := $(VENV)/.installed-cluster
 
-.PHONY: install test lint run clean-run
+.PHONY: install install-cluster test lint run clean-run
 
 install: $(STAMP)
 
@@ -10,7 +11,15 @@ $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $(STAMP)
 
-test: install
+# The `cluster` extra (kfp, for `cts kfp`): the tests need it, `make run` does not.
+install-cluster: $(CLUSTER_STAMP)
+
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/uv pip install -q --python $(BIN)/python -c $(VENV)/constraints.txt -e ".[test,cluster]" \
+		|| $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[test,cluster]"
+	touch $(CLUSTER_STAMP)
+
+test: install-cluster
 	$(BIN)/python -m pytest -q
 
 lint: install
