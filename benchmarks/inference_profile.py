@@ -37,6 +37,7 @@ from cts.benchmark import (
 from cts.checkpoint import load_segmenter
 from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
+from stages.benchmark import validation_batch
 
 PARTS = (
     "policy net",
@@ -121,6 +122,12 @@ def main() -> None:
         help="without a checkpoint (default: the pipeline's 0.25; with --row: the table's 0.5)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="time on this dataset's first validation images, as the benchmark stage does "
+        "(default: Gaussian noise, on which a trained model's scores are far less confident)",
+    )
     rows = {row.key: row for row in PAPER_TABLE}
     parser.add_argument("--row", choices=sorted(rows), default=None, help="without a checkpoint")
     args = parser.parse_args()
@@ -155,7 +162,11 @@ def main() -> None:
     model = model.to(device).eval()
     k = model.num_tokens_shared if args.k is None else args.k
     crop = model.config.crop_size
-    images = torch.randn(args.batch, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    if args.data_root:
+        images = validation_batch({"data_root": args.data_root}, model, args.batch)
+    else:
+        noise = torch.Generator().manual_seed(0)
+        images = torch.randn(args.batch, 3, crop, crop, generator=noise)
     images = images.to(device)
 
     global SYNC_DEVICE

@@ -184,6 +184,39 @@ def predict_logits(
     return probs / (len(scales) * (2 if flip else 1))
 
 
+def normalised_resize(
+    rgb: Tensor, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """A ``(H0, W0, 3)`` uint8 RGB image resized (bilinear) to ``size`` and normalised:
+    ``(1, 3, *size)`` float32 on the image's device.
+
+    The values of normalising the whole image, then resizing it (both are affine per
+    channel; equal up to float rounding), but each channel is resized from uint8 on its own
+    and normalised after: a 6000 x 6000 photo never exists as full-size float32 (432 MB, and
+    as much again per temporary).
+    """
+    channels = [_resize(rgb[None, None, ..., c].float(), size) for c in range(rgb.shape[-1])]
+    image = torch.cat(channels, 1) / 255
+    mean_ = torch.tensor(mean, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
+    std_ = torch.tensor(std, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
+    return (image - mean_) / std_
+
+
+def scaled_image(
+    rgb: Tensor,
+    geometry: EvalGeometry,
+    mean: Sequence[float],
+    std: Sequence[float],
+    ratio: float = 1.0,
+) -> Tensor:
+    """A ``(H0, W0, 3)`` uint8 RGB image at scale ``ratio`` (step 1 of the protocol),
+    normalised (:func:`normalised_resize`): ``(1, 3, h, w)``. Step 1 applied again leaves
+    it unchanged, so :func:`predict_labels` takes it (with ``out_size=(H0, W0)``) as it
+    takes the normalised original."""
+    size = scaled_size(*rgb.shape[:2], geometry, ratio)
+    return normalised_resize(rgb, size, mean, std)
+
+
 def _scaled_input(image: Tensor, geometry: EvalGeometry, ratio: float) -> Tensor:
     """Steps 1 and 2 of the protocol: the image at scale ``ratio``, fitted to the window."""
     resized = _resize(image, scaled_size(*image.shape[-2:], geometry, ratio))

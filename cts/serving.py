@@ -70,7 +70,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
 
         MLflow has already enforced :data:`SIGNATURE` on ``model_input``.
         """
-        return np.stack([self.predictor.labels(image) for image in model_input])
+        return np.stack([self.predictor.labels(image) for image in model_input]).astype(np.int64)
 
 
 def pip_requirements() -> list[str]:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +8,10 @@ import cts  # noqa: F401  (applies the torchvision import fix)
 from cts.inference import (
     EvalGeometry,
     evaluate,
+    normalised_resize,
     predict_labels,
     predict_logits,
+    scaled_image,
     scaled_size,
     sliding_window_logits,
     window_fitting_size,
@@ -234,3 +237,19 @@ def test_a_coarse_grid_that_does_not_divide_the_window_is_refused():
         sliding_window_logits(
             lambda x: torch.zeros(x.shape[0], NUM_CLASSES, 3, 3), torch.zeros(1, 3, 8, 8), 4, 8, 8
         )
+
+
+def test_normalised_resize_equals_normalising_then_resizing():
+    rng = np.random.default_rng(0)
+    rgb = torch.from_numpy(rng.integers(0, 256, (301, 457, 3), dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    full = (rgb.permute(2, 0, 1)[None].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / (
+        torch.tensor(std).view(1, 3, 1, 1)
+    )
+    expected = F.interpolate(full, size=(128, 190), mode="bilinear", align_corners=False)
+    result = normalised_resize(rgb, (128, 190), mean, std)
+    assert result.shape == (1, 3, 128, 190)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+    geometry = EvalGeometry(base_size=64, window=64, stride=64)
+    scaled = scaled_image(rgb, geometry, mean, std)
+    assert scaled.shape[-2:] == scaled_size(301, 457, geometry, 1.0) == (64, 97)
