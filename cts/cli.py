@@ -370,15 +370,24 @@ def predict(
     stride: Annotated[
         int | None, typer.Option(help="Sliding-window stride (default: the crop).")
     ] = None,
+    classes: Annotated[
+        Path | None,
+        typer.Option(
+            help="Class names for the legends: a dataset folder (its classes.txt) or a text "
+            "file, one name per line (default: class 0, class 1, ...)."
+        ),
+    ] = None,
     trust_checkpoint: TrustOption = False,
 ) -> None:
     """Segment images: label ids, colours, overlay and the shared superpatches per image."""
     try:
         from cts.convert import load_model
+        from cts.data.info import read_class_names
         from cts.engine import resolve_device
         from cts.predict import Predictor, find_images, predict_images
 
         find_images(inputs)  # a missing input fails before the model loads
+        names = None if classes is None else read_class_names(classes)
         target = resolve_device(device)
         predictor = Predictor(
             load_model(model, target, num_tokens_shared, trust=trust_checkpoint),
@@ -386,6 +395,7 @@ def predict(
             num_tokens_shared,
             short_side,
             stride,
+            class_names=names,
         )
         report = predict_images(predictor, inputs, out)
     except KeyboardInterrupt as error:

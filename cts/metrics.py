@@ -4,10 +4,6 @@ The matrix lives on the device of the predictions so that evaluation never syncs
 host until `compute()`; rows are ground-truth classes, columns predicted classes.
 """
 
-from pathlib import Path
-
-import cv2
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -97,40 +93,6 @@ def per_class_table(metric: SegmentationMetric, class_names: list[str]) -> pd.Da
             "gt_pixels": metric.confusion.sum(1).cpu().numpy(),
         }
     )
-
-
-def confusion_matrix_image(
-    confusion: Tensor, class_names: list[str], path: str | Path, cell: int | None = None
-) -> None:
-    """Writes a row-normalised (C, C) confusion matrix as a labelled PNG heat-map.
-
-    Rows are ground truth, columns predictions; each row shows where that class's pixels
-    went. Classes without gt pixels get an empty (dark) row.
-    """
-    counts = confusion.double().cpu().numpy()
-    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    num_classes = len(class_names)
-    cell = cell or int(np.clip(1200 // num_classes, 6, 40))
-    heat = cv2.applyColorMap(np.round(rows * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    heat = cv2.resize(
-        heat, (num_classes * cell, num_classes * cell), interpolation=cv2.INTER_NEAREST
-    )
-
-    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, min(cell / 30, 0.5), 1
-    sizes = [cv2.getTextSize(name, font, scale, thickness)[0] for name in class_names]
-    margin = max(w for w, _ in sizes) + 8
-    canvas = np.full((margin + heat.shape[0], margin + heat.shape[1], 3), 255, np.uint8)
-    canvas[margin:, margin:] = heat
-    # cv2.putText cannot write vertically: draw the column labels as rows, then rotate.
-    top = np.full((heat.shape[1], margin, 3), 255, np.uint8)
-    for i, (name, (w, h)) in enumerate(zip(class_names, sizes, strict=True)):
-        baseline = i * cell + (cell + h) // 2
-        right_aligned = (margin - w - 4, margin + baseline)
-        cv2.putText(canvas, name, right_aligned, font, scale, 0, thickness, cv2.LINE_AA)
-        cv2.putText(top, name, (4, baseline), font, scale, 0, thickness, cv2.LINE_AA)
-    canvas[:margin, margin:] = cv2.rotate(top, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    if not cv2.imwrite(str(path), canvas):
-        raise OSError(f"could not write {path}")
 
 
 class PolicyMetric:

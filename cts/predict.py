@@ -1,9 +1,11 @@
 """Segment images of any size with a trained or imported Segmenter; write pictures.
 
-Per image ``NAME`` the output folder gets ``NAME_labels.png`` (class ids, uint8; uint16
-above 255 classes), ``NAME_color.png`` (the ids in the palette colours), ``NAME_overlay.png``
-(the colours over the image) and ``NAME_shared.png`` (the image resized to the crop, its
-prediction overlaid, every superpatch that shared one token outlined in white).
+Per image ``NAME`` the output folder gets ``NAME_labels.png`` (the class ids as pixel
+values in a palette PNG, which viewers show in the class colours; 16-bit grey above 256
+classes), ``NAME_color.png`` (the class colours), ``NAME_overlay.png`` (the colours over the
+image) and ``NAME_shared.png`` (the image resized to the crop, its prediction overlaid, every
+superpatch that shared one token outlined black and white). The last three have a legend of
+the predicted classes and a caption below the picture, whose pixels start at the top left.
 """
 
 from __future__ import annotations
@@ -18,13 +20,29 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from cts.data.io import IMAGE_SUFFIXES, CorruptFileError, read_image, write_image
+from cts.data.io import (
+    IMAGE_SUFFIXES,
+    CorruptFileError,
+    read_image,
+    write_image,
+    write_label_png,
+)
 from cts.inference import EvalGeometry, predict_labels
 from cts.models import Segmenter
 from cts.models.upsample import upsample_argmax
 from cts.progress import progress_bar
 from cts.sharing import check_num_shared
-from cts.visualize import colorize, denormalize, outline_shared, overlay, palette
+from cts.visualize import (
+    annotate,
+    class_names_for,
+    classes_present,
+    colorize,
+    denormalize,
+    legend_entries,
+    outline_shared,
+    overlay,
+    palette,
+)
 
 OUTPUTS = ("labels", "color", "overlay", "shared")
 
@@ -83,6 +101,7 @@ class Predictor:
             then windowed as the evaluation does (default: the crop size).
         stride: window stride, at most the crop (default: the crop size; the window is the crop).
         batch_size: windows per forward.
+        class_names: one name per class, for the legends (default: ``class 0``, ...).
     """
 
     def __init__(
@@ -93,8 +112,10 @@ class Predictor:
         short_side: int | None = None,
         stride: int | None = None,
         batch_size: int = 8,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         config = model.config
+        self.class_names = class_names_for(config.num_classes, class_names)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.crop = config.crop_size
@@ -155,18 +176,34 @@ class Predictor:
         return labels, picture
 
     def write(self, rgb: np.ndarray, stem: Path) -> list[Path]:
-        """Predict one image and write its four pictures next to ``stem``."""
+        """Predict one image and write its four pictures next to ``stem``: the ids as a
+        palette PNG, and the colour, overlay and sharing pictures each with a legend of the
+        predicted classes and a caption."""
         labels, picture = self.predict(rgb)
-        ids = labels.astype(np.uint8 if self.model.config.num_classes <= 256 else np.uint16)
+        # One legend for the three: the classes of the full-size prediction. The sharing
+        # picture's own prediction (one forward of the resized image) can differ in details.
+        entries = legend_entries(classes_present(labels), self.class_names, self.colours)
+        side = self.crop // (2 * self.model.patch_size)
+        k, name, (height, width) = self.num_tokens_shared, stem.name, labels.shape
         pictures = {
-            "labels": ids,
-            "color": colorize(labels, self.colours),
-            "overlay": overlay(rgb, labels, self.colours),
-            "shared": picture,
+            "color": annotate(
+                colorize(labels, self.colours), entries, f"{name}: predicted classes"
+            ),
+            "overlay": annotate(
+                overlay(rgb, labels, self.colours), entries, f"{name}: prediction over the image"
+            ),
+            "shared": annotate(
+                picture,
+                entries,
+                f"{name} resized from {width}x{height} to the {self.crop}x{self.crop} crop. "
+                f"K={k}: {k} of {side * side} superpatches shared (outlined), "
+                f"each {2 * self.model.patch_size}x{2 * self.model.patch_size} px: one token",
+            ),
         }
-        return [
-            write_image(stem.parent / f"{stem.name}_{kind}.png", pictures[kind]) for kind in OUTPUTS
-        ]
+        paths = [write_label_png(stem.parent / f"{name}_labels.png", labels, self.colours)]
+        for kind in OUTPUTS[1:]:
+            paths.append(write_image(stem.parent / f"{name}_{kind}.png", pictures[kind]))
+        return paths
 
 
 def predict_images(

@@ -5,21 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cts.checkpoint import load_segmenter
 from cts.data.folder import SegmentationFolder
+from cts.data.io import write_image
 from cts.data.loader import build_loader
 from cts.data.transforms import ValTransform
 from cts.engine import autocast, init_distributed, resolve_device
 from cts.inference import evaluate
-from cts.metrics import SegmentationMetric, confusion_matrix_image, per_class_table
+from cts.metrics import SegmentationMetric, per_class_table
 from cts.models import Segmenter
 from cts.tracking import log_metrics_file, stage_run
-from cts.visualize import denormalize, outline_shared, overlay, palette
+from cts.visualize import confusion_matrix_image, denormalize, eval_scene, palette
 from stages.common import (
     METRICS,
     REPORTS,
@@ -36,8 +35,11 @@ NUM_PICTURES = 4
 
 
 @torch.inference_mode()
-def write_pictures(model: Segmenter, dataset: SegmentationFolder, out_dir, device) -> list:
-    """Image | prediction overlay with shared superpatches outlined | ground truth, per image."""
+def write_pictures(
+    model: Segmenter, dataset: SegmentationFolder, out_dir, device, names: Sequence[str]
+) -> list:
+    """Input | prediction overlay with shared superpatches outlined | ground truth, per image,
+    with panel titles, a legend of the classes in prediction and ground truth, a caption."""
     config = model.config
     colours = palette(config.num_classes)
     crop = config.crop_size
@@ -49,16 +51,18 @@ def write_pictures(model: Segmenter, dataset: SegmentationFolder, out_dir, devic
             sample["label"][None, None].float(), size=(crop, crop), mode="nearest"
         )[0, 0].long()
         out = model(image.to(device), label[None].to(device))
-        rgb = denormalize(image[0].numpy(), config.mean, config.std)
-        prediction = out.logits.argmax(1)[0].cpu().numpy()
-        shared = out.shared[0].cpu().numpy()
-        panels = [
-            rgb,
-            outline_shared(overlay(rgb, prediction, colours), shared, 2 * model.patch_size),
-            overlay(rgb, label.numpy(), colours),
-        ]
-        path = out_dir / f"{sample['name']}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(panels, axis=1), cv2.COLOR_RGB2BGR))
+        picture = eval_scene(
+            denormalize(image[0].numpy(), config.mean, config.std),
+            out.logits.argmax(1)[0].cpu().numpy(),
+            label.numpy(),
+            out.shared[0].cpu().numpy(),
+            2 * model.patch_size,
+            names,
+            colours,
+            f"{sample['name']}, resized to the {crop}x{crop} crop",
+            config.ignore_index,
+        )
+        path = write_image(out_dir / f"{sample['name']}.png", picture)
         paths.append(path)
     return paths
 
@@ -150,9 +154,9 @@ def run_evaluation(
         table = per_class_table(metric, list(info.class_names))
         write_csv(METRICS / f"per_class_iou_{stage.split('_')[1]}.csv", table)
         confusion_matrix_image(
-            metric.confusion.cpu(), list(info.class_names), reports / "confusion_matrix.png"
+            metric.confusion.cpu().numpy(), info.class_names, reports / "confusion_matrix.png"
         )
-        pictures = write_pictures(model, dataset, reports, device)
+        pictures = write_pictures(model, dataset, reports, device, info.class_names)
         write_json(METRICS / f"{stage}.json", results)
         log_metrics_file(METRICS / f"{stage}.json")
         if mlflow.active_run() is not None:

@@ -48,6 +48,13 @@ def sweep_ks(values: Sequence[int], own_k: int) -> list[int]:
     return sorted({*values, own_k}) if values else []
 
 
+def token_formula(table: pd.DataFrame) -> str:
+    """The tokens of a forward as a formula of K, from a non-empty sweep table: a shared
+    superpatch (2x2 patches) is one token instead of four."""
+    num_patches = int(table["tokens"].iloc[0] + 3 * table["num_tokens_shared"].iloc[0])
+    return f"tokens = {num_patches} − 3·K   (a shared superpatch of 2×2 patches: 1 token, not 4)"
+
+
 def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     """PNG of mIoU against im/s, each point labelled with its K (the model's own K marked)."""
     import io
@@ -72,8 +79,7 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
                 va="bottom",
                 fontsize=7,
             )
-        num_patches = int(table["tokens"].iloc[0] + 3 * table["num_tokens_shared"].iloc[0])
-        title = f"{title}\nK superpatches share a token: {num_patches} - 3K tokens"
+        title = f"{title}\n{token_formula(table)}"
         axes.margins(x=0.08, y=0.15)  # room for the labels inside the frame
         own = table[table["num_tokens_shared"] == own_k]
         axes.plot(own["ims_per_sec"], own["mIoU"], "*", color="tab:red", ms=14, label="trained K")

@@ -1,12 +1,11 @@
 import math
 
-import cv2
 import pytest
 import torch
 import torch.distributed as dist
 
 import cts  # noqa: F401  (applies the torchvision import fix)
-from cts.metrics import SegmentationMetric, confusion_matrix_image, per_class_table
+from cts.metrics import SegmentationMetric, per_class_table
 
 # Two 2x3 maps; the 255 pixel is predicted as class 2 and must not count anywhere.
 TARGET = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
@@ -103,19 +102,6 @@ def test_per_class_table():
     assert table["class"].tolist() == ["wall", "floor", "sky"]
     assert table["gt_pixels"].tolist() == [2, 2, 1]
     assert table["iou"].tolist() == pytest.approx([100 / 3, 200 / 3, 0.0])
-
-
-def test_confusion_matrix_image(tmp_path):
-    names = ["wall", "chest of drawers", "sky", "absent"]
-    metric = SegmentationMetric(4)
-    metric.update(PRED, TARGET)
-    path = tmp_path / "confusion.png"
-    confusion_matrix_image(metric.confusion, names, path, cell=20)
-    image = cv2.imread(str(path))
-    assert image is not None and image.shape[0] == image.shape[1] > 4 * 20
-    # Bottom-right cell is the empty row of the absent class: darkest colour of the map.
-    empty = cv2.applyColorMap(torch.zeros(1, 1, dtype=torch.uint8).numpy(), cv2.COLORMAP_VIRIDIS)
-    assert (image[-10, -10] == empty[0, 0]).all()
 
 
 def test_label_outside_the_classes_is_one_clear_error():

@@ -13,6 +13,7 @@ from cts.data.io import read_image, read_mask, write_image
 from cts.inference import EvalGeometry, predict_logits
 from cts.models import build_segmenter
 from cts.predict import OUTPUTS, Predictor, find_images
+from cts.visualize import MIN_WIDTH, colorize, overlay, palette
 
 CLASSES, CROP = 4, 64
 runner = CliRunner()
@@ -58,8 +59,12 @@ def test_predict_folder_writes_pictures_and_skips_unreadable(checkpoint, images,
             assert (out / f"{stem}_{kind}.png").is_file(), (stem, kind)
         labels = read_mask(out / f"{stem}_labels.png")
         assert labels.shape == (h, w) and labels.max() < CLASSES
-        assert read_image(out / f"{stem}_overlay.png").shape == (h, w, 3)
-        assert read_image(out / f"{stem}_shared.png").shape == (CROP, CROP, 3)
+        # the pictures start at the top left, a legend and a caption below them
+        rgb = read_image(images / f"{stem}{'.png' if stem == 'wide' else '.jpg'}")
+        overlaid = read_image(out / f"{stem}_overlay.png")
+        assert np.array_equal(overlaid[:h, :w], overlay(rgb, labels, palette(CLASSES)))
+        assert overlaid.shape[0] > h and overlaid.shape[1] == max(w, MIN_WIDTH)
+        assert read_image(out / f"{stem}_shared.png").shape[1] == max(CROP, MIN_WIDTH)
     assert not list(out.glob("broken*"))
 
 
@@ -112,3 +117,32 @@ def test_find_images_leaves_out_the_output_folder(images):
     write_image(out / "old_overlay.png", np.zeros((4, 4, 3), np.uint8))
     found = find_images(images, exclude=out)
     assert [p.name for p in found] == ["broken.jpg", "tall.jpg", "wide.png"]
+
+
+def test_labels_are_a_palette_png_and_pictures_have_a_legend(checkpoint, images, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("sky\nroad\ncar\nperson\n")
+    out = tmp_path / "out"
+    args = ["predict", str(images / "wide.png"), "-m", str(checkpoint), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--classes", str(names)])
+    assert result.exit_code == 0, result.output
+    data = (out / "wide_labels.png").read_bytes()
+    assert data[12:16] == b"IHDR" and data[24:26] == bytes([8, 3])  # 8-bit palette
+    start = data.index(b"PLTE") + 4
+    table = np.frombuffer(data[start : start + 768], np.uint8).reshape(256, 3)
+    colours = palette(CLASSES)
+    assert np.array_equal(table[:CLASSES], colours)
+    labels = read_mask(out / "wide_labels.png")  # the ids, not the colours
+    assert labels.shape == (50, 90) and labels.max() < CLASSES
+    coloured = read_image(out / "wide_color.png")
+    assert np.array_equal(coloured[:50, :90], colorize(labels, colours))
+    below = coloured[50:]
+    shown = [int((below == c).all(-1).sum() >= 100) for c in colours]
+    assert shown == [int(i in np.unique(labels)) for i in range(CLASSES)]
+
+    three = tmp_path / "three.txt"
+    three.write_text("sky\nroad\ncar\n")
+    result = runner.invoke(app, [*args, "--classes", str(three)])
+    assert result.exit_code == 1 and "3 class names given for a model of 4 classes" in result.output
+    result = runner.invoke(app, [*args, "--classes", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 1 and "missing.txt not found" in result.output

@@ -105,6 +105,16 @@ def _read_classes(root: Path) -> tuple[str, ...]:
     path = root / CLASSES_FILE
     if not path.is_file():
         raise DatasetNotFoundError(f"{path} not found: one class name per line is required")
+    return read_class_names(path)
+
+
+def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """Class names, one per line, from a text file or a dataset folder's ``classes.txt``."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_classes(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (a dataset folder or a file of class names)")
     names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
     if not names:
         raise ValueError(f"{path}: no class names")

@@ -1,0 +1,324 @@
+"""Pictures and plots: label maps as palette PNGs, legends and captions, the outline of the
+shared superpatches, the eval scenes, the confusion matrix, the DVC plot definitions (titles,
+axis labels, the common 0-100 IoU axis, K on the sweep points) and the sweep's subtitle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from cts.data.folder import SegmentationFolder
+from cts.data.io import read_mask, write_image, write_label_png
+from cts.visualize import (
+    IGNORE_COLOUR,
+    MIN_WIDTH,
+    annotate,
+    classes_present,
+    colorize,
+    confusion_layout,
+    confusion_matrix_image,
+    eval_scene,
+    legend,
+    legend_entries,
+    outline_shared,
+    overlay,
+    palette,
+    titled_panels,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """``(type, payload)`` of every chunk, each CRC checked."""
+    assert data[:8] == SIGNATURE
+    chunks, pos = [], 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        payload = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + payload), kind
+        chunks.append((kind, payload))
+        pos += 12 + length
+    return chunks
+
+
+def chunk(kind: bytes, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )
+
+
+def colour_counts(picture: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Pixels of ``picture`` exactly equal to each colour."""
+    return np.array([(picture == c).all(-1).sum() for c in colours])
+
+
+def test_label_png_is_a_palette_png_of_the_ids(tmp_path):
+    colours = palette(12)
+    ids = np.random.default_rng(0).integers(0, 12, (37, 53)).astype(np.uint8)
+    ids[0, :5] = 255  # ignore
+    path = write_label_png(tmp_path / "x_labels.png", ids, colours)
+    chunks = png_chunks(path.read_bytes())
+    assert [kind for kind, _ in chunks] == [b"IHDR", b"PLTE", b"IDAT", b"IEND"]
+    assert struct.unpack(">IIBB", chunks[0][1][:10]) == (53, 37, 8, 3)  # 8-bit palette
+    table = np.frombuffer(chunks[1][1], np.uint8).reshape(-1, 3)
+    assert len(table) == 256 and np.array_equal(table[:12], colours) and not table[12:].any()
+    rows = np.frombuffer(zlib.decompress(chunks[2][1]), np.uint8).reshape(37, 1 + 53)
+    assert not rows[:, 0].any() and np.array_equal(rows[:, 1:], ids)  # the ids are the pixels
+    # cts reads the ids back; a viewer shows the colours (OpenCV decodes to them)
+    assert np.array_equal(read_mask(path), ids)
+    shown = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(shown, table[ids])
+    assert [p.name for p in tmp_path.iterdir()] == ["x_labels.png"]  # no temporary left
+
+
+def test_label_png_above_256_classes_is_16_bit_grey(tmp_path):
+    ids = np.arange(300, dtype=np.int64).reshape(10, 30)
+    path = write_label_png(tmp_path / "big.png", ids, palette(300))
+    back = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, ids)
+
+
+def four_bit_palette_png(ids: np.ndarray, colours: np.ndarray) -> bytes:
+    """A palette PNG as other writers make them: 4 bits per pixel, rows Sub-filtered."""
+    height, width = ids.shape
+    packed = (ids[:, 0::2] << 4 | ids[:, 1::2]).astype(np.int16)
+    sub = np.diff(packed, axis=1, prepend=0) % 256  # each byte minus the one to its left
+    rows = np.concatenate([np.ones((height, 1), np.int16), sub], axis=1).astype(np.uint8)
+    header = struct.pack(">IIBBBBB", width, height, 4, 3, 0, 0, 0)
+    return (
+        SIGNATURE
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", colours.tobytes())
+        + chunk(b"IDAT", zlib.compress(rows.tobytes()))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_dataset_reads_the_ids_of_palette_label_maps(tmp_path):
+    """Pascal VOC style label maps: a user's folder dataset gets the ids, not the colours."""
+    ids = np.random.default_rng(1).integers(0, 16, (6, 10)).astype(np.uint8)
+    root = tmp_path / "voc"
+    write_image(root / "images" / "val" / "a.png", np.zeros((6, 10, 3), np.uint8))
+    mask = root / "masks" / "val" / "a.png"
+    mask.parent.mkdir(parents=True)
+    mask.write_bytes(four_bit_palette_png(ids, palette(16)))
+    (root / "classes.txt").write_text("".join(f"c{i}\n" for i in range(16)))
+    assert np.array_equal(read_mask(mask), ids)
+    sample = SegmentationFolder(root, "val")[0]
+    assert np.array_equal(sample["label"].numpy(), ids)
+
+
+def test_legend_shows_exactly_the_classes_present():
+    colours = palette(12)
+    assert not any(c[0] == c[1] == c[2] for c in colours)  # no grey: text is no swatch
+    names = [f"class number {i}" for i in range(12)]
+    labels = np.full((40, 60), 4)
+    labels[:10] = 1
+    labels[30:, :5] = 7
+    labels[0, 0] = 255
+    assert classes_present(labels) == [4, 1, 7]  # most pixels first, ignore left out
+    picture = colorize(labels, colours)
+    out = annotate(picture, legend_entries([4, 1, 7], names, colours), "a caption")
+    assert out.shape[1] == MIN_WIDTH and np.array_equal(out[:40, :60], picture)
+    assert (out[:40, 60:] == 255).all()  # padding
+    counts = colour_counts(out[40:], colours)
+    assert set(np.flatnonzero(counts)) == {1, 4, 7} and counts[[1, 4, 7]].min() >= 100
+    assert (out[-10:] < 128).any()  # the caption's ink
+
+
+def test_legend_wraps_every_entry_into_the_width():
+    colours = palette(40)
+    entries = legend_entries(range(40), [f"a longer class name {i}" for i in range(40)], colours)
+    strip = legend(entries, 500)
+    assert strip.shape[1] == 500 and strip.shape[0] > 10 * 20  # many rows
+    assert colour_counts(strip, colours).min() >= 100  # every swatch whole
+    assert legend([], 500).shape == (0, 500, 3)
+
+
+def test_shared_superpatches_framed_black_outside_white_inside():
+    image = np.full((16, 24, 3), 230, np.uint8)  # pale: a white frame alone would not show
+    shared = np.array([[True, False, False], [False, False, True]])
+    out = outline_shared(image, shared, 8)
+    outer = np.ones((8, 8), bool)
+    outer[1:-1, 1:-1] = False
+    inner = np.zeros((8, 8), bool)
+    inner[1:-1, 1:-1] = True
+    inner[2:-2, 2:-2] = False
+    for cell in (out[:8, :8], out[8:, 16:]):
+        assert (cell[outer] == 0).all() and (cell[inner] == 255).all()
+        assert (cell[2:-2, 2:-2] == 230).all()
+    assert (out[:8, 8:] == 230).all() and (out[8:, :16] == 230).all()
+
+
+def test_panels_have_titles_above_them():
+    colours = palette(3)
+    panels = [np.broadcast_to(c, (20, 30, 3)).copy() for c in colours]
+    scene = titled_panels(list(zip(("input", "prediction", "ground truth"), panels, strict=True)))
+    assert scene.shape[1] == 3 * 30 + 2 * 8
+    title = scene.shape[0] - 20
+    assert title > 10
+    for left, colour in zip((0, 38, 76), colours, strict=True):
+        assert (scene[title:, left : left + 30] == colour).all()
+        assert (scene[:title, left : left + 30] < 128).any()  # the title's ink
+    assert (scene[:, 30:38] == 255).all() and (scene[:, 68:76] == 255).all()  # the gaps
+
+
+def test_confusion_matrix_has_axis_titles_and_a_colour_scale(tmp_path):
+    names = ["wall", "chest of drawers", "sky", "absent"]
+    confusion = np.array([[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    path = confusion_matrix_image(confusion, names, tmp_path / "confusion.png", cell=20)
+    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    top, left, margin, _ = confusion_layout(names, 20)
+    viridis = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_VIRIDIS)
+    viridis = viridis[:, 0, ::-1]  # RGB
+    shares = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    for i in range(4):
+        for j in range(4):
+            y, x = top + 20 * i + 10, left + 20 * j + 10
+            assert (image[y, x] == viridis[round(shares[i, j] * 255)]).all(), (i, j)
+    title = top - margin
+    assert (image[:title, left : left + 80] < 128).any()  # "predicted class" above
+    assert (image[top : top + 80, :title] < 128).any()  # "true class" beside, vertical
+    bar = image[top : top + 80, left + 80 :]
+    column = next(x for x in range(bar.shape[1]) if (bar[0, x] == viridis[255]).all())
+    assert (bar[-1, column] == viridis[0]).all()  # 100% at the top, 0% at the bottom
+    assert (image[top : top + 80, left + 80 + column + 12 :] < 128).any()  # tick labels
+
+
+def dvc_plots() -> dict[str, dict]:
+    """The plot definitions of dvc.yaml's stages: path -> properties (images left out)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    plots = {}
+    for stage in stages.values():
+        for entry in stage.get("plots", []):
+            ((path, props),) = entry.items()
+            if not path.endswith(".png"):
+                plots[path] = props
+    return plots
+
+
+def render(path: str, props: dict) -> dict:
+    """The vega-lite spec DVC's renderer fills for a plot of dvc.yaml (templates looked up
+    in .dvc/plots, as `dvc plots show` does) from a few rows of its committed data."""
+    from dvc_render import VegaRenderer
+
+    with open(REPO / path, newline="") as f:
+        rows = [dict(row, rev="workspace") for row in csv.DictReader(f)][:5]
+    renderer = VegaRenderer(rows, path, template_dir=str(REPO / ".dvc" / "plots"), **props)
+    spec = renderer.get_filled_template()
+    assert "<DVC_METRIC" not in json.dumps(spec), path  # every anchor filled
+    return spec
+
+
+def test_every_dvc_plot_has_a_title_and_axis_labels():
+    plots = dvc_plots()
+    assert len(plots) == 7
+    for path, props in plots.items():
+        assert props.get("title") and props.get("x_label") and props.get("y_label"), path
+        spec = render(path, props)
+        text = json.dumps(spec)
+        assert spec["title"]["text"] == props["title"] and path not in props["title"]
+        for label in (props["x_label"], props["y_label"]):
+            assert json.dumps(label) in text, (path, label)
+
+
+def test_per_class_iou_plots_share_a_0_to_100_axis():
+    plots = {p: v for p, v in dvc_plots().items() if "per_class_iou" in p}
+    assert sorted(plots) == ["metrics/per_class_iou_ms.csv", "metrics/per_class_iou_ss.csv"]
+    for path, props in plots.items():
+        x = render(path, props)["encoding"]["x"]
+        assert x["field"] == "iou" and x["scale"]["domain"] == [0, 100], path
+        assert x["title"] == "IoU (%)"
+
+
+def test_k_sweep_points_are_labelled_with_their_k():
+    props = dvc_plots()["plots/k_sweep.csv"]
+    spec = render("plots/k_sweep.csv", props)
+    (text,) = [layer for layer in spec["layer"] if layer["mark"]["type"] == "text"]
+    field = text["encoding"]["text"]["field"]
+    (label,) = [t for t in spec["transform"] if t.get("as") == field]
+    assert label["calculate"] == "'K=' + datum.num_tokens_shared"
+    assert "num_tokens_shared" in pd.read_csv(REPO / "plots/k_sweep.csv").columns
+
+
+def test_sweep_subtitle_is_a_formula_of_k():
+    from stages.sweep import plot_curve, token_formula
+
+    ks = np.array([0, 26, 103, 205])
+    table = pd.DataFrame(
+        {"num_tokens_shared": ks, "tokens": 1024 - 3 * ks, "mIoU": [45.0, 45.5, 45.2, 37.0]}
+    )
+    table["ims_per_sec"], table["gflops"] = 20 + ks / 10, 3.5 - ks / 100
+    formula = token_formula(table)
+    match = re.match(r"tokens = (\d+) − 3·K\b", formula)
+    assert match and int(match[1]) == 1024, formula
+    png = np.frombuffer(plot_curve(table, 103, "a title"), np.uint8)
+    assert cv2.imdecode(png, cv2.IMREAD_COLOR).shape[2] == 3
+
+
+def test_eval_scene_legend_holds_prediction_and_ground_truth_classes():
+    colours = palette(12)
+    rgb = np.full((64, 64, 3), 128, np.uint8)
+    prediction = np.full((64, 64), 2)
+    prediction[:, 40:] = 5
+    truth = np.full((64, 64), 2)
+    truth[:16] = 9
+    truth[-1] = 255
+    shared = np.zeros((2, 2), bool)
+    shared[1, 0] = True
+    names = [f"c{i}" for i in range(12)]
+    scene = eval_scene(rgb, prediction, truth, shared, 32, names, colours, "img_7")
+    panels = titled_panels(
+        [
+            ("input", rgb),
+            ("prediction", outline_shared(overlay(rgb, prediction, colours), shared, 32)),
+            ("ground truth", overlay(rgb, truth, colours)),
+        ]
+    )
+    assert np.array_equal(scene[: panels.shape[0], : panels.shape[1]], panels)
+    below = scene[panels.shape[0] :]
+    assert set(np.flatnonzero(colour_counts(below, colours) >= 100)) == {2, 5, 9}
+    # ignore's swatch: a black square (the text's black strokes are thinner)
+    black = (below == IGNORE_COLOUR).all(-1).astype(np.uint8)
+    assert cv2.erode(black, np.ones((9, 9), np.uint8)).any()
+    assert (below[-10:] < 128).any()  # the caption
+
+
+def test_eval_stage_writes_a_scene_per_picture(tiny_synthetic, tmp_path):
+    from cts.data.transforms import ValTransform
+    from cts.models import build_segmenter
+    from stages.evaluation import write_pictures
+
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=12,
+        crop_size=64,
+        depth=1,
+        policy="policy_net",
+        num_tokens_shared=2,
+        drop_path_rate=0.0,
+    ).eval()
+    config = model.config
+    dataset = SegmentationFolder(tiny_synthetic, "val", ValTransform(config.mean, config.std))
+    paths = write_pictures(model, dataset, tmp_path, "cpu", dataset.info.class_names)
+    assert [p.name for p in paths] == [f"{name}.png" for name, _, _ in dataset.samples]
+    for path in paths:
+        picture = cv2.imread(str(path))
+        assert picture.shape[1] == max(3 * 64 + 2 * 8, MIN_WIDTH) and picture.shape[0] > 64
