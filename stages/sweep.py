@@ -87,7 +87,7 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     else:
         axes.text(0.5, 0.5, "no K sweep: sweep_tokens_shared is empty", ha="center")
     axes.set_xlabel("images / s (benchmark batch)")
-    axes.set_ylabel("single-scale val mIoU")
+    axes.set_ylabel("single-scale val mIoU (%)")
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
