@@ -57,12 +57,12 @@ def _interrupted(command: str, error: KeyboardInterrupt, hint: str = "") -> None
 def _run(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
     """Validate the stage's params before any work, then run it; errors are one line."""
     try:
-        from stages.launch import run_stage
+        from stages.launch import first_process, run_stage
         from stages.params import load_params
 
         module = importlib.import_module(f"stages.{stage}")
         params = load_params(params_file, overrides or (), keys=module.PARAMS, stage=stage)
-        if int(os.environ.get("RANK", 0)) == 0:
+        if first_process(stage, params):
             from stages.common import clean_leftovers
 
             clean_leftovers(params)

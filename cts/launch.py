@@ -5,7 +5,8 @@ on this node, which join the processes of the other ``nnodes - 1`` nodes through
 rendezvous at ``master_addr:master_port`` (torchrun's ``--nnodes/--node-rank/--master-addr``).
 Each worker finds RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its
 environment, as under torchrun, so the same code runs under an outer ``torchrun`` (or
-``srun`` + torchrun), where :func:`launched_externally` tells not to launch again.
+``srun`` + torchrun), where :func:`launched_externally` tells not to launch again. Where a
+scheduler started the processes (:mod:`cts.cluster`), the caller fills in the settings.
 
 Bad settings fail here, before any worker starts, with one line; a worker that dies ends
 the launch with :class:`WorkerFailed`, whose message names its rank and the cause, after the
@@ -113,11 +114,14 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def _resolve(host: str) -> None:
+def resolve_host(host: str, where: str | None = None, hint: str = "") -> None:
+    """Unless ``host`` resolves, a one-line ValueError naming ``where`` it came from (default:
+    the master_addr param), followed by ``hint``."""
     try:
         socket.getaddrinfo(host, None)
     except socket.gaierror as error:
-        raise ValueError(f"master_addr={host!r}: unknown host ({error.strerror})") from None
+        where = where or f"master_addr={host!r}"
+        raise ValueError(f"{where}: unknown host {host!r} ({error.strerror}){hint}") from None
 
 
 def _check_master_here(host: str, port: int) -> None:
@@ -160,7 +164,7 @@ def prepare(settings: LaunchSettings) -> LaunchSettings:
             f"node_rank={settings.node_rank}: allowed 0..{settings.nnodes - 1} for "
             f"nnodes={settings.nnodes}"
         )
-    _resolve(settings.master_addr)
+    resolve_host(settings.master_addr)
     port = settings.master_port
     if port is None:
         port = _free_port(settings.master_addr) if settings.nnodes == 1 else DEFAULT_MASTER_PORT

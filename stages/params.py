@@ -199,8 +199,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "mlflow_tracking_uri": _text(optional=True),
     "mlflow_registered_model": _text(optional=True),
     "nproc_per_node": _auto_or(_integer(1)),
-    "nnodes": _integer(1),
-    "node_rank": _integer(0),
+    "nnodes": _auto_or(_integer(1)),
+    "node_rank": _auto_or(_integer(0)),
     "master_addr": _text(),
     "master_port": _integer(1, 65535, optional=True),
     "rendezvous_timeout": _number(0.0, low_open=True),
@@ -335,7 +335,8 @@ def validate(
             f"{_where(origins.get('eval_stride', source), 'eval_stride', stride)}: larger than "
             f"eval_window={window}: pixels between windows would never be scored"
         )
-    if {"nnodes", "node_rank"} <= set(keys) and params["node_rank"] >= params["nnodes"]:
+    nodes = params.get("nnodes"), params.get("node_rank")
+    if {"nnodes", "node_rank"} <= set(keys) and "auto" not in nodes and nodes[1] >= nodes[0]:
         raise ParamError(
             f"{_where(origins.get('node_rank', source), 'node_rank', params['node_rank'])}: "
             f"allowed 0..{params['nnodes'] - 1} for nnodes={params['nnodes']}"
