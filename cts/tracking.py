@@ -5,18 +5,26 @@ common parent run through a "pipeline key" tag:
 
 - inside `dvc exp run`, the experiment name DVC exports to stage commands (DVC_EXP_NAME);
 - otherwise the git HEAD commit plus a hash of the params: a plain `dvc repro` after a
-  params change gets a new parent, which is seeded with the results of the upstream
-  stages it did not rerun (`upstream_metrics`), so that every parent holds every result.
+  params change gets a new parent.
 
-Final stage results are logged on the child and, prefixed (`eval_ss.mIoU`), on the parent,
-so that comparing parents in the MLflow UI shows all params next to all results.
+A parent holds the results of its own execution only. It is seeded with the results of the
+stages upstream of the stage that starts it (`upstream_metrics`: the outputs it reuses); every
+other result is logged by its stage when that stage runs, so a parent whose execution fails
+midway shows no figures of an earlier execution. A parent is named after what differs from
+the committed params.yaml (`dusky-sick K=0`); its description, shown first on its page,
+holds the headline figures (`HEADLINE`), and so do the tags and description of the model
+version its `train_segmenter` registered.
 
-Run states stay truthful when a stage dies: an exception marks the stage run FAILED, an
-interrupt (Ctrl-C, SIGTERM) KILLED, and the parent takes the state of the latest stage but is
-never set RUNNING again once it has ended. A SIGKILLed stage cannot end its runs, so every
-run records its process (`cts.process`: host, pid, start time) and the next stage of the
-experiment closes the RUNNING runs whose process is gone as FAILED. Finding or creating
-the parent holds a file lock, so stages starting at once share one parent.
+Results have one name everywhere: `eval_ss.mIoU` on the eval_ss run and on the parent. On the
+stage run they are logged at the stage's last step, after its curves. Keys of a results file
+that are settings (batch size, iterations) are params of the stage run, not metrics.
+
+A parent reads as one pipeline execution: RUNNING while a stage runs, ended with the end time
+of its latest stage, FAILED or KILLED if a stage failed or was interrupted (an exception marks
+the stage run FAILED, an interrupt (Ctrl-C, SIGTERM) KILLED). A SIGKILLed stage cannot end its
+runs, so every run records its process (`cts.process`: host, pid, start time) and the next
+stage of the experiment closes the RUNNING runs whose process is gone as FAILED. Finding or
+creating the parent holds a file lock, so stages starting at once share one parent.
 
 The default store is `sqlite:///<repo root>/mlruns.db` with artifacts in
 `<repo root>/mlartifacts`, where the repo root is that of the original repository even
@@ -36,6 +44,7 @@ A stage does not fail for an unreachable server, even at its start, because it m
 done its work before it opens its run (the evaluations score the whole set first).
 """
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -56,6 +65,7 @@ from typing import Any
 
 import mlflow
 import requests
+import yaml
 from mlflow.entities import LoggedModelStatus, Metric, Param, Run, RunData, RunInfo
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -68,10 +78,24 @@ _KIND_TAG = "cts.run_kind"
 _STAGE_TAG = "cts.stage"
 _PARENT_TAG = "mlflow.parentRunId"
 _PROCESS_TAG = "cts.process"
-# The MLflow UI (3.x) opens an experiment of this kind in its model-training view (runs
-# table); without the tag it guesses, and an empty experiment opens in the GenAI overview.
+_COMMIT_TAG = "cts.git_commit"
+_NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+# The experiment's kind spares the MLflow 3 UI's "choose the experiment type" prompt. Which
+# view an experiment opens in is not the tag's doing: MLflow 3.17 takes it from the sidebar's
+# workflow switch (browser local storage, GenAI for a new browser) unless the address carries
+# ?workflowType=machine_learning, as `ui_url` does.
 _EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _EXPERIMENT_KIND = (_EXPERIMENT_KIND_TAG, "custom_model_development")
+UI_BASE = "http://127.0.0.1:5000"
+# Short names of params in run names.
+_ALIASES = {"num_tokens_shared": "K"}
+# The figures a pipeline execution is judged by: (parent metric, label, format).
+HEADLINE = (
+    ("eval_ss.mIoU", "eval_ss mIoU", "{:.2f}"),
+    ("eval_ms.mIoU", "eval_ms mIoU", "{:.2f}"),
+    ("benchmark.speedup", "speed-up", "{:.2f}x"),
+    ("benchmark.tokens", "tokens", "{:.0f}"),
+)
 
 SPOOL_DIR = "mlflow-spool"
 # Reachability: how long a probe of the server waits, and how often a stage that lost its
@@ -158,17 +182,70 @@ def pipeline_key(params: Mapping[str, Any], start: Path | None = None) -> str:
     return f"{(_git_head(repo_root(start)) or 'nogit')[:12]}-{digest.hexdigest()[:12]}"
 
 
-def parent_run_name(params: Mapping[str, Any], key: str) -> str:
-    """The DVC experiment name under `dvc exp run` (as `dvc exp show` lists it); otherwise
-    a name a person can tell apart in the runs table: backbone, depth, K, short commit and
-    params digest (``vit_tiny_patch16_384 d4 K=103 21da977-77fd33``)."""
+def committed_params(start: Path | None = None) -> dict[str, Any] | None:
+    """The params.yaml of the commit the execution started from (DVC's baseline under
+    `dvc exp run`, else HEAD); None outside git or without one."""
+    revision = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
+    try:
+        result = subprocess.run(
+            ["git", "show", f"{revision}:params.yaml"],
+            cwd=repo_root(start),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        committed = yaml.safe_load(result.stdout)
+    except (OSError, subprocess.CalledProcessError, yaml.YAMLError):
+        return None
+    return committed if isinstance(committed, dict) else None
+
+
+def _same(value: Any, other: Any) -> bool:
+    """Equal, or the same number written two ways (YAML reads `1e-3` as a string)."""
+    if value == other:
+        return True
+    try:
+        return float(value) == float(other)
+    except (TypeError, ValueError):
+        return False
+
+
+def _short(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 24 else f"{text[:23]}…"
+
+
+def changed_params(params: Mapping[str, Any], committed: Mapping[str, Any]) -> list[str]:
+    """`key=value` for each param that differs from `committed`, in the order of `params`
+    (num_tokens_shared as K)."""
+    return [
+        f"{_ALIASES.get(key, key)}={_short(value)}"
+        for key, value in params.items()
+        if key not in committed or not _same(value, committed[key])
+    ]
+
+
+def parent_run_name(
+    params: Mapping[str, Any], key: str, committed: Mapping[str, Any] | None = None
+) -> str:
+    """Under `dvc exp run`: the DVC experiment name (as `dvc exp show` lists it) and the params
+    that differ from `committed` (``dusky-sick K=0``); otherwise backbone, depth, K, short
+    commit and params digest (``vit_tiny_patch16_384 d4 K=103 21da977-77fd33``) and the
+    other differing params. At most four are listed, then how many more."""
+    changes = changed_params(params, committed) if committed is not None else []
     if os.environ.get("DVC_EXP_NAME"):
-        return key
-    backbone = params.get("backbone", "model")
-    depth = f" d{params['depth']}" if params.get("depth") else ""
-    k = 0 if params.get("policy") == "none" else params.get("num_tokens_shared", "?")
-    commit, _, digest = key.partition("-")
-    return f"{backbone}{depth} K={k} {commit[:7]}-{digest[:6]}"
+        name = key
+    else:
+        backbone = params.get("backbone", "model")
+        depth = f" d{params['depth']}" if params.get("depth") else ""
+        k = 0 if params.get("policy") == "none" else params.get("num_tokens_shared", "?")
+        commit, _, digest = key.partition("-")
+        name = f"{backbone}{depth} K={k} {commit[:7]}-{digest[:6]}"
+        named = ("K=", "backbone=", "depth=", "policy=")
+        changes = [change for change in changes if not change.startswith(named)]
+    if len(changes) > 4:
+        changes = [*changes[:4], f"+{len(changes) - 4} more"]
+    return " ".join([name, *changes])
 
 
 def _quiet_mlflow() -> None:
@@ -264,12 +341,30 @@ def _store_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _stage_running(client: MlflowClient, parent: Run) -> bool:
+    """Whether a stage run of `parent` runs (its process lives: a SIGKILLed one does not)."""
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
+            f"tags.`{_PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'RUNNING'"
+        ),
+    )
+    return any(_is_alive(child.data.tags.get(_PROCESS_TAG, "")) for child in children)
+
+
 def _end_parent(
     client: MlflowClient, parent_id: str, status: str, end_time: int | None = None
 ) -> None:
-    """The parent takes the latest stage's state; an ended parent is never set RUNNING."""
-    if status == "FINISHED" and client.get_run(parent_id).info.status == "FINISHED":
-        return
+    """A stage ended: the parent ends with it unless another of its stages still runs; a
+    failure or interrupt of a stage that ran alongside this one is kept, and the end time
+    never goes back (a kept record may be logged after a later stage's)."""
+    parent = client.get_run(parent_id)
+    if status == "FINISHED":
+        if _stage_running(client, parent):
+            return
+        if parent.info.status in ("FAILED", "KILLED"):
+            status = parent.info.status
+    end_time = max(end_time or _now_ms(), parent.info.end_time or 0)
     client.set_terminated(parent_id, status, end_time)
 
 
@@ -334,17 +429,86 @@ def _log_batch(
 
 
 def _find_or_create_parent(client: MlflowClient, experiment_id: str, start: Mapping) -> str:
-    """The pipeline's parent run (see the module doc); a new one gets the params and the
-    upstream stages' results. The caller holds the store lock."""
+    """The pipeline's parent run (see the module doc), RUNNING from now on, with the upstream
+    stages' results it lacks; a new one also gets the params. The caller holds the store lock."""
+    upstream = start["upstream"]
     if parent_id := _find_parent(client, experiment_id, start["key"]):
-        return parent_id
-    tags = {_KEY_TAG: start["key"], _KIND_TAG: "pipeline", _PROCESS_TAG: start["process"]}
-    parent_id = client.create_run(
-        experiment_id, start_time=start["start_time"], tags=tags, run_name=start["parent_name"]
-    ).info.run_id
-    upstream = [(key, value, start["start_time"], 0) for key, value in start["upstream"].items()]
-    _log_batch(client, parent_id, upstream, start["params"])
+        held = client.get_run(parent_id).data.metrics
+        upstream = {key: value for key, value in upstream.items() if key not in held}
+        params = None
+        # The process that holds it RUNNING: close_stale_runs ends it if that one dies.
+        client.set_tag(parent_id, _PROCESS_TAG, _this_process())
+        client.update_run(parent_id, "RUNNING")
+    else:
+        tags = {_KEY_TAG: start["key"], _KIND_TAG: "pipeline", _PROCESS_TAG: _this_process()}
+        if start.get("commit"):
+            tags[_COMMIT_TAG] = start["commit"]
+        parent_id = client.create_run(
+            experiment_id, start_time=start["start_time"], tags=tags, run_name=start["parent_name"]
+        ).info.run_id
+        params = start["params"]
+    rows = [(key, value, start["start_time"], 0) for key, value in upstream.items()]
+    _log_batch(client, parent_id, rows, params)
+    _summarize(client, parent_id)
     return parent_id
+
+
+def _headline(parent: Run) -> dict[str, str]:
+    """What tells pipeline executions apart, as tag name -> value (those known so far)."""
+    params, metrics, tags = parent.data.params, parent.data.metrics, parent.data.tags
+    found = {}
+    if "num_tokens_shared" in params:
+        found["K"] = "0" if params.get("policy") == "none" else params["num_tokens_shared"]
+    if "benchmark.tokens" in metrics:
+        found["tokens"] = f"{metrics['benchmark.tokens']:.0f}"
+    for key in ("backbone", "depth"):
+        if params.get(key) not in (None, "None"):
+            found[key] = params[key]
+    for key, _, form in HEADLINE[:3]:
+        if key in metrics:
+            found[key] = form.format(metrics[key]).removesuffix("x")
+    if _COMMIT_TAG in tags:
+        found["git_commit"] = tags[_COMMIT_TAG]
+    found["pipeline_run"] = parent.info.run_name
+    return found
+
+
+def _summary(headline: Mapping[str, str]) -> str:
+    """One line: ``K=103 · 715 tokens · vit_tiny_patch16_384 d4 · eval_ss mIoU 45.59 · ...``."""
+    parts = [f"K={headline['K']}"] if "K" in headline else []
+    parts += [f"{headline['tokens']} tokens"] if "tokens" in headline else []
+    if "backbone" in headline:
+        depth = f" d{headline['depth']}" if "depth" in headline else ""
+        parts.append(f"{headline['backbone']}{depth}")
+    for key, label, form in HEADLINE[:3]:
+        if key in headline:
+            parts.append(f"{label} {headline[key]}{'x' if form.endswith('x') else ''}")
+    if "git_commit" in headline:
+        parts.append(f"commit {headline['git_commit'][:7]}")
+    parts.append(f"run {headline['pipeline_run']}")
+    return " · ".join(parts)
+
+
+def _summarize(client: MlflowClient, parent_id: str) -> None:
+    """The parent's headline as its description (the first thing on its page), and as the
+    tags and description of the newest model version one of its stages registered."""
+    parent = client.get_run(parent_id)
+    headline = _headline(parent)
+    text = _summary(headline)
+    client.set_tag(parent_id, _NOTE_TAG, text)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{_PARENT_TAG}` = '{parent_id}'"
+    )
+    if not children:
+        return
+    ids = ", ".join(f"'{child.info.run_id}'" for child in children)
+    versions = client.search_model_versions(f"run_id IN ({ids})")
+    if not versions:
+        return
+    newest = max(versions, key=lambda version: version.creation_timestamp)
+    for key, value in {**headline, "pipeline_run_id": parent_id}.items():
+        client.set_model_version_tag(newest.name, newest.version, key, value)
+    client.update_model_version(newest.name, newest.version, description=text)
 
 
 def _open_kept_runs(client: MlflowClient, uri: str, start: Mapping) -> tuple[str, str]:
@@ -371,6 +535,10 @@ def _apply(client: MlflowClient, record: Mapping[str, Any], folder: Path | None 
     op, run_id = record["op"], record["run"]
     if op == "metrics":
         _log_batch(client, run_id, record["metrics"])
+    elif op == "params":
+        _log_batch(client, run_id, params=record["params"])
+    elif op == "summary":
+        _summarize(client, run_id)
     elif op == "artifact":
         client.log_artifact(run_id, local(record["path"]), record.get("artifact_path"))
     elif op == "model":
@@ -560,6 +728,7 @@ class _Session:
         self.next_probe = 0.0
         self.kept_run: mlflow.ActiveRun | None = None
         self.refs: dict[str, str] = {}  # kept runs' refs -> their ids, once created
+        self.last_step = 0  # of the curves logged so far: the stage's results go there
 
     def send(self, record: dict[str, Any], files: Sequence[str] = ()) -> Any:
         """Logs `record` (its `run` field names the stage run or the parent), or keeps it
@@ -638,6 +807,8 @@ class _Session:
                 with _environment(_FAIL_FAST, override=not self.online):
                     mlflow.end_run(status)
                 ended = True
+                # The parent ends when its stage run did, to the millisecond.
+                end_time = self.client.get_run(self.run_id).info.end_time
             except Exception:
                 if not self.remote:
                     raise
@@ -682,7 +853,10 @@ def log_model(
             raise ValueError("logging a model needs an active MLflow run")
         return log_model_to_run(active.info.run_id, checkpoint, registered_model_name, name)
     record = {"op": "model", "run": session.run_id, "checkpoint": str(checkpoint), "name": name}
-    return session.send({**record, "registered_model_name": registered_model_name}, ("checkpoint",))
+    info = session.send({**record, "registered_model_name": registered_model_name}, ("checkpoint",))
+    if registered_model_name:
+        session.send({"op": "summary", "run": session.parent_id})
+    return info
 
 
 @contextmanager
@@ -708,24 +882,28 @@ def _open_session(
     params: Mapping[str, Any],
     experiment: str,
     uri: str,
-    upstream_metrics: Sequence[str | Path],
+    upstream_metrics: Mapping[str | Path, Sequence[str]],
 ) -> _Session:
     """Replays what earlier stages kept, closes runs of dead stages, finds or creates the
     parent and starts the stage run; without an answering server, a session that keeps."""
     key = pipeline_key(params)
+    root = repo_root()
     process = _this_process()
     tags = {_KEY_TAG: key, _KIND_TAG: "stage", _STAGE_TAG: stage, _PROCESS_TAG: process}
     upstream: dict[str, float] = {}
-    for path in map(Path, upstream_metrics):
+    for path, settings in upstream_metrics.items():
+        path = Path(path)
         if path.is_file():
-            upstream.update(_scalars(_read_json(path), f"{path.stem}."))
+            results = {k: v for k, v in _read_json(path).items() if k not in settings}
+            upstream.update(_scalars(results, f"{path.stem}."))
     start = {
         "op": "start",
         "run": f"kept-{uuid.uuid4().hex}",
         "parent": f"kept-{uuid.uuid4().hex}",
         "experiment": experiment,
         "key": key,
-        "parent_name": parent_run_name(params, key),
+        "parent_name": parent_run_name(params, key, committed_params(root)),
+        "commit": _git_head(root),
         "stage": stage,
         "process": process,
         "params": _flatten(params),
@@ -788,17 +966,20 @@ def stage_run(
     params: Mapping[str, Any],
     experiment: str = "cts",
     uri: str | None = None,
-    upstream_metrics: Sequence[str | Path] = (),
+    upstream_metrics: Mapping[str | Path, Sequence[str]] | Sequence[str | Path] = (),
 ) -> Iterator[mlflow.ActiveRun | None]:
     """Runs the body inside a child run named `stage` of this pipeline's parent run.
 
     `params` must be the whole params file (the same dict in every stage): it is logged,
     flattened, on the child and, when the parent is created, on the parent, and it keys
-    the parent outside DVC experiments. A newly created parent also receives the scalar
-    values of the existing `upstream_metrics` JSON files, prefixed with the file stem
-    (`policy.json` -> `policy.accuracy`). The child is the active run, so plain
-    `mlflow.log_*` calls inside the body go to it. An exception marks both runs FAILED,
-    an interrupt (KeyboardInterrupt, which SIGTERM raises in `cts`) KILLED; it propagates.
+    the parent outside DVC experiments. `upstream_metrics` are the metrics files of the
+    stages upstream of this one (a mapping: each with its keys that are settings, as
+    `log_metrics_file` takes them): the parent receives the scalar results of those that
+    exist and that it does not hold yet, prefixed with the file stem (`policy.json` ->
+    `policy.accuracy`). The parent is RUNNING until the body ends. The child is the active
+    run, so plain `mlflow.log_*` calls inside the body go to it. An exception marks both
+    runs FAILED, an interrupt (KeyboardInterrupt, which SIGTERM raises in `cts`) KILLED; it
+    propagates.
     In a multi-process run only rank 0 logs: the other ranks get None.
 
     With a tracking server that does not answer, the body still runs (see the module doc):
@@ -812,6 +993,8 @@ def stage_run(
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     with _environment(_HTTP_SETTINGS if _remote(uri) else {}, override=False):
+        if not isinstance(upstream_metrics, Mapping):
+            upstream_metrics = dict.fromkeys(upstream_metrics, ())
         session = _open_session(stage, params, experiment, uri, upstream_metrics)
         status = "FAILED"
         with _stage_calls(session):
@@ -831,36 +1014,81 @@ def log_json_metrics(
     """Logs the numeric leaves of `metrics` (nested keys joined with '.') on the stage run.
 
     With a `step` they are a training curve and stay on the stage run. Without, they are
-    the stage's results and also go on the pipeline parent, prefixed with `prefix` (default:
-    the stage name) and a dot. Outside `stage_run` nothing is logged, so stages also run
-    untracked.
+    the stage's results, named `<prefix>.<key>` (prefix default: the stage name) on the
+    stage run, at its last step so far (a chart's final point, not a point at step 0), and
+    on the pipeline parent, whose headline they update. Outside `stage_run` nothing is
+    logged, so stages also run untracked.
     """
     if (session := _SESSION) is None:
         return
     scalars, now = _scalars(metrics), _now_ms()
-    rows = [(key, value, now, step or 0) for key, value in scalars.items()]
+    if step is not None:
+        session.last_step = max(session.last_step, step)
+        rows = [(key, value, now, step) for key, value in scalars.items()]
+        session.send({"op": "metrics", "run": session.run_id, "metrics": rows})
+        return
+    prefix = prefix or session.stage
+    results = {f"{prefix}.{key}": value for key, value in scalars.items()}
+    rows = [(key, value, now, session.last_step) for key, value in results.items()]
     session.send({"op": "metrics", "run": session.run_id, "metrics": rows})
-    if step is None:
-        prefix = prefix or session.stage
-        rows = [(f"{prefix}.{key}", value, now, 0) for key, value in scalars.items()]
-        session.send({"op": "metrics", "run": session.parent_id, "metrics": rows})
+    rows = [(key, value, now, 0) for key, value in results.items()]
+    session.send({"op": "metrics", "run": session.parent_id, "metrics": rows})
+    session.send({"op": "summary", "run": session.parent_id})
 
 
-def log_metrics_file(path: str | Path) -> None:
-    """Logs a stage's metrics JSON as its results (parent prefix: the file stem) and artifact.
+def log_training_row(step: int, row: Mapping[str, float]) -> None:
+    """A training loop's `on_log`: the row's values (loss, lr, val_*) as curves at `step`,
+    under the loop's own names, so that every training stage charts `loss` alike."""
+    log_json_metrics({key: value for key, value in row.items() if key != "step"}, step=step)
 
-    The stem is the prefix `stage_run` uses when it seeds a new parent from the same file,
-    so a result keeps its name whichever run logged it.
+
+def log_metrics_file(path: str | Path, settings: Sequence[str] = ()) -> None:
+    """Logs a stage's metrics JSON as its results (named `<file stem>.<key>`) and artifact.
+
+    The keys in `settings` say how the results were obtained (a batch size, the iterations):
+    they are params of the stage run, `<file stem>.<key>`, not metrics. The stem is the
+    prefix `stage_run` uses when it seeds a parent from the same file, so a result keeps its
+    name whichever run logged it.
     """
-    if _SESSION is None:
+    if (session := _SESSION) is None:
         return
     path = Path(path)
-    log_json_metrics(_read_json(path), prefix=path.stem)
+    results = _read_json(path)
+    params = {f"{path.stem}.{key}": results[key] for key in settings if key in results}
+    if params:
+        session.send({"op": "params", "run": session.run_id, "params": params})
+    log_json_metrics({k: v for k, v in results.items() if k not in settings}, prefix=path.stem)
     log_artifact(path)
 
 
-def main() -> int:
-    """`python -m cts.tracking`: logs what stages kept while their server did not answer."""
+def ui_url(base: str = UI_BASE, experiment: str = "cts", uri: str | None = None) -> str:
+    """The MLflow UI address of the experiment's runs table (MLflow 3's model-training view,
+    with the registry in its sidebar), whatever view the browser used last; the experiments
+    list when the store or the experiment does not exist yet."""
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        available = Path(uri.removeprefix("sqlite:///")).is_file()  # not created by asking
+    else:
+        available = not (_remote(uri) and unreachable(uri))
+    found = None
+    if available:
+        _quiet_mlflow()
+        with _environment(_HTTP_SETTINGS if _remote(uri) else {}, override=False):
+            found = MlflowClient(uri).get_experiment_by_name(experiment)
+    page = f"experiments/{found.experiment_id}/runs" if found else "experiments"
+    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cts.tracking`: logs what stages kept while their server did not answer;
+    `--ui-url [BASE]`: prints the MLflow UI address of the runs table instead."""
+    parser = argparse.ArgumentParser(prog="python -m cts.tracking", description=main.__doc__)
+    parser.add_argument("--ui-url", nargs="?", const=UI_BASE, metavar="BASE")
+    parser.add_argument("--experiment", default="cts")
+    options = parser.parse_args(argv)
+    if options.ui_url:
+        print(ui_url(options.ui_url, options.experiment))
+        return 0
     _quiet_mlflow()
     logged = replay_spool()
     left = sorted((repo_root() / SPOOL_DIR).glob("*.jsonl"))

@@ -22,8 +22,9 @@ from cts.tracking import log_metrics_file, stage_run
 from stages.common import (
     METRICS,
     SEGMENTER_CHECKPOINT,
-    other_stage_metrics,
+    STAGE_SETTINGS,
     require,
+    upstream_stage_metrics,
     write_json,
 )
 
@@ -62,7 +63,7 @@ def run(params: dict[str, Any]) -> None:
         "benchmark",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=other_stage_metrics("benchmark"),
+        upstream_metrics=upstream_stage_metrics("benchmark"),
     ):
         (record,) = measure_model(
             model,
@@ -78,7 +79,7 @@ def run(params: dict[str, Any]) -> None:
         )
         results = {**record, **runtime(device)}
         write_json(METRICS / "benchmark.json", results)
-        log_metrics_file(METRICS / "benchmark.json")
+        log_metrics_file(METRICS / "benchmark.json", settings=STAGE_SETTINGS["benchmark"])
     agreement = results["bf16_fp32_agreement"]
     print(
         f"benchmark on {results['device']}: {results['ims_per_sec']:.2f} im/s with sharing "

@@ -6,7 +6,7 @@ from typing import Any
 
 from cts.data import prepare_dataset
 from cts.tracking import stage_run
-from stages.common import other_stage_metrics
+from stages.common import upstream_stage_metrics
 
 PARAMS = (
     "dataset",
@@ -36,7 +36,7 @@ def run(params: dict[str, Any]) -> None:
         "download",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=other_stage_metrics("download"),
+        upstream_metrics=upstream_stage_metrics("download"),
     ):
         info = prepare_dataset(
             params["dataset"],

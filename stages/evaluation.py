@@ -23,10 +23,11 @@ from stages.common import (
     METRICS,
     REPORTS,
     SEGMENTER_CHECKPOINT,
+    STAGE_SETTINGS,
     dataset_info,
     eval_geometry,
-    other_stage_metrics,
     require,
+    upstream_stage_metrics,
     write_csv,
     write_json,
 )
@@ -140,7 +141,7 @@ def run_evaluation(
         stage,
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=other_stage_metrics(stage),
+        upstream_metrics=upstream_stage_metrics(stage),
     ):
         import mlflow
 
@@ -158,7 +159,7 @@ def run_evaluation(
         )
         pictures = write_pictures(model, dataset, reports, device, info.class_names)
         write_json(METRICS / f"{stage}.json", results)
-        log_metrics_file(METRICS / f"{stage}.json")
+        log_metrics_file(METRICS / f"{stage}.json", settings=STAGE_SETTINGS[stage])
         if mlflow.active_run() is not None:
             mlflow.log_artifact(str(METRICS / f"per_class_iou_{stage.split('_')[1]}.csv"))
             mlflow.log_artifact(str(reports / "confusion_matrix.png"), artifact_path=stage)

@@ -20,8 +20,9 @@ from stages.common import (
     METRICS,
     POLICY_TARGETS,
     PREPROCESSED,
+    STAGE_SETTINGS,
     dataset_info,
-    other_stage_metrics,
+    upstream_stage_metrics,
     write_csv,
     write_json,
 )
@@ -61,7 +62,7 @@ def run(params: dict[str, Any]) -> None:
         "preprocess",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=other_stage_metrics("preprocess"),
+        upstream_metrics=upstream_stage_metrics("preprocess"),
     ):
         for split in SPLITS:
             dataset = SegmentationFolder(root, split)
@@ -81,7 +82,7 @@ def run(params: dict[str, Any]) -> None:
         write_bytes_atomic(POLICY_TARGETS, buffer.getvalue())
         summary["num_classes"] = info.num_classes
         write_json(METRICS / "dataset.json", summary)
-        log_metrics_file(METRICS / "dataset.json")
+        log_metrics_file(METRICS / "dataset.json", settings=STAGE_SETTINGS["preprocess"])
     print(
         f"{root}: {summary['train_images']} train / {summary['val_images']} val images, "
         f"uniform superpatches {100 * summary['train_uniform_fraction']:.1f}% (train)"

@@ -19,7 +19,13 @@ from cts.engine import resolve_device
 from cts.sharing import check_num_shared
 from cts.tracking import log_json_metrics, stage_run
 from stages.benchmark import validation_batch
-from stages.common import PLOTS, SEGMENTER_CHECKPOINT, require, write_csv
+from stages.common import (
+    PLOTS,
+    SEGMENTER_CHECKPOINT,
+    require,
+    upstream_stage_metrics,
+    write_csv,
+)
 from stages.evaluation import evaluate_model, validation_set
 
 PARAMS = (
@@ -107,7 +113,12 @@ def run(params: dict[str, Any]) -> None:
         check_num_shared(k, side * side, f"crop_size {model.config.crop_size}")
     if model.config.policy == "none" and ks:
         ks = [0]  # without a policy every K is the plain Segmenter
-    with stage_run("sweep", params, uri=params["mlflow_tracking_uri"]):
+    with stage_run(
+        "sweep",
+        params,
+        uri=params["mlflow_tracking_uri"],
+        upstream_metrics=upstream_stage_metrics("sweep"),
+    ):
         import mlflow
 
         records = []

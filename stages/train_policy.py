@@ -33,18 +33,19 @@ from cts.engine import (
 )
 from cts.metrics import PolicyMetric
 from cts.models import PolicyNet, backbone_normalization
-from cts.tracking import log_json_metrics, log_metrics_file, stage_run
+from cts.tracking import log_metrics_file, log_training_row, stage_run
 from stages.common import (
     METRICS,
     PLOTS,
     POLICY_CHECKPOINT,
     POLICY_TARGETS,
     RESUME_DIR,
+    STAGE_SETTINGS,
     dataset_info,
-    other_stage_metrics,
     remove_resume_checkpoints,
     require,
     retire_results,
+    upstream_stage_metrics,
     write_csv,
     write_json,
 )
@@ -230,7 +231,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         "train_policy",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=other_stage_metrics("train_policy"),
+        upstream_metrics=upstream_stage_metrics("train_policy"),
     ):
         loop = TrainLoop(
             model=model,
@@ -247,7 +248,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             log_every=10,
             context=context,
             description="train_policy",
-            on_log=lambda step, row: log_json_metrics({"train_loss": row["loss"]}, step=step),
+            on_log=log_training_row,
         )
         state = loop.run(state, batches_from(train_loader, state.iteration))
         if not context.is_main:
@@ -268,7 +269,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         curve = [{"k": kk, "precision": metric.precision(kk)} for kk in curve_ks if kk > 0]
         write_csv(PLOTS / "policy_precision.csv", pd.DataFrame(curve))
         write_csv(PLOTS / "policy_loss.csv", pd.DataFrame(state.history))
-        log_metrics_file(METRICS / "policy.json")
+        log_metrics_file(METRICS / "policy.json", settings=STAGE_SETTINGS["train_policy"])
     resume_path.unlink(missing_ok=True)
     remove_resume_checkpoints("policy", run_started)
     print(

@@ -33,21 +33,22 @@ from cts.engine import (
 from cts.inference import evaluate
 from cts.losses import class_weights, subgrid_cross_entropy
 from cts.sharing import training_num_shared
-from cts.tracking import log_json_metrics, log_metrics_file, stage_run
+from cts.tracking import log_metrics_file, log_training_row, stage_run
 from stages.common import (
     METRICS,
     PLOTS,
     PREPROCESSED,
     RESUME_DIR,
     SEGMENTER_CHECKPOINT,
+    STAGE_SETTINGS,
     base_size,
     build_segmenter_for_training,
     dataset_info,
     eval_geometry,
-    other_stage_metrics,
     remove_resume_checkpoints,
     require,
     retire_results,
+    upstream_stage_metrics,
     write_csv,
     write_json,
 )
@@ -206,6 +207,14 @@ def class_frequencies(path: Path, num_classes: int) -> torch.Tensor:
     return frequencies
 
 
+def validation_curve(history: list[dict[str, float]]) -> pd.DataFrame:
+    """`step, mIoU`: one row per validated step, in step order, the latest validation of a
+    step winning (DVC's plots draw every row: a step listed twice draws a spike)."""
+    rows = [(row["step"], row["val_mIoU"]) for row in history if "val_mIoU" in row]
+    curve = pd.DataFrame(rows, columns=["step", "mIoU"])
+    return curve.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
+
+
 def per_process_batch(params: dict[str, Any], world_size: int) -> int:
     """Micro-batch of each process: the global batch_size over processes and accumulation."""
     return split_batch(params["batch_size"], world_size, params["grad_accum_steps"])
@@ -292,14 +301,11 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             )
         return {"val_" + key: value for key, value in metric.compute().items()}
 
-    def on_log(step: int, row: dict[str, float]) -> None:
-        log_json_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-
     with stage_run(
         "train_segmenter",
         params,
         uri=params["mlflow_tracking_uri"],
-        upstream_metrics=other_stage_metrics("train_segmenter"),
+        upstream_metrics=upstream_stage_metrics("train_segmenter"),
     ):
         started = time.perf_counter()
         loop = TrainLoop(
@@ -318,7 +324,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             evaluate=validate,
             eval_every=params["eval_every"],
             log_every=10,
-            on_log=on_log,
+            on_log=log_training_row,
             context=context,
             description="train_segmenter",
         )
@@ -332,8 +338,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
         evals = [row for row in state.history if "val_mIoU" in row]
         write_csv(PLOTS / "train_loss.csv", pd.DataFrame(losses)[["step", "loss", "lr"]])
         if evals:
-            curve = pd.DataFrame(evals).rename(columns={"val_mIoU": "mIoU"})
-            write_csv(PLOTS / "val_miou.csv", curve[["step", "mIoU"]])
+            write_csv(PLOTS / "val_miou.csv", validation_curve(state.history))
         results = {
             "final_loss": losses[-1]["loss"],
             "val_mIoU": evals[-1]["val_mIoU"] if evals else None,
@@ -341,7 +346,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             "train_seconds_this_run": seconds,
         }
         write_json(METRICS / "train.json", results)
-        log_metrics_file(METRICS / "train.json")
+        log_metrics_file(METRICS / "train.json", settings=STAGE_SETTINGS["train_segmenter"])
         log_model(params["mlflow_registered_model"])
     resume_path.unlink(missing_ok=True)
     remove_resume_checkpoints("segmenter", run_started)

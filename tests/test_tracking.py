@@ -108,8 +108,9 @@ def test_stages_share_one_parent(store, tmp_path):
         "eval_ss.mIoU": 45.1,
         "eval_ss.per_class.wall": 70.0,
     }
-    assert children[0].data.metrics == {"loss": 0.5, "accuracy": 0.9}
-    assert children[1].data.metrics == {"mIoU": 45.1, "per_class.wall": 70.0}
+    # A result has one name on its stage run and on the parent.
+    assert children[0].data.metrics == {"loss": 0.5, "train_policy.accuracy": 0.9}
+    assert children[1].data.metrics == {"eval_ss.mIoU": 45.1, "eval_ss.per_class.wall": 70.0}
     artifacts = MlflowClient(store).list_artifacts(children[1].info.run_id)
     assert [a.path for a in artifacts] == ["eval_ss.json"]
 
@@ -131,7 +132,7 @@ def test_new_params_make_new_parent_seeded_with_upstream(store, tmp_path):
     assert parents[1].data.metrics == {**expected, "eval_ss.mIoU": 44.0}
 
 
-def test_parent_name_is_readable_and_experiment_opens_in_model_training_view(store):
+def test_parent_name_is_readable_and_experiment_has_its_kind(store):
     experiment = "readable"
     params = {"backbone": "vit_tiny_patch16_384", "depth": 4, "num_tokens_shared": 103}
     with stage_run("train_segmenter", params, experiment, store):
@@ -159,6 +160,7 @@ def test_existing_experiment_gets_the_kind_tag(store):
 def test_dvc_experiment_name_keys_the_parent(store, monkeypatch):
     experiment = "dvc_exp"
     monkeypatch.setenv("DVC_EXP_NAME", "urban-mink")
+    monkeypatch.setattr(cts.tracking, "committed_params", lambda start=None: PARAMS)
     for stage in ("train_segmenter", "benchmark"):
         with stage_run(stage, PARAMS, experiment, store):
             pass
@@ -297,7 +299,17 @@ def test_an_unreachable_server_at_start_is_one_line_and_the_stage_goes_on(
     assert mlflow.active_run() is None
     (kept,) = (tmp_path / "mlflow-spool").glob("*.jsonl")
     ops = [json.loads(line)["op"] for line in kept.read_text().splitlines()]
-    assert ops == ["header", "start"] + ["metrics"] * 3 + ["artifact"] * 2 + ["end", "end_parent"]
+    results = ["metrics", "metrics", "summary"]  # on the stage run, on the parent, headline
+    assert ops == [
+        "header",
+        "start",
+        "metrics",
+        *results,
+        "artifact",
+        "artifact",
+        "end",
+        "end_parent",
+    ]
 
 
 def test_a_replay_cut_short_logs_nothing_twice(store, tmp_path):
@@ -366,14 +378,14 @@ def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
     capsys.readouterr()
 
     # The server dies at the first validation of training (step 2 of 4), before it is logged.
-    logged = stages.train_segmenter.log_json_metrics
+    logged = stages.train_segmenter.log_training_row
 
-    def killed_at_step_2(metrics, step=None, prefix=None):
+    def killed_at_step_2(step, row):
         if step == 2 and server.up:
             server.kill()
-        logged(metrics, step, prefix)
+        logged(step, row)
 
-    monkeypatch.setattr(stages.train_segmenter, "log_json_metrics", killed_at_step_2)
+    monkeypatch.setattr(stages.train_segmenter, "log_training_row", killed_at_step_2)
     started = time.monotonic()
     _run_stage("train_segmenter", server.uri)
     training_seconds = time.monotonic() - started
@@ -384,9 +396,9 @@ def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
     monkeypatch.setattr(cts.tracking, "REPROBE_SECONDS", 0.0)
     log_results = stages.evaluation.log_metrics_file
 
-    def server_back_first(path):
+    def server_back_first(path, settings=()):
         server.start()
-        log_results(path)
+        log_results(path, settings)
 
     monkeypatch.setattr(stages.evaluation, "log_metrics_file", server_back_first)
     _run_stage("eval_ss", server.uri)
@@ -421,11 +433,11 @@ def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
     assert found["parent"].info.status == "FINISHED"
     train = json.loads((repo / "metrics" / "train.json").read_text())
     evaluation = json.loads((repo / "metrics" / "eval_ss.json").read_text())
-    # Validations at steps 2 and 4, the result (step 0): each once.
-    assert sorted(step for step, _ in histories["train_segmenter", "val_mIoU"]) == [0, 2, 4]
+    # Validations at steps 2 and 4, the results at the last step: each once.
+    assert [step for step, _ in histories["train_segmenter", "val_mIoU"]] == [2, 4]
     assert [step for step, _ in histories["train_segmenter", "loss"]] == [4]
-    assert histories["train_segmenter", "final_loss"] == [(0, train["final_loss"])]
-    assert histories["eval_ss", "mIoU"] == [(0, evaluation["mIoU"])]
+    assert histories["train_segmenter", "train.final_loss"] == [(4, train["final_loss"])]
+    assert histories["eval_ss", "eval_ss.mIoU"] == [(0, evaluation["mIoU"])]
     parent_metrics = found["parent"].data.metrics
     assert parent_metrics["train.final_loss"] == train["final_loss"]
     assert parent_metrics["eval_ss.mIoU"] == evaluation["mIoU"]
