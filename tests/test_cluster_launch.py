@@ -572,17 +572,6 @@ def reference(job):
     return _weights(folder)
 
 
-def test_two_slurm_nodes_on_loopback_train_like_two_processes_on_one(job, reference):
-    """``srun --nodes=2 --ntasks-per-node=1 cts train_segmenter`` over ``node[01-02]``, both
-    on this machine: the topology from SLURM's variables, node 0's name mapped to 127.0.0.1
-    by the master_addr param."""
-    folder = job("slurm")
-    args = ["--no-resume", "--set", "master_addr=127.0.0.1", "--set", f"master_port={_free_port()}"]
-    results = _nodes(folder, [_slurm_step(0), _slurm_step(1)], *args)
-    _trained_by_rank_0_of_two(results)
-    assert _worst(_weights(folder), reference) < 1e-4
-
-
 def test_a_pytorchjob_with_two_replicas_on_loopback_trains_like_two_processes_on_one(
     job, reference
 ):
@@ -596,11 +585,17 @@ def test_a_pytorchjob_with_two_replicas_on_loopback_trains_like_two_processes_on
     assert _worst(_weights(folder), reference) < 1e-4
 
 
-def test_a_preempted_slurm_job_exits_143_and_resumes_when_requeued(job, reference):
-    """SLURM's preemption (and the sbatch script at the time limit) sends SIGTERM to every
-    task: each ends with 143 and one line, the checkpoint stays, and the requeued job resumes
-    from it to the weights of an uninterrupted run."""
-    folder = job("preempted")
+def test_two_slurm_nodes_on_loopback_preempted_and_requeued_train_like_two_processes_on_one(
+    job, reference
+):
+    """``srun --nodes=2 --ntasks-per-node=1 cts train_segmenter`` over ``node[01-02]``, both
+    nodes on this machine (node 0's name mapped to 127.0.0.1 by the master_addr param), the
+    topology from SLURM's variables. SLURM's preemption (and the sbatch script at the time
+    limit) sends SIGTERM to every task: each ends with 143 and one line, the checkpoint stays,
+    and the requeued job resumes from it; its 20 iterations end with the weights of
+    ``nproc_per_node: 2`` on one machine (a resumed run's are those of an uninterrupted one:
+    test_resume_distributed)."""
+    folder = job("slurm")
     args = ["--set", "master_addr=127.0.0.1", "--set", f"master_port={_free_port()}"]
     args += ["--set", "checkpoint_every=1"]
     envs = [{**_base_env(), **_slurm_step(node)} for node in (0, 1)]
