@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from cts.data.io import (
@@ -27,7 +26,7 @@ from cts.data.io import (
     write_image,
     write_label_png,
 )
-from cts.inference import EvalGeometry, predict_labels
+from cts.inference import EvalGeometry, normalised_resize, predict_labels, scaled_image
 from cts.models import Segmenter
 from cts.models.upsample import upsample_argmax
 from cts.progress import progress_bar
@@ -129,8 +128,6 @@ class Predictor:
         self.num_tokens_shared = k
         self.geometry = EvalGeometry(short_side or self.crop, self.crop, stride or self.crop)
         self.batch_size = batch_size
-        self.mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1)
         self.colours = palette(config.num_classes)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -139,32 +136,34 @@ class Predictor:
         out = self.model(images, num_tokens_shared=self.num_tokens_shared, upsample=False)
         return out.logits.float()
 
-    def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
-        image = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
-        return (image - self.mean) / self.std
-
     @torch.inference_mode()
     def labels(self, rgb: np.ndarray) -> np.ndarray:
-        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` int64 (sliding window of the crop)."""
-        return self._labels(self._normalise(rgb))
-
-    def _labels(self, image: torch.Tensor) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` (sliding window of the crop),
+        uint8 (uint16 above 256 classes): a 6000 x 6000 map is 36 MB, not 288 as int64."""
+        pixels = torch.from_numpy(rgb).to(self.device)
+        config = self.model.config
+        image = scaled_image(pixels, self.geometry, config.mean, config.std)
         labels = predict_labels(
             self._forward,
             image,
-            self.model.config.num_classes,
+            config.num_classes,
             self.geometry,
+            out_size=tuple(rgb.shape[:2]),
             batch_size=self.batch_size,
         )
-        return labels[0].cpu().numpy()
+        if config.num_classes <= 256:
+            return labels[0].to(torch.uint8).cpu().numpy()
+        return labels[0].to(torch.int32).cpu().numpy().astype(np.uint16)
 
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` int64 and the sharing picture."""
-        image = self._normalise(rgb)
-        labels = self._labels(image)
+        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` (see :meth:`labels`) and the
+        sharing picture."""
+        labels = self.labels(rgb)
+        pixels = torch.from_numpy(rgb).to(self.device)
+        config = self.model.config
         size = (self.crop, self.crop)
-        crop = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        crop = normalised_resize(pixels, size, config.mean, config.std)
         out = self.model(crop, num_tokens_shared=self.num_tokens_shared, upsample=False)
         crop_rgb = denormalize(crop[0].cpu().numpy(), self.model.config.mean, self.model.config.std)
         crop_labels = upsample_argmax(out.logits, size)[0].cpu().numpy()
