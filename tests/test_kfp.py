@@ -1,0 +1,212 @@
+"""`cts kfp`: the Kubeflow pipeline built from dvc.yaml, compiled, and run with KFP's local
+subprocess runner against a `dvc repro` of the same params (test_pipeline's micro repository).
+
+kfp is the `cluster` extra, which `make test` installs: without it these tests fail to import
+rather than skip.
+"""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import kfp
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cts.cli import app
+from stages.params import parse_override
+from tests.test_pipeline import BIN, REPO, _run, pipeline  # noqa: F401 (the fixture)
+
+# Measurements that differ between two runs of the same model; everything else must agree.
+TIMING = re.compile(r"per_sec|ms_per|seconds|speedup|policy_share")
+
+
+def _task(stage: str) -> str:
+    return stage.replace("_", "-")
+
+
+def _dvc_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, dict]:
+    return yaml.safe_load(dvc_yaml.read_text())["stages"]
+
+
+def _paths(entries: list) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+
+def _writes(spec: dict) -> list[str]:
+    return _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
+
+
+def _upstream(stages: dict[str, dict], name: str) -> set[str]:
+    """The stages that write a dep of ``name`` (or a folder holding it), from dvc.yaml."""
+    deps = _paths(stages[name].get("deps"))
+    return {
+        other
+        for other, spec in stages.items()
+        if other != name
+        for out in _writes(spec)
+        for dep in deps
+        if dep == out or dep.startswith(out.rstrip("/") + "/")
+    }
+
+
+def _compile(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(
+        app,
+        ["kfp", "compile", "--out", str(out), "--dvc-yaml", str(REPO / "dvc.yaml")]
+        + ["--params", str(REPO / "params.yaml"), *args],
+    )
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline.yaml"]  # no temporary left
+    kfp.components.load_component_from_file(str(out))  # KFP reads its IR back
+    return yaml.safe_load(out.read_text())
+
+
+def test_the_ir_has_a_task_per_stage_ordered_by_deps_with_params_and_gpus(tmp_path):
+    ir = _compile(tmp_path)
+    stages = _dvc_stages()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    tasks = ir["root"]["dag"]["tasks"]
+    assert set(tasks) == {_task(name) for name in stages}
+    defaults = ir["root"]["inputDefinitions"]["parameters"]
+    assert set(defaults) == set(params)
+    for key, value in params.items():
+        assert parse_override(f"{key}={defaults[key]['defaultValue']}")[1] == value, key
+    # How a stage runs, not what it computes: no stage lists them, every task gets them.
+    runtime = set(params) - {key for spec in stages.values() for key in spec["params"]}
+    assert {"nproc_per_node", "mlflow_tracking_uri"} <= runtime
+    for name, spec in stages.items():
+        task = tasks[_task(name)]
+        assert set(task.get("dependentTasks", [])) == {_task(s) for s in _upstream(stages, name)}
+        wired = task["inputs"]["parameters"]
+        assert set(wired) == set(spec["params"]) | runtime  # what Kubeflow's cache keys on
+        assert all(wired[key]["componentInputParameter"] == key for key in wired)
+        artifacts = task["inputs"].get("artifacts", {}).values()
+        producers = {a["taskOutputArtifact"]["producerTask"] for a in artifacts}
+        assert producers == set(task.get("dependentTasks", []))  # the order is the data's
+        component = ir["components"][task["componentRef"]["name"]]
+        container = ir["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+        assert repr(["cts", name]) in container["command"][-1]  # the source KFP ships
+        accelerator = container.get("resources", {}).get("accelerator")
+        if "device" in spec["params"]:  # the stages that run a model
+            assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["count"] == "1"
+        else:
+            assert accelerator is None
+    assert {"download", "preprocess"} < stages.keys() and "device" in stages["eval_ss"]["params"]
+
+
+def test_no_gpu_requests_with_gpus_0(tmp_path):
+    ir = _compile(tmp_path, "--gpus", "0", "--image", "registry.example/cts:1")
+    containers = [e["container"] for e in ir["deploymentSpec"]["executors"].values()]
+    assert all("resources" not in c for c in containers)
+    assert {c["image"] for c in containers} == {"registry.example/cts:1"}
+
+
+NOT_CTS = "is not a `cts` command; a Kubeflow component runs `cts <stage>`"
+BAD_STAGES = {
+    "python train.py": f"cmd 'python train.py' {NOT_CTS}",
+    "cts --help": f"cmd 'cts --help' {NOT_CTS}",
+    "cts eval_ss --set device=cpu": (
+        "cmd 'cts eval_ss --set device=cpu' passes --set; the Kubeflow task passes the params "
+        "itself"
+    ),
+}
+
+
+def _compile_dvc_yaml(tmp_path: Path, stages: dict) -> tuple[Path, Path, object]:
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(
+        app,
+        ["kfp", "compile", "--out", str(out), "--dvc-yaml", str(dvc_yaml)]
+        + ["--params", str(REPO / "params.yaml")],
+    )
+    return dvc_yaml, out, result
+
+
+@pytest.mark.parametrize("cmd", sorted(BAD_STAGES))
+def test_a_stage_that_is_not_a_cts_command_is_one_line_before_any_work(tmp_path, cmd):
+    stages = _dvc_stages()
+    stages["eval_ss"]["cmd"] = cmd
+    dvc_yaml, out, result = _compile_dvc_yaml(tmp_path, stages)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: kfp compile: {dvc_yaml}: stage 'eval_ss': {BAD_STAGES[cmd]}"
+    ]
+    assert not out.exists()
+
+
+def test_a_param_the_params_file_lacks_is_one_line(tmp_path):
+    stages = _dvc_stages()
+    stages["benchmark"]["params"].append("bench_warmup")
+    dvc_yaml, out, result = _compile_dvc_yaml(tmp_path, stages)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: kfp compile: {dvc_yaml}: stage 'benchmark' reads param 'bench_warmup', "
+        "which the params file lacks"
+    )
+    assert not out.exists()
+
+
+def test_an_out_outside_the_repository_is_one_line(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(
+        app,
+        ["kfp", "compile", "--out", str(out), "--dvc-yaml", str(REPO / "dvc.yaml")]
+        + ["--params", str(REPO / "params.yaml"), "--set", "data_root=/srv/data"],
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: kfp compile: dvc.yaml path '${data_root}' (= '/srv/data'): a Kubeflow artifact "
+        "must be a path inside the repository (relative, without '..')"
+    )
+    assert not out.exists()
+
+
+def test_run_local_refuses_an_existing_folder(tmp_path):
+    result = CliRunner().invoke(app, ["kfp", "run-local", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: kfp run-local: {tmp_path} already exists; choose a new folder for the results"
+    )
+
+
+def _rows(path: Path) -> list[dict]:
+    """A CSV's rows without its timing columns."""
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if not TIMING.search(k)} for row in csv.DictReader(f)]
+
+
+def _values(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if not TIMING.search(k)}
+
+
+def test_the_local_run_writes_what_dvc_repro_writes(pipeline, tmp_path):  # noqa: F811
+    repo, env, _, _ = pipeline
+    out = tmp_path / "run" / "kfp"
+    store = f"sqlite:///{tmp_path / 'kfp-mlruns.db'}"
+    command = [str(BIN / "cts"), "kfp", "run-local", "--out", str(out)]
+    output = _run([*command, "--set", f"mlflow_tracking_uri={store}"], repo, env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    stages = _dvc_stages(repo / "dvc.yaml")
+    written = sum(len(_writes(spec)) for spec in stages.values())
+    assert f"written: {written} outputs in {out}" in output.splitlines()
+    compared = []
+    for spec in stages.values():
+        for path in _writes(spec):
+            path = path.replace("${data_root}", params["data_root"])
+            assert (out / path).exists(), path
+            if path.endswith(".json"):
+                assert _values(out / path) == _values(repo / path), path
+            elif path.endswith(".csv"):
+                assert _rows(out / path) == _rows(repo / path), path
+            else:
+                continue
+            compared.append(path)
+    metrics = ("dataset", "policy", "train", "eval_ss", "eval_ms", "benchmark")
+    assert {f"metrics/{name}.json" for name in metrics} < set(compared)
+    assert [p.name for p in out.parent.iterdir()] == ["kfp"]  # no staging or KFP folder left
