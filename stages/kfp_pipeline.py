@@ -313,7 +313,7 @@ def build_pipeline(plan: Plan, image: str, accelerator: str, gpus: int) -> Any:
         for stage in plan.stages:
             arguments = {key: params[key] for key in plan.task_params[stage.name]}
             arguments.update({plan.artifacts[p].name: produced[p] for p in plan.inputs[stage.name]})
-            task = components[stage.name](**arguments).set_display_name(stage.name)
+            task = components[stage.name](**arguments)
             if gpus and DEVICE_PARAM in stage.params:
                 task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
             for path in stage.writes:
