@@ -924,6 +924,7 @@ def _open_session(
                     f"mlflow: logged {replayed} record(s) kept by earlier stages", file=sys.stderr
                 )
         experiment_id = _experiment_id(client, experiment, uri)
+        start["start_time"] = _now_ms()  # a new store's schema took seconds: not the stage's
         with _store_lock(uri):
             close_stale_runs(client, experiment_id)
             parent_id = _find_or_create_parent(client, experiment_id, start)
