@@ -8,6 +8,7 @@ rather than skip.
 import csv
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import kfp
@@ -173,6 +174,59 @@ def test_run_local_refuses_an_existing_folder(tmp_path):
     assert result.output.strip() == (
         f"error: kfp run-local: {tmp_path} already exists; choose a new folder for the results"
     )
+
+
+class _Artifact:
+    """What the KFP executor hands a component: a path, and for metrics ``log_metric``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.metrics = str(path), {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name] = value
+
+
+def test_a_task_whose_command_fails_fails_in_one_line_and_leaves_no_work_folder(
+    tmp_path, monkeypatch
+):
+    from stages.kfp_task import run_task
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the work folder goes
+    with pytest.raises(RuntimeError, match=r"^`cts config --list` failed with exit status 2$"):
+        run_task(["cts", "config", "--list"], {"seed": "0"}, {}, {}, {})  # takes no --params
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_task_links_its_inputs_moves_its_outs_and_names_a_missing_one(
+    tiny_synthetic, tmp_path, monkeypatch
+):
+    from stages.kfp_task import run_task
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+    params = {"data_root": "data/tiny", "backbone": "vit_tiny_patch16_384", "crop_size": "128"}
+    params["mlflow_tracking_uri"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    preprocessed = _Artifact(out / "preprocessed")
+    metrics = {"metrics/dataset.json": _Artifact(out / "dataset.json")}
+    metrics["metrics/none.json"] = _Artifact(out / "none.json")
+    with pytest.raises(FileNotFoundError) as error:
+        run_task(
+            ["cts", "preprocess"],
+            params,
+            {"${data_root}": _Artifact(tiny_synthetic)},
+            {"preprocessed": preprocessed},
+            metrics,
+        )
+    assert str(error.value) == (
+        "`cts preprocess` did not write metrics/none.json, which its dvc.yaml stage lists"
+    )
+    assert (out / "preprocessed" / "policy_targets.npz").is_file()
+    written = json.loads((out / "dataset.json").read_text())
+    assert written["train_images"] == 4 and written["val_images"] == 2
+    assert metrics["metrics/dataset.json"].metrics["train_images"] == 4.0
+    assert list(work.iterdir()) == []
+    assert (tiny_synthetic / "dataset.yaml").is_file()  # the linked input is left alone
 
 
 def _rows(path: Path) -> list[dict]:
