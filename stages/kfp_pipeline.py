@@ -83,7 +83,6 @@ class Plan:
     stages: list[Stage]  # each after the stages whose outputs it reads
     artifacts: dict[str, Artifact]  # by dvc.yaml path
     inputs: dict[str, list[str]]  # stage -> dvc.yaml paths of the artifacts it reads
-    upstream: dict[str, list[str]]  # stage -> the stages that write them
     params: dict[str, str]  # pipeline parameter -> default YAML text, params-file order
     task_params: dict[str, list[str]]  # stage -> the parameters its task receives
     values: dict[str, Any]  # the params the defaults hold
@@ -239,7 +238,6 @@ def make_plan(dvc_yaml: Path, params_file: Path, overrides: Sequence[str] = ()) 
         stages=[by_name[name] for name in order],
         artifacts=artifacts,
         inputs=inputs,
-        upstream=upstream,
         params={key: yaml_text(value) for key, value in values.items()},
         task_params=task_params,
         values=values,
