@@ -184,18 +184,23 @@ class Predictor:
         entries = legend_entries(classes_present(labels), self.class_names, self.colours)
         side = self.crop // (2 * self.model.patch_size)
         k, name, (height, width) = self.num_tokens_shared, stem.name, labels.shape
+        crop = f"the {self.crop}x{self.crop} crop"
+        resized = (
+            f"at {crop}" if height == width == self.crop else f"{width}x{height} resized to {crop}"
+        )
         pictures = {
             "color": annotate(
                 colorize(labels, self.colours), entries, f"{name}: predicted classes"
             ),
             "overlay": annotate(
-                overlay(rgb, labels, self.colours), entries, f"{name}: prediction over the image"
+                overlay(rgb, labels, self.colours),
+                entries,
+                f"{name}: class colours blended half over the image",
             ),
             "shared": annotate(
                 picture,
                 entries,
-                f"{name} resized from {width}x{height} to the {self.crop}x{self.crop} crop. "
-                f"K={k}: {k} of {side * side} superpatches shared (outlined), "
+                f"{name} {resized}. K={k}: {k} of {side * side} superpatches shared (outlined), "
                 f"each {2 * self.model.patch_size}x{2 * self.model.patch_size} px: one token",
             ),
         }

@@ -122,8 +122,8 @@ def class_names_for(num_classes: int, names: Sequence[str] | None = None) -> lis
 
 
 def font_scale(width: int) -> float:
-    """OpenCV font scale for text on a picture ``width`` pixels wide (15 to 47 px a line)."""
-    return float(np.clip(width / 1000, 0.45, 1.4))
+    """OpenCV font scale for text on a picture ``width`` pixels wide (15 to 40 px a line)."""
+    return float(np.clip(width / 1300, 0.45, 1.2))
 
 
 def _thickness(scale: float) -> int:
@@ -349,6 +349,7 @@ def eval_scene(
     k = int(shared.sum())
     caption = (
         f"{title}. Prediction with K={k}: {k} of {shared.size} superpatches "
-        f"({superpatch}x{superpatch} px) shared one token each, outlined black and white."
+        f"({superpatch}x{superpatch} px) shared one token each, outlined black and white. "
+        "Class colours blended half over the input."
     )
     return annotate(panels, entries, caption)
