@@ -4,6 +4,9 @@ Every pipeline stage is its own process, so the stages of one execution find the
 common parent run through a "pipeline key" tag:
 
 - inside `dvc exp run`, the experiment name DVC exports to stage commands (DVC_EXP_NAME);
+- run by another orchestrator, the name of its pipeline run in ``CTS_PIPELINE_RUN`` (the
+  Kubeflow Pipelines tasks of `cts kfp` set it to the pipeline job's name: each task holds
+  only its own params, so a params hash would give each its own parent);
 - otherwise the git HEAD commit plus a hash of the params: a plain `dvc repro` after a
   params change gets a new parent.
 
@@ -174,9 +177,14 @@ def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     }
 
 
+# Set by an orchestrator that runs the stages (Kubeflow Pipelines tasks): its run's name.
+PIPELINE_RUN_ENV = "CTS_PIPELINE_RUN"
+
+
 def pipeline_key(params: Mapping[str, Any], start: Path | None = None) -> str:
-    """The DVC experiment name under `dvc exp run`, else `<git HEAD>-<params hash>`."""
-    if name := os.environ.get("DVC_EXP_NAME"):
+    """``CTS_PIPELINE_RUN`` when set, the DVC experiment name under `dvc exp run`, else
+    `<git HEAD>-<params hash>`."""
+    if name := os.environ.get(PIPELINE_RUN_ENV) or os.environ.get("DVC_EXP_NAME"):
         return name
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     return f"{(_git_head(repo_root(start)) or 'nogit')[:12]}-{digest.hexdigest()[:12]}"
@@ -233,7 +241,7 @@ def parent_run_name(
     commit and params digest (``vit_tiny_patch16_384 d4 K=103 21da977-77fd33``) and the
     other differing params. At most four are listed, then how many more."""
     changes = changed_params(params, committed) if committed is not None else []
-    if os.environ.get("DVC_EXP_NAME"):
+    if os.environ.get(PIPELINE_RUN_ENV) or os.environ.get("DVC_EXP_NAME"):
         name = key
     else:
         backbone = params.get("backbone", "model")

@@ -38,6 +38,8 @@ from stages.params import load_params
 
 PIPELINE_NAME = "cts"
 IMAGE = "cts:latest"  # an image with the project and its `cluster` extra installed
+# Every task's input bound to the pipeline job's name: the MLflow parent of its stage run.
+PIPELINE_RUN_INPUT = "cts_pipeline_run"
 DEVICE_PARAM = "device"  # a stage that reads it runs a model: it gets the accelerator
 # dvc.yaml features with no Kubeflow counterpart here: refused rather than half translated.
 _UNSUPPORTED = ("foreach", "matrix", "do", "wdir", "vars")
@@ -254,6 +256,7 @@ def _function_source(plan: Plan, stage: Stage, function_name: str) -> str:
     arguments = [f"{key}: str" for key in params]
     arguments += [f"{a.name}: Input[Artifact]" for a in reads]
     arguments += [f"{a.name}: Output[{'Metrics' if a.metrics else 'Artifact'}]" for a in writes]
+    arguments.append(f"{PIPELINE_RUN_INPUT}: str")
     description = f"{shlex.join(stage.argv)}: the dvc.yaml stage {stage.name!r}."
 
     def mapping(items: list[tuple[str, str]]) -> str:
@@ -271,6 +274,7 @@ def _function_source(plan: Plan, stage: Stage, function_name: str) -> str:
             f"        inputs={mapping([(a.path, a.name) for a in reads])},",
             f"        outputs={mapping([(a.path, a.name) for a in writes if not a.metrics])},",
             f"        metrics={mapping([(a.path, a.name) for a in writes if a.metrics])},",
+            f"        pipeline_run={PIPELINE_RUN_INPUT},",
             "    )",
             "",
         ]
@@ -311,6 +315,7 @@ def build_pipeline(plan: Plan, image: str, accelerator: str, gpus: int) -> Any:
         for stage in plan.stages:
             arguments = {key: params[key] for key in plan.task_params[stage.name]}
             arguments.update({plan.artifacts[p].name: produced[p] for p in plan.inputs[stage.name]})
+            arguments[PIPELINE_RUN_INPUT] = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
             task = components[stage.name](**arguments)
             if gpus and DEVICE_PARAM in stage.params:
                 task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)

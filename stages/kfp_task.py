@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from cts.tracking import PIPELINE_RUN_ENV
 from stages.params import ParamError, parse_override
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
@@ -82,6 +84,7 @@ def run_task(
     inputs: Mapping[str, Any],
     outputs: Mapping[str, Any],
     metrics: Mapping[str, Any],
+    pipeline_run: str = "",
 ) -> None:
     """Run ``argv`` (``['cts', '<stage>', ...]``) in a work folder laid out like the
     repository and hand its results to Kubeflow.
@@ -93,6 +96,8 @@ def run_task(
         outputs: dvc.yaml path -> output artifact; the command's out is moved to its path.
         metrics: dvc.yaml path of a JSON metrics file -> output Metrics artifact; the file
             is moved there and its numbers are logged on it (the Kubeflow UI shows them).
+        pipeline_run: the pipeline job's name, the MLflow parent of the stage's run
+            (``CTS_PIPELINE_RUN``): the tasks of one pipeline run share one parent.
     """
     values = parse_values(params)
     placed = {template: resolve_path(template, values) for template in inputs}
@@ -106,7 +111,8 @@ def run_task(
             link.symlink_to(Path(artifact.path).resolve())
         (work / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
         cli = [sys.executable, "-m", "cts.cli", *argv[1:], "--params", "params.yaml"]
-        status = subprocess.run(cli, cwd=work).returncode
+        env = {**os.environ, PIPELINE_RUN_ENV: pipeline_run} if pipeline_run else None
+        status = subprocess.run(cli, cwd=work, env=env).returncode
         if status != 0:
             raise RuntimeError(f"`{command}` failed with exit status {status}")
         for template, artifact in {**outputs, **metrics}.items():

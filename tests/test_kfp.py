@@ -14,6 +14,7 @@ from pathlib import Path
 import kfp
 import pytest
 import yaml
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from cts.cli import app
@@ -82,7 +83,10 @@ def test_the_ir_has_a_task_per_stage_ordered_by_deps_with_params_and_gpus(tmp_pa
     for name, spec in stages.items():
         task = tasks[_task(name)]
         assert set(task.get("dependentTasks", [])) == {_task(s) for s in _upstream(stages, name)}
-        wired = task["inputs"]["parameters"]
+        wired = dict(task["inputs"]["parameters"])
+        # The pipeline job's name: the MLflow parent that the tasks of one run share.
+        run_name = wired.pop("cts_pipeline_run")["runtimeValue"]["constant"]
+        assert run_name == "{{$.pipeline_job_name}}"
         assert set(wired) == set(spec["params"]) | runtime  # what Kubeflow's cache keys on
         assert all(wired[key]["componentInputParameter"] == key for key in wired)
         artifacts = task["inputs"].get("artifacts", {}).values()
@@ -217,6 +221,7 @@ def test_a_task_links_its_inputs_moves_its_outs_and_names_a_missing_one(
             {"${data_root}": _Artifact(tiny_synthetic)},
             {"preprocessed": preprocessed},
             metrics,
+            pipeline_run="cts-20261201-abc",
         )
     assert str(error.value) == (
         "`cts preprocess` did not write metrics/none.json, which its dvc.yaml stage lists"
@@ -226,6 +231,12 @@ def test_a_task_links_its_inputs_moves_its_outs_and_names_a_missing_one(
     assert written["train_images"] == 4 and written["val_images"] == 2
     assert metrics["metrics/dataset.json"].metrics["train_images"] == 4.0
     assert list(work.iterdir()) == []
+    # The stage's MLflow parent is the pipeline run's, whatever params this task holds.
+    client = MlflowClient(params["mlflow_tracking_uri"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, "tags.`cts.run_kind` = 'pipeline'")
+    assert [run.data.tags["cts.pipeline_key"] for run in parents] == ["cts-20261201-abc"]
+    assert parents[0].info.run_name == "cts-20261201-abc"
     assert (tiny_synthetic / "dataset.yaml").is_file()  # the linked input is left alone
 
 

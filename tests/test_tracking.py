@@ -85,6 +85,11 @@ def test_pipeline_key(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
     assert pipeline_key(PARAMS, tmp_path) == pipeline_key({"other": 1}) == "agley-rats"
 
+    # An orchestrator's run (the tasks of a Kubeflow pipeline run) wins over both.
+    monkeypatch.setenv("CTS_PIPELINE_RUN", "cts-20261201-abc")
+    assert pipeline_key(PARAMS, tmp_path) == pipeline_key({"other": 1}) == "cts-20261201-abc"
+    assert parent_run_name(PARAMS, "cts-20261201-abc") == "cts-20261201-abc"
+
 
 def test_stages_share_one_parent(store, tmp_path):
     experiment = "shared_parent"
