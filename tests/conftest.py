@@ -75,3 +75,9 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "tiny"
     generate_scene_dataset(root, num_train=4, num_val=2, image_size=128, workers=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """An MLflow sqlite store, one per test module: creating its schema takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"

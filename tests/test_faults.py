@@ -33,11 +33,6 @@ def outside_dvc(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
-
-
 def _runs(store: str, experiment: str) -> list:
     client = MlflowClient(store)
     found = client.get_experiment_by_name(experiment)

@@ -32,15 +32,9 @@ BIN = Path(sys.executable).parent
 PARAMS = {"seed": 0, "sharing": {"num_tokens_shared": 103, "policy": "effnet"}}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One sqlite store for the module: creating its schema takes seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
-
-
 @pytest.fixture(autouse=True)
 def outside_dvc(monkeypatch):
-    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI", "CTS_PIPELINE_RUN"):
         monkeypatch.delenv(name, raising=False)
 
 

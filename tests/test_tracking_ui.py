@@ -27,32 +27,11 @@ from cts.tracking import (
     ui_url,
 )
 from stages.common import STAGE_METRICS, STAGE_SETTINGS, upstream_stage_metrics, upstream_stages
+from tests.test_pipeline import MICRO as PIPELINE_MICRO
+from tests.test_tracking import outside_dvc, runs  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"seed": 0, "num_tokens_shared": 103, "policy": "policy_net"}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One sqlite store for the module: creating its schema takes seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
-
-
-@pytest.fixture(autouse=True)
-def outside_dvc(monkeypatch):
-    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def _runs(store: str, experiment: str) -> tuple[list, list]:
-    """(parents, children) of an experiment, oldest first."""
-    client = MlflowClient(store)
-    found = client.search_runs(
-        [client.get_experiment_by_name(experiment).experiment_id],
-        order_by=["attributes.start_time ASC"],
-    )
-    parents = [r for r in found if r.data.tags["cts.run_kind"] == "pipeline"]
-    return parents, [r for r in found if r.data.tags["cts.run_kind"] == "stage"]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -105,11 +84,11 @@ def test_a_parent_holds_the_upstream_results_it_lacks_and_no_others(store, tmp_p
     upstream = {policy: ("iterations",)}  # a setting, not a result
     with stage_run("train_segmenter", PARAMS, experiment, store, upstream):
         pass
-    (parent,), _ = _runs(store, experiment)
+    (parent,), _ = runs(store, experiment)
     assert parent.data.metrics == {"policy.accuracy": 0.9}
     with stage_run("eval_ss", PARAMS, experiment, store, {**upstream, train: ()}):
         pass
-    (parent,), _ = _runs(store, experiment)
+    (parent,), _ = runs(store, experiment)
     assert parent.data.metrics == {"policy.accuracy": 0.9, "train.final_loss": 0.4}
     history = MlflowClient(store).get_metric_history(parent.info.run_id, "policy.accuracy")
     assert len(history) == 1  # what it held is not logged again
@@ -121,11 +100,11 @@ def test_a_parent_runs_while_its_stages_run_and_ends_with_the_last(store):
     client = MlflowClient(store)
     with stage_run("train_policy", PARAMS, experiment, store):
         pass
-    (parent,), (first,) = _runs(store, experiment)
+    (parent,), (first,) = runs(store, experiment)
     assert parent.info.status == "FINISHED" and parent.info.end_time == first.info.end_time
     with stage_run("eval_ss", PARAMS, experiment, store):
         assert client.get_run(parent.info.run_id).info.status == "RUNNING"
-    (parent,), (_, second) = _runs(store, experiment)
+    (parent,), (_, second) = runs(store, experiment)
     assert parent.info.status == "FINISHED"
     assert parent.info.start_time <= first.info.start_time
     assert parent.info.end_time == second.info.end_time > first.info.end_time
@@ -133,14 +112,14 @@ def test_a_parent_runs_while_its_stages_run_and_ends_with_the_last(store):
     with pytest.raises(ValueError, match="boom"):
         with stage_run("benchmark", PARAMS, experiment, store):
             raise ValueError("boom")
-    (parent,), children = _runs(store, experiment)
+    (parent,), children = runs(store, experiment)
     assert parent.info.status == "FAILED" and parent.info.end_time == children[-1].info.end_time
 
     with pytest.raises(KeyboardInterrupt):
         with stage_run("benchmark", PARAMS, experiment, store):
             assert client.get_run(parent.info.run_id).info.status == "RUNNING"
             raise KeyboardInterrupt
-    (parent,), _ = _runs(store, experiment)
+    (parent,), _ = runs(store, experiment)
     assert parent.info.status == "KILLED"
 
 
@@ -162,13 +141,13 @@ def test_a_stage_ending_beside_a_running_one_leaves_the_parent_running(store):
         assert started.wait(120)
         with stage_run("eval_ms", PARAMS, experiment, store):
             pass
-        (parent,), _ = _runs(store, experiment)
+        (parent,), _ = runs(store, experiment)
         assert parent.info.status == "RUNNING"
     finally:
         release.set()
         other.join(120)
     assert other.exitcode == 0
-    (parent,), children = _runs(store, experiment)
+    (parent,), children = runs(store, experiment)
     assert parent.info.status == "FINISHED"
     assert parent.info.end_time == max(child.info.end_time for child in children)
 
@@ -182,7 +161,7 @@ def test_results_go_at_the_last_step_under_one_name_settings_as_params(store, tm
         for step, value in ((2, 10.0), (4, 30.0)):
             log_json_metrics({"loss": 1.0 / step, "val_mIoU": value}, step=step)
         log_metrics_file(results, settings=("iterations",))
-    (parent,), (child,) = _runs(store, experiment)
+    (parent,), (child,) = runs(store, experiment)
     client = MlflowClient(store)
 
     def steps(run, key):
@@ -228,7 +207,7 @@ def test_a_dvc_experiment_parent_is_named_after_what_differs(store, tmp_path, mo
     monkeypatch.setenv("DVC_EXP_NAME", "agley-rats")
     with stage_run("train_segmenter", PARAMS, "named", store):
         pass
-    parents, _ = _runs(store, "named")
+    parents, _ = runs(store, "named")
     assert [p.info.run_name for p in parents] == ["dusky-sick K=0", "agley-rats"]
     assert parents[0].data.tags["cts.git_commit"] == baseline
 
@@ -242,39 +221,20 @@ def test_the_parent_description_holds_the_headline_known_so_far(store, tmp_path)
     benchmark.write_text(json.dumps({"speedup": 1.527, "tokens": 715, "batch_size": 4}))
     with stage_run("eval_ss", params, experiment, store):
         log_metrics_file(evaluation)
-    (parent,), _ = _runs(store, experiment)
+    (parent,), _ = runs(store, experiment)
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("K=103 · vit_tiny_patch16_384 d4 · eval_ss mIoU 45.59 · ")
     assert "speed-up" not in note and "tokens" not in note
     with stage_run("benchmark", params, experiment, store):
         log_metrics_file(benchmark, settings=("batch_size",))
-    (parent,), _ = _runs(store, experiment)
+    (parent,), _ = runs(store, experiment)
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("K=103 · 715 tokens · vit_tiny_patch16_384 d4 · eval_ss mIoU 45.59")
     assert "speed-up 1.53x" in note and note.endswith(f"run {parent.info.run_name}")
 
 
 # ---------------------------------------------------------------- an experiment failing midway
-MICRO = {
-    "synthetic_num_train": 6,
-    "synthetic_num_val": 2,
-    "synthetic_image_size": 128,
-    "crop_size": 128,
-    "num_tokens_shared": 4,
-    "depth": 1,
-    "policy_iterations": 3,
-    "policy_batch_size": 2,
-    "iterations": 4,
-    "batch_size": 2,
-    "eval_every": 2,
-    "checkpoint_every": 2,
-    "warmup_iterations": 1,
-    "bench_batch_size": 1,
-    "bench_repeats": 1,
-    "device": "cpu",
-    "num_workers": 0,
-    "mlflow_registered_model": "cts-ui-test",
-}
+MICRO = {**PIPELINE_MICRO, "num_workers": 0, "mlflow_registered_model": "cts-ui-test"}
 
 
 def _run_stage(stage: str, repo: Path, overrides: tuple[str, ...] = ()) -> None:
@@ -316,7 +276,7 @@ def test_an_experiment_failing_midway_shows_only_its_own_numbers(store, tmp_path
         _run_stage("train_segmenter", repo, ("num_tokens_shared=0",))
 
     client = MlflowClient(store)
-    (first, failed), children = _runs(store, "cts")
+    (first, failed), children = runs(store, "cts")
     assert failed.info.run_name == "dusky-sick K=0"
     assert failed.info.status == "FAILED"
     assert {key.split(".")[0] for key in failed.data.metrics} == {"dataset", "policy"}
