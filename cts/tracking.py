@@ -168,7 +168,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric leaves of a (nested) metrics dict; lists and strings are not metrics."""
     return {
         f"{prefix}{key}": float(value)
@@ -903,7 +903,7 @@ def _open_session(
         path = Path(path)
         if path.is_file():
             results = {k: v for k, v in _read_json(path).items() if k not in settings}
-            upstream.update(scalar_metrics(results, f"{path.stem}."))
+            upstream.update(_scalars(results, f"{path.stem}."))
     start = {
         "op": "start",
         "run": f"kept-{uuid.uuid4().hex}",
@@ -1030,7 +1030,7 @@ def log_json_metrics(
     """
     if (session := _SESSION) is None:
         return
-    scalars, now = scalar_metrics(metrics), _now_ms()
+    scalars, now = _scalars(metrics), _now_ms()
     if step is not None:
         session.last_step = max(session.last_step, step)
         rows = [(key, value, now, step) for key, value in scalars.items()]

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from cts.tracking import PIPELINE_RUN_ENV, scalar_metrics
+from cts.tracking import PIPELINE_RUN_ENV
 from stages.params import ParamError, parse_override
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
@@ -63,6 +63,19 @@ def resolve_path(template: str, params: Mapping[str, Any]) -> PurePosixPath:
 def parse_values(texts: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline parameters are YAML text, as ``--set key=value``: ``'103'`` -> 103."""
     return dict(parse_override(f"{key}={text}") for key, text in texts.items())
+
+
+def _scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a metrics file, nested keys joined with dots."""
+    found: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            found.update(_scalars(value, f"{name}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(value):
+                found[name] = float(value)
+    return found
 
 
 def run_task(
@@ -110,10 +123,8 @@ def run_task(
                 )
             if template in metrics and result.suffix == ".json":
                 data = json.loads(result.read_text())
-                numbers = scalar_metrics(data if isinstance(data, Mapping) else {})
-                for name, value in numbers.items():
-                    if math.isfinite(value):  # a Kubeflow metric must be a finite number
-                        artifact.log_metric(name, value)
+                for name, value in _scalars(data if isinstance(data, Mapping) else {}).items():
+                    artifact.log_metric(name, value)
             Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(result, artifact.path)
     finally:
