@@ -20,28 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cts.geometry import check_num_shared, superpatch_grid
+
 IGNORE_INDEX = 255
-
-
-def superpatch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    """Superpatch grid ``(hs, ws)`` of an image; raises if it does not tile exactly."""
-    superpatch = 2 * patch_size
-    if height % superpatch or width % superpatch:
-        raise ValueError(
-            f"image size {height}x{width} is not a multiple of the superpatch size {superpatch} "
-            f"(2 x patch size {patch_size}); pad it first"
-        )
-    return height // superpatch, width // superpatch
-
-
-def check_num_shared(num_tokens_shared: int, num_superpatches: int, what: str = "") -> None:
-    """Raise a ValueError naming the allowed range unless ``0 <= K <= S``."""
-    if not 0 <= num_tokens_shared <= num_superpatches:
-        where = f" for {what}" if what else ""
-        raise ValueError(
-            f"num_tokens_shared={num_tokens_shared} is out of range{where}: allowed 0.."
-            f"{num_superpatches} (the number of 2x2 superpatches)"
-        )
 
 
 def training_num_shared(
