@@ -163,13 +163,13 @@ def config(
     ] = False,
 ) -> None:
     """The params file of one of the paper's six settings (stdout, --out FILE or --dvc-args)."""
-    from stages import paper_configs
+    from stages import config as config_stage
 
     other = name is not None or out is not None or dvc_args or force
     if list_ and other:
         _fail("config: --list takes no setting, --out, --force or --dvc-args", 2)
     if list_ or not other:
-        typer.echo(paper_configs.listing())
+        typer.echo(config_stage.listing())
         return
     if name is None:
         _fail("config: name a setting (`cts config --list` shows them)", 2)
@@ -184,11 +184,11 @@ def config(
     except ValueError as error:
         _fail(f"config: {error}", 2)
     try:
-        text, params = paper_configs.render(name)
+        text, params = config_stage.render(name)
         if dvc_args:
-            words = paper_configs.dvc_args(params)
+            words = config_stage.dvc_args(params)
         elif out is not None:
-            written = paper_configs.write_config(out, text, force)
+            written = config_stage.write_config(out, text, force)
     except Exception as error:
         _report_error("config", error)
     if dvc_args:
@@ -328,7 +328,7 @@ def import_checkpoint(
 ) -> None:
     """Convert a rstrudel/segmenter or tue-mps/cts-segmenter checkpoint to cts's format."""
     try:
-        from cts.convert import import_to_file
+        from cts.import_checkpoint import import_to_file
 
         written, model, source = import_to_file(
             path, out, num_tokens_shared, policy, trust=trust_checkpoint
@@ -381,9 +381,9 @@ def predict(
 ) -> None:
     """Segment images: label ids, colours, overlay and the shared superpatches per image."""
     try:
-        from cts.convert import load_model
         from cts.data.info import read_class_names
         from cts.engine import resolve_device
+        from cts.import_checkpoint import load_model
         from cts.predict import Predictor, find_images, predict_images
 
         find_images(inputs)  # a missing input fails before the model loads
@@ -432,8 +432,8 @@ def export(
 ) -> None:
     """Export the whole inference (policy net to labels) as one ONNX graph at the crop size."""
     try:
-        from cts.convert import load_model
         from cts.export import export_onnx
+        from cts.import_checkpoint import load_model
 
         segmenter = load_model(model, "cpu", num_tokens_shared)
         written = export_onnx(segmenter, out, num_tokens_shared, opset, scores)

@@ -2,7 +2,7 @@
 README; Lu et al., CVPR 2023): dataset, backbone, crop and K of each.
 
 One source for these numbers: ``cts throughput`` measures rows of it (:mod:`cts.benchmark`)
-and ``cts config`` writes a params file for each (``stages/paper_configs.py``).
+and ``cts config`` writes a params file for each (``stages/config.py``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from cts.cli import app
 from cts.models import Segmenter
 from cts.paper import PAPER_SETTINGS
 from stages.common import segmenter_config
-from stages.paper_configs import dvc_args, render
+from stages.config import dvc_args, render
 from stages.params import CHECKS, ParamError, load_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -406,7 +406,7 @@ def test_policy_net_needs_one_in_the_checkpoint_and_variant_is_required(segmente
 
 def test_import_cts_stays_light():
     code = (
-        "import sys, cts; print(sorted(m for m in ('timm', 'cts.convert', 'cts.models') "
+        "import sys, cts; print(sorted(m for m in ('timm', 'cts.import_checkpoint', 'cts.models') "
         "if m in sys.modules))"
     )
     result = subprocess.run(
