@@ -445,6 +445,18 @@ def import_to_file(
     return written, model, source
 
 
+def summary(written: Path, model: Segmenter, source: dict[str, Any]) -> str:
+    """One line: the original checkpoint, the model it became and the file written."""
+    config = model.config
+    unused = len(source["dropped_keys"])
+    dropped = f", dropped {unused} unused keys" if unused else ""
+    return (
+        f"imported {source['layout']} {source['backbone']} -> {config.backbone} "
+        f"({config.depth} blocks, {config.num_classes} classes, crop {config.crop_size}, "
+        f"policy {config.policy}, K {model.num_tokens_shared}{dropped}): {written}"
+    )
+
+
 def load_model(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
