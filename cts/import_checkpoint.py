@@ -1,4 +1,5 @@
-"""Import checkpoints of the original Segmenter code and of the CTS authors' code.
+"""Import checkpoints of the original Segmenter code and of the CTS authors' code
+(``cts import_checkpoint``; ``cts.load_model`` imports them on the fly).
 
 Both save ``checkpoint.pth`` = ``{"model": state_dict, ...}`` with ``variant.yml`` beside
 it (``net_kwargs``: the architecture). rstrudel/segmenter's state dict holds ``encoder.*``
