@@ -24,7 +24,7 @@ def load_model(path, device="cpu", num_tokens_shared=None, policy=None, trust=Fa
     objects is refused unless ``trust=True``, which unpickles it and so can run any code
     it contains: use it only for files from a source you trust.
     """
-    from cts.convert import load_model as _load_model
+    from cts.import_checkpoint import load_model as _load_model
 
     return _load_model(
         path, device=device, num_tokens_shared=num_tokens_shared, policy=policy, trust=trust

@@ -163,40 +163,15 @@ def config(
     ] = False,
 ) -> None:
     """The params file of one of the paper's six settings (stdout, --out FILE or --dvc-args)."""
-    from stages import paper_configs
-
-    other = name is not None or out is not None or dvc_args or force
-    if list_ and other:
-        _fail("config: --list takes no setting, --out, --force or --dvc-args", 2)
-    if list_ or not other:
-        typer.echo(paper_configs.listing())
-        return
-    if name is None:
-        _fail("config: name a setting (`cts config --list` shows them)", 2)
-    if force and out is None:
-        _fail("config: --force only goes with --out", 2)
-    if dvc_args and out is not None:
-        _fail("config: --dvc-args prints to stdout; it does not go with --out", 2)
-    from cts.paper import paper_setting
+    from stages import config as config_stage
 
     try:
-        paper_setting(name)
-    except ValueError as error:
+        text = config_stage.command_output(name, list_, out, force, dvc_args)
+    except config_stage.UsageError as error:
         _fail(f"config: {error}", 2)
-    try:
-        text, params = paper_configs.render(name)
-        if dvc_args:
-            words = paper_configs.dvc_args(params)
-        elif out is not None:
-            written = paper_configs.write_config(out, text, force)
     except Exception as error:
         _report_error("config", error)
-    if dvc_args:
-        typer.echo("\n".join(" ".join(words[i : i + 2]) for i in range(0, len(words), 2)))
-    elif out is not None:
-        typer.echo(f"written: {written} ({name})")
-    else:
-        typer.echo(text, nl=False)
+    typer.echo(text, nl=False)
 
 
 @app.command("throughput")
@@ -300,7 +275,7 @@ def throughput(
     typer.echo(f"written: {json_path}, {md_path}")
 
 
-@app.command("import-checkpoint")
+@app.command("import_checkpoint")
 def import_checkpoint(
     path: Annotated[
         Path,
@@ -328,23 +303,20 @@ def import_checkpoint(
 ) -> None:
     """Convert a rstrudel/segmenter or tue-mps/cts-segmenter checkpoint to cts's format."""
     try:
-        from cts.convert import import_to_file
+        from cts.import_checkpoint import import_to_file, summary
 
         written, model, source = import_to_file(
             path, out, num_tokens_shared, policy, trust=trust_checkpoint
         )
     except KeyboardInterrupt as error:
-        _interrupted("import-checkpoint", error)
+        _interrupted("import_checkpoint", error)
     except Exception as error:
-        _report_error("import-checkpoint", error)
-    config = model.config
-    unused = len(source["dropped_keys"])
-    dropped = f", dropped {unused} unused keys" if unused else ""
-    typer.echo(
-        f"imported {source['layout']} {source['backbone']} -> {config.backbone} "
-        f"({config.depth} blocks, {config.num_classes} classes, crop {config.crop_size}, "
-        f"policy {config.policy}, K {model.num_tokens_shared}{dropped}): {written}"
-    )
+        _report_error("import_checkpoint", error)
+    typer.echo(summary(written, model, source))
+
+
+# The name before commands took dvc.yaml's underscores; kept for existing scripts.
+app.command("import-checkpoint", hidden=True)(import_checkpoint)
 
 
 @app.command("predict")
@@ -381,9 +353,9 @@ def predict(
 ) -> None:
     """Segment images: label ids, colours, overlay and the shared superpatches per image."""
     try:
-        from cts.convert import load_model
         from cts.data.info import read_class_names
         from cts.engine import resolve_device
+        from cts.import_checkpoint import load_model
         from cts.predict import Predictor, find_images, predict_images
 
         find_images(inputs)  # a missing input fails before the model loads
@@ -432,8 +404,8 @@ def export(
 ) -> None:
     """Export the whole inference (policy net to labels) as one ONNX graph at the crop size."""
     try:
-        from cts.convert import load_model
         from cts.export import export_onnx
+        from cts.import_checkpoint import load_model
 
         segmenter = load_model(model, "cpu", num_tokens_shared)
         written = export_onnx(segmenter, out, num_tokens_shared, opset, scores)
@@ -449,9 +421,10 @@ def export(
     )
 
 
+# `\\[` keeps rich from reading `[cluster]` as markup (it would print `pip install -e '.'`).
 kfp_app = typer.Typer(
     help="Kubeflow Pipelines (KFP v2): the pipeline of dvc.yaml, one task per stage "
-    "(needs the `cluster` extra: pip install -e '.[cluster]').",
+    "(needs the `cluster` extra: pip install -e '.\\[cluster]').",
     no_args_is_help=True,
 )
 app.add_typer(kfp_app, name="kfp")
@@ -489,7 +462,7 @@ def kfp_compile(
     typer.echo(f"written: {out} ({order}; {len(plan.params)} parameters)")
 
 
-@kfp_app.command("run-local")
+@kfp_app.command("run_local")
 def kfp_run_local(
     out: Annotated[
         Path,
@@ -505,10 +478,13 @@ def kfp_run_local(
 
         placed = run_local(dvc_yaml, params, out, set_ or ())
     except KeyboardInterrupt as error:
-        _interrupted("kfp run-local", error)
+        _interrupted("kfp run_local", error)
     except Exception as error:
-        _report_error("kfp run-local", error)
+        _report_error("kfp run_local", error)
     typer.echo(f"written: {len(placed)} outputs in {out}")
+
+
+kfp_app.command("run-local", hidden=True)(kfp_run_local)  # the former name, for scripts
 
 
 def main() -> None:

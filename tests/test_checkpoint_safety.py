@@ -62,13 +62,13 @@ def test_predict_refuses_a_pickle_with_code(evil, tmp_path):
 
 def test_import_checkpoint_refuses_a_pickle_with_code(evil, tmp_path):
     path, marker = evil
-    result = runner.invoke(app, ["import-checkpoint", str(path), "-o", str(tmp_path / "o.pt")])
-    line = _one_line_error(result, "import-checkpoint")
+    result = runner.invoke(app, ["import_checkpoint", str(path), "-o", str(tmp_path / "o.pt")])
+    line = _one_line_error(result, "import_checkpoint")
     assert str(path) in line and "--trust-checkpoint" in line
     assert not marker.exists() and not (tmp_path / "o.pt").exists()
     # The option is the user's explicit choice: then the file is unpickled (and its code runs).
     result = runner.invoke(
-        app, ["import-checkpoint", str(path), "-o", str(tmp_path / "o.pt"), "--trust-checkpoint"]
+        app, ["import_checkpoint", str(path), "-o", str(tmp_path / "o.pt"), "--trust-checkpoint"]
     )
     assert marker.exists()
 

@@ -457,7 +457,7 @@ def test_on_preemption_the_script_waits_for_the_step_and_leaves_the_requeue_to_s
 @pytest.mark.parametrize("name", ["pytorchjob.yaml", "trainjob.yaml"])
 def test_the_kubeflow_manifests_run_a_stage_with_the_params_they_mount(name):
     from cts.cli import app
-    from stages.paper_configs import render
+    from stages.config import render
 
     text = (MANIFESTS / name).read_text()
     (job,) = yaml.safe_load_all(text)

@@ -173,10 +173,10 @@ def test_an_out_outside_the_repository_is_one_line(tmp_path):
 
 
 def test_run_local_refuses_an_existing_folder(tmp_path):
-    result = CliRunner().invoke(app, ["kfp", "run-local", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["kfp", "run_local", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"error: kfp run-local: {tmp_path} already exists; choose a new folder for the results"
+        f"error: kfp run_local: {tmp_path} already exists; choose a new folder for the results"
     )
 
 
@@ -254,7 +254,7 @@ def test_the_local_run_writes_what_dvc_repro_writes(pipeline, tmp_path):  # noqa
     repo, env, _, _ = pipeline
     out = tmp_path / "run" / "kfp"
     store = f"sqlite:///{tmp_path / 'kfp-mlruns.db'}"
-    command = [str(BIN / "cts"), "kfp", "run-local", "--out", str(out)]
+    command = [str(BIN / "cts"), "kfp", "run_local", "--out", str(out)]
     output = _run([*command, "--set", f"mlflow_tracking_uri={store}"], repo, env)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     stages = _dvc_stages(repo / "dvc.yaml")

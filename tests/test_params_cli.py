@@ -163,7 +163,7 @@ def test_set_of_a_key_the_stage_does_not_read_is_checked_and_warned(params_file,
 
 
 @pytest.mark.parametrize("name", ["ade20k", "cityscapes", "pascal_context"])
-def test_paper_configs_are_complete_and_valid(name):
+def test_dataset_configs_are_complete_and_valid(name):
     assert set(load_params(REPO / "configs" / f"{name}.yaml")) == set(CHECKS)
 
 

@@ -36,7 +36,7 @@ class SegmenterConfig:
     ``pretrained_path`` / ``policy_pretrained_path``: local weights files for the ViT /
     the policy net's efficientnet_lite0 (each implies pretrained weights for its model;
     None: ``pretrained`` decides, through the Hugging Face hub or its cache).
-    ``extra`` keys the model reads (all optional; set by ``cts import-checkpoint`` so an
+    ``extra`` keys the model reads (all optional; set by ``cts import_checkpoint`` so an
     imported Segmenter computes exactly what its original code does):
     ``layer_norm_eps`` (every encoder/decoder LayerNorm; timm's blocks: 1e-6, Segmenter's:
     1e-5),

@@ -1,4 +1,4 @@
-"""The paper's settings as complete params files: what ``cts config`` prints or writes.
+"""``cts config``: the paper's settings as complete params files, printed or written.
 
 A row of :data:`cts.paper.PAPER_SETTINGS` is its dataset's file in ``configs/`` (that
 dataset's schedule: batch, lr, iterations, augmentation, evaluation) with the row's
@@ -249,8 +249,59 @@ def write_config(path: str | os.PathLike, text: str, force: bool = False) -> Pat
     return path
 
 
+class UsageError(ValueError):
+    """Options of ``cts config`` that do not go together, or an unknown setting."""
+
+
+def _wants_listing(
+    name: str | None, list_: bool, out: Path | None, force: bool, as_dvc_args: bool
+) -> bool:
+    """True for the listing (``--list``, or nothing asked); a UsageError for options that do
+    not go together."""
+    other = name is not None or out is not None or as_dvc_args or force
+    if list_ and other:
+        raise UsageError("--list takes no setting, --out, --force or --dvc-args")
+    if list_ or not other:
+        return True
+    if name is None:
+        raise UsageError("name a setting (`cts config --list` shows them)")
+    if force and out is None:
+        raise UsageError("--force only goes with --out")
+    if as_dvc_args and out is not None:
+        raise UsageError("--dvc-args prints to stdout; it does not go with --out")
+    return False
+
+
+def command_output(
+    name: str | None = None,
+    list_: bool = False,
+    out: Path | None = None,
+    force: bool = False,
+    as_dvc_args: bool = False,
+) -> str:
+    """What ``cts config`` prints, each line ending in a newline: the listing, the params
+    file of setting ``name``, its ``-S key=value`` pairs one a line (``as_dvc_args``), or
+    where it wrote the file (``out``). A UsageError for options that do not go together or
+    an unknown setting, before anything is written."""
+    if _wants_listing(name, list_, out, force, as_dvc_args):
+        return listing() + "\n"
+    try:
+        paper_setting(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    text, params = render(name)
+    if as_dvc_args:
+        words = dvc_args(params)
+        return "".join(f"{words[i]} {words[i + 1]}\n" for i in range(0, len(words), 2))
+    if out is not None:
+        return f"written: {write_config(out, text, force)} ({name})\n"
+    return text
+
+
 __all__ = [
     "CONFIGS",
+    "UsageError",
+    "command_output",
     "config_file",
     "dvc_args",
     "listing",

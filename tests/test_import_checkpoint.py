@@ -312,7 +312,7 @@ def test_linear_decoder_imports(tmp_path):
 
 def test_cli_import_writes_a_checkpoint_the_pipeline_loads(cts_dir, tmp_path):
     out = tmp_path / "checkpoints" / "segmenter.pt"
-    result = runner.invoke(app, ["import-checkpoint", str(cts_dir), "--out", str(out)])
+    result = runner.invoke(app, ["import_checkpoint", str(cts_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "tue-mps/cts-segmenter" in result.output and "K 5" in result.output
     payload = load_checkpoint(out)
@@ -337,7 +337,7 @@ def test_cli_import_writes_a_checkpoint_the_pipeline_loads(cts_dir, tmp_path):
     result = runner.invoke(
         app,
         [
-            "import-checkpoint",
+            "import_checkpoint",
             str(cts_dir / "checkpoint.pth"),
             "-o",
             str(plain),
@@ -351,11 +351,11 @@ def test_cli_import_writes_a_checkpoint_the_pipeline_loads(cts_dir, tmp_path):
 
 
 def _cli_error(*args):
-    result = runner.invoke(app, ["import-checkpoint", *map(str, args)])
+    result = runner.invoke(app, ["import_checkpoint", *map(str, args)])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: import-checkpoint:"), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: import_checkpoint:"), result.output
     return lines[0]
 
 
@@ -406,7 +406,7 @@ def test_policy_net_needs_one_in_the_checkpoint_and_variant_is_required(segmente
 
 def test_import_cts_stays_light():
     code = (
-        "import sys, cts; print(sorted(m for m in ('timm', 'cts.convert', 'cts.models') "
+        "import sys, cts; print(sorted(m for m in ('timm', 'cts.import_checkpoint', 'cts.models') "
         "if m in sys.modules))"
     )
     result = subprocess.run(

@@ -1,4 +1,5 @@
-"""Import checkpoints of the original Segmenter code and of the CTS authors' code.
+"""Import checkpoints of the original Segmenter code and of the CTS authors' code
+(``cts import_checkpoint``; ``cts.load_model`` imports them on the fly).
 
 Both save ``checkpoint.pth`` = ``{"model": state_dict, ...}`` with ``variant.yml`` beside
 it (``net_kwargs``: the architecture). rstrudel/segmenter's state dict holds ``encoder.*``
@@ -26,10 +27,11 @@ from cts.checkpoint import (
     segmenter_from_payload,
     segmenter_payload,
 )
+from cts.geometry import check_num_shared, num_superpatches, superpatch_size
 from cts.models import POLICIES, Segmenter, SegmenterConfig
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD
 from cts.models.pretrained import fit_report
-from cts.sharing import check_num_shared
+from cts.models.vit import backbone_patch_size
 
 LAYOUT_SEGMENTER = "rstrudel/segmenter"
 LAYOUT_CTS = "tue-mps/cts-segmenter"
@@ -200,35 +202,23 @@ def timm_backbone(name: str | None, width: int, heads: int, distilled: bool) -> 
     )
 
 
-def _patch_size_of(name: str) -> int:
-    import timm
-
-    with torch.device("meta"):
-        vit = timm.create_model(name, num_classes=0)
-    return int(vit.patch_embed.patch_size[0])
+REQUIRED_NET_KWARGS = ("d_model", "n_heads", "n_layers", "patch_size", "image_size", "decoder")
 
 
-def config_from_variant(
-    variant: dict[str, Any],
-    state: dict[str, Tensor],
-    num_tokens_shared: int | None = None,
-    policy: str | None = None,
-    where: str = "variant.yml",
-) -> SegmenterConfig:
-    """The SegmenterConfig that rebuilds the original model; checks it against the weights."""
-    net = variant["net_kwargs"]
-    required = ("d_model", "n_heads", "n_layers", "patch_size", "image_size", "decoder")
-    missing = [k for k in required if k not in net]
-    if missing:
-        raise ValueError(f"{where}: net_kwargs lacks {', '.join(missing)}")
-    width, heads, layers = int(net["d_model"]), int(net["n_heads"]), int(net["n_layers"])
-    patch = int(net["patch_size"])
+def _crop_size(net: dict[str, Any], where: str) -> int:
+    """The variant's square ``image_size`` (an int or a pair)."""
     size = net["image_size"]
     size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
     if size[0] != size[1]:
         raise ValueError(f"{where}: image_size {size} is not square; only square crops import")
-    crop = size[0]
+    return size[0]
 
+
+def _check_encoder_weights(
+    state: dict[str, Tensor], width: int, patch: int, layers: int, where: str
+) -> None:
+    """The patch embedding's width and patch size and the block count the weights have
+    (``encoder.patch_embed.proj.weight``: ``(width, 3, patch, patch)``) match the variant."""
     proj = state["encoder.patch_embed.proj.weight"]
     weights_blocks = _count_blocks(state, "encoder.blocks")
     if (proj.shape[0], proj.shape[-1], weights_blocks) != (width, patch, layers):
@@ -237,40 +227,57 @@ def config_from_variant(
             f"the weights have width {proj.shape[0]}, patch {proj.shape[-1]}, "
             f"{weights_blocks} blocks"
         )
-    distilled = bool(net.get("distilled")) or "encoder.dist_token" in state
-    backbone = timm_backbone(net.get("backbone"), width, heads, distilled)
 
-    decoder_cfg = net["decoder"] if isinstance(net["decoder"], dict) else {"name": net["decoder"]}
+
+def _decoder_kwargs(net: dict[str, Any]) -> dict[str, Any]:
+    """``net_kwargs.decoder``: a mapping, or just the decoder's name."""
+    return net["decoder"] if isinstance(net["decoder"], dict) else {"name": net["decoder"]}
+
+
+def _decoder(
+    decoder_cfg: dict[str, Any], state: dict[str, Tensor], where: str
+) -> tuple[str, int, dict[str, Any]]:
+    """``(decoder, classes in its weights, its extra config)`` for a mask transformer
+    (``decoder.cls_emb``: ``(1, n_cls, d)``) or a linear decoder (``decoder.head.weight``:
+    ``(n_cls, d)``)."""
     decoder_name = str(decoder_cfg.get("name", ""))
-    extra: dict[str, Any] = {"layer_norm_eps": ORIGINAL_LAYER_NORM_EPS}
     if decoder_name == "mask_transformer":
-        decoder = "mask_transformer"
         if "decoder.cls_emb" not in state:
             raise ValueError(f"{where} says mask_transformer; the weights hold no decoder.cls_emb")
-        weight_classes = int(state["decoder.cls_emb"].shape[1])
         decoder_layers = int(decoder_cfg.get("n_layers", 2))
         if decoder_layers != _count_blocks(state, "decoder.blocks"):
             raise ValueError(
                 f"decoder mismatch: {where} says {decoder_layers} decoder layers, the weights "
                 f"have {_count_blocks(state, 'decoder.blocks')}"
             )
-        extra["decoder_layers"] = decoder_layers
-    elif "linear" in decoder_name:
-        decoder = "linear"
+        classes = int(state["decoder.cls_emb"].shape[1])
+        return "mask_transformer", classes, {"decoder_layers": decoder_layers}
+    if "linear" in decoder_name:
         if "decoder.head.weight" not in state:
             raise ValueError(f"{where} says a linear decoder; the weights hold no decoder.head")
-        weight_classes = int(state["decoder.head.weight"].shape[0])
-    else:
-        raise ValueError(
-            f"{where}: decoder {decoder_name!r} cannot be imported (mask_transformer, linear)"
-        )
+        return "linear", int(state["decoder.head.weight"].shape[0]), {}
+    raise ValueError(
+        f"{where}: decoder {decoder_name!r} cannot be imported (mask_transformer, linear)"
+    )
+
+
+def _num_classes(net: dict[str, Any], weight_classes: int, where: str) -> int:
+    """``n_cls`` of the variant, which must be the decoder weights' (their count if unset)."""
     num_classes = int(net.get("n_cls") or weight_classes)
     if num_classes != weight_classes:
         raise ValueError(
             f"class count mismatch: {where} says n_cls {num_classes}, the decoder weights "
             f"hold {weight_classes} classes"
         )
+    return num_classes
 
+
+def _normalization(
+    variant: dict[str, Any], backbone: str, where: str
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the original model was trained with: the variant's named
+    normalization, else the backbone's."""
+    net = variant["net_kwargs"]
     norm_name = net.get("normalization") or variant.get("dataset_kwargs", {}).get("normalization")
     if norm_name is None:
         from cts.models import backbone_normalization
@@ -280,7 +287,11 @@ def config_from_variant(
         mean, std = NORMALIZATION[norm_name]
     else:
         raise ValueError(f"{where}: normalization {norm_name!r}: known {', '.join(NORMALIZATION)}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
+
+def _policy(state: dict[str, Tensor], policy: str | None) -> str:
+    """The policy asked for, by default the checkpoint's policy net when it holds one."""
     has_policy = any(k.startswith("policy_net.") for k in state)
     policy = policy or ("policy_net" if has_policy else "none")
     if policy not in POLICIES:
@@ -290,6 +301,14 @@ def config_from_variant(
             f"this checkpoint holds no policy network ({LAYOUT_SEGMENTER} layout): import it "
             "with --policy none (no sharing), random or oracle"
         )
+    return policy
+
+
+def _num_tokens_shared(
+    net: dict[str, Any], policy: str, num_tokens_shared: int | None, where: str
+) -> int:
+    """K asked for, by default the one the CTS model was trained with (the end of its
+    ``policy_schedule``), 0 without a policy."""
     schedule = net.get("policy_schedule")
     if num_tokens_shared is None:
         if policy == "none":
@@ -303,11 +322,45 @@ def config_from_variant(
             f"num_tokens_shared={num_tokens_shared} needs a policy to pick the superpatches "
             "(policy_net, random or oracle), not none"
         )
-    superpatches = (crop // (2 * patch)) ** 2
-    check_num_shared(num_tokens_shared, superpatches, f"crop_size {crop}")
-    if policy == "policy_net":
-        extra["policy_input_norm"] = "none"
+    return num_tokens_shared
 
+
+def _check_k_fits_crop(num_tokens_shared: int, crop: int, patch: int) -> None:
+    """K within the crop's superpatches; a crop they do not tile is left to the model,
+    which refuses it naming the superpatch size."""
+    if crop % superpatch_size(patch) == 0:
+        check_num_shared(num_tokens_shared, num_superpatches(crop, patch), f"crop_size {crop}")
+
+
+def config_from_variant(
+    variant: dict[str, Any],
+    state: dict[str, Tensor],
+    num_tokens_shared: int | None = None,
+    policy: str | None = None,
+    where: str = "variant.yml",
+) -> SegmenterConfig:
+    """The SegmenterConfig that rebuilds the original model; checks it against the weights."""
+    net = variant["net_kwargs"]
+    missing = [k for k in REQUIRED_NET_KWARGS if k not in net]
+    if missing:
+        raise ValueError(f"{where}: net_kwargs lacks {', '.join(missing)}")
+    width, heads, layers = int(net["d_model"]), int(net["n_heads"]), int(net["n_layers"])
+    patch = int(net["patch_size"])
+    crop = _crop_size(net, where)
+    _check_encoder_weights(state, width, patch, layers, where)
+    distilled = bool(net.get("distilled")) or "encoder.dist_token" in state
+    backbone = timm_backbone(net.get("backbone"), width, heads, distilled)
+
+    decoder_cfg = _decoder_kwargs(net)
+    decoder, weight_classes, decoder_extra = _decoder(decoder_cfg, state, where)
+    num_classes = _num_classes(net, weight_classes, where)
+    mean, std = _normalization(variant, backbone, where)
+    policy = _policy(state, policy)
+    num_tokens_shared = _num_tokens_shared(net, policy, num_tokens_shared, where)
+    _check_k_fits_crop(num_tokens_shared, crop, patch)
+    extra: dict[str, Any] = {"layer_norm_eps": ORIGINAL_LAYER_NORM_EPS, **decoder_extra}
+    if policy == "policy_net":
+        extra["policy_input_norm"] = "none"  # their policy net reads the normalised images
     return SegmenterConfig(
         backbone=backbone,
         num_classes=num_classes,
@@ -316,14 +369,14 @@ def config_from_variant(
         policy=policy,
         decoder=decoder,
         depth=layers,
-        patch_size=patch if patch != _patch_size_of(backbone) else None,
+        patch_size=patch if patch != backbone_patch_size(backbone) else None,
         pretrained=False,
         drop_path_rate=float(net.get("drop_path_rate", 0.1)),
         dropout=float(decoder_cfg.get("dropout", net.get("dropout", 0.1))),
         policy_feature_stride=32,
         policy_input_scale=1.0,
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=mean,
+        std=std,
         extra=extra,
     )
 
@@ -393,6 +446,18 @@ def import_to_file(
     return written, model, source
 
 
+def summary(written: Path, model: Segmenter, source: dict[str, Any]) -> str:
+    """One line: the original checkpoint, the model it became and the file written."""
+    config = model.config
+    unused = len(source["dropped_keys"])
+    dropped = f", dropped {unused} unused keys" if unused else ""
+    return (
+        f"imported {source['layout']} {source['backbone']} -> {config.backbone} "
+        f"({config.depth} blocks, {config.num_classes} classes, crop {config.crop_size}, "
+        f"policy {config.policy}, K {model.num_tokens_shared}{dropped}): {written}"
+    )
+
+
 def load_model(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -418,7 +483,8 @@ def load_model(
     model = segmenter_from_payload(payload, path)
     if num_tokens_shared is not None:
         crop = model.config.crop_size
-        check_num_shared(num_tokens_shared, (crop // (2 * model.patch_size)) ** 2, f"crop {crop}")
+        superpatches = num_superpatches(crop, model.patch_size)
+        check_num_shared(num_tokens_shared, superpatches, f"crop {crop}")
         if model.config.policy == "none" and num_tokens_shared:
             raise ValueError(
                 f"{path} was built with policy none: it cannot share tokens (K must be 0)"

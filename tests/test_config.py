@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from cts.cli import app
 from cts.models import Segmenter
-from cts.paper import PAPER_SETTINGS
+from cts.paper import PAPER_SETTINGS, PATCH_SIZE
 from stages.common import segmenter_config
-from stages.paper_configs import dvc_args, render
+from stages.config import dvc_args, render
 from stages.params import CHECKS, ParamError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +72,12 @@ def test_the_rows_are_the_six_of_the_papers_table():
         fields = line.split()
         assert (fields[0], fields[2]) == (name, backbone)
         assert fields[3:] == [str(crop), str(k), str(n), "->", str(tokens), f"{percent}%"]
+
+
+def test_the_rows_patch_size_is_their_backbones():
+    from cts.models.vit import backbone_patch_size
+
+    assert {backbone_patch_size(s.backbone) for s in PAPER_SETTINGS} == {PATCH_SIZE}
 
 
 @pytest.mark.parametrize("name", list(PAPER))
