@@ -26,15 +26,15 @@ from cts.data.transforms import (
 )
 from cts.engine import TrainLoop, TrainState
 from cts.models.segmenter import Segmenter
-from cts.sharing import policy_targets
-from stages.common import segmenter_config
-from stages.train_policy import policy_lr_schedule, policy_recipe
-from stages.train_segmenter import (
+from cts.policy_training import policy_lr_schedule, policy_recipe
+from cts.segmenter_training import (
     build_optimizer,
     lr_schedule,
     segmenter_loss,
     weight_decay_groups,
 )
+from cts.sharing import policy_targets
+from stages.common import segmenter_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("ade20k", "pascal_context", "cityscapes")
@@ -66,6 +66,13 @@ def authors_lr(i: int, lr: float, iterations: int, warmup: int = 0) -> float:
     else:
         coef = (1 - i / iterations) ** 0.9
     return (lr - AUTHORS_MIN_LR) * coef + AUTHORS_MIN_LR
+
+
+def schedule_of(params: dict):
+    """The segmenter's lr factor per step with the params' optimizer, lr and warm-up."""
+    return lr_schedule(
+        params["optimizer"], params["iterations"], params["lr"], params["warmup_iterations"]
+    )
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -122,7 +129,15 @@ def test_training_loss_and_gradients_are_full_resolution_cross_entropy():
 
     # Our training step: the loss and count the stage builds, through the training loop.
     optimizer = RecordingSGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    loss_fn, count_fn = segmenter_loss(model.num_tokens_shared, params, 255, None, lambda: 0)
+    loss_fn, count_fn = segmenter_loss(
+        model.num_tokens_shared,
+        params["train_unshared_fraction"],
+        params["seed"],
+        params["loss_stride"],
+        255,
+        None,
+        lambda: 0,
+    )
     loop = TrainLoop(
         model=model,
         optimizer=optimizer,
@@ -171,7 +186,7 @@ def test_training_loss_and_gradients_are_full_resolution_cross_entropy():
 def test_poly_lr_at_first_middle_and_last_iteration_is_the_authors(name):
     params = config(name)
     lr, iterations = params["lr"], params["iterations"]
-    factor = lr_schedule(params)
+    factor = schedule_of(params)
     for i in (0, 1, iterations // 2, iterations - 1, iterations):
         assert lr * factor(i) == pytest.approx(authors_lr(i, lr, iterations), rel=1e-9, abs=1e-15)
     assert lr * factor(iterations) == pytest.approx(AUTHORS_MIN_LR)  # their end value
@@ -184,7 +199,7 @@ def test_lr_steps_once_per_iteration_in_the_training_loop():
     loop = TrainLoop(
         model=model,
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(params)),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(params)),
         loss_fn=lambda net, batch: net(batch["x"]).sum(),
         count_fn=lambda batch: torch.tensor(1),
         iterations=5,
@@ -197,7 +212,7 @@ def test_lr_steps_once_per_iteration_in_the_training_loop():
 
 def test_warmup_follows_the_authors_scheduler():
     params = dict(config("ade20k"), iterations=100, warmup_iterations=10, lr=0.01)
-    factor = lr_schedule(params)
+    factor = schedule_of(params)
     for i in (0, 1, 5, 9, 10, 50, 99):
         assert 0.01 * factor(i) == pytest.approx(authors_lr(i, 0.01, 100, warmup=10))
 
@@ -205,7 +220,7 @@ def test_warmup_follows_the_authors_scheduler():
 def test_sgd_is_timms_nesterov_sgd_without_weight_decay():
     params = config("ade20k")
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    optimizer = build_optimizer(model, params)
+    optimizer = build_optimizer(model, params["optimizer"], params["lr"], params["weight_decay"])
     assert isinstance(optimizer, torch.optim.SGD)
     for group in optimizer.param_groups:
         assert group["nesterov"] is True  # timm 0.4.12 create_optimizer: "sgd" is Nesterov
