@@ -33,7 +33,7 @@ from cts.engine import (
 )
 from cts.metrics import PolicyMetric
 from cts.models import PolicyNet, backbone_normalization
-from cts.tracking import log_metrics_file, log_training_row, stage_run
+from cts.tracking import log_metrics_file, log_training_row
 from stages.common import (
     METRICS,
     PLOTS,
@@ -45,12 +45,12 @@ from stages.common import (
     remove_resume_checkpoints,
     require,
     retire_results,
-    upstream_stage_metrics,
     write_csv,
     write_json,
 )
 from stages.fingerprint import fingerprint
 from stages.launch import LAUNCH_PARAMS
+from stages.mlflow_context import stage_run
 from stages.params import patch_size_of
 
 PARAMS = (
@@ -227,12 +227,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     k = paper_k(crop, patch)
     curve_ks = sorted({*range(0, num_superpatches + 1, max(num_superpatches // 32, 1)), k})
 
-    with stage_run(
-        "train_policy",
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics("train_policy"),
-    ):
+    with stage_run("train_policy", params):
         loop = TrainLoop(
             model=model,
             optimizer=optimizer,

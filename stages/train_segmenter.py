@@ -33,7 +33,7 @@ from cts.engine import (
 from cts.inference import evaluate
 from cts.losses import class_weights, subgrid_cross_entropy
 from cts.sharing import training_num_shared
-from cts.tracking import log_metrics_file, log_training_row, stage_run
+from cts.tracking import log_metrics_file, log_training_row
 from stages.common import (
     METRICS,
     PLOTS,
@@ -48,12 +48,12 @@ from stages.common import (
     remove_resume_checkpoints,
     require,
     retire_results,
-    upstream_stage_metrics,
     write_csv,
     write_json,
 )
 from stages.fingerprint import fingerprint
 from stages.launch import LAUNCH_PARAMS
+from stages.mlflow_context import stage_run
 
 PARAMS = (
     "data_root",
@@ -301,12 +301,7 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
             )
         return {"val_" + key: value for key, value in metric.compute().items()}
 
-    with stage_run(
-        "train_segmenter",
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics("train_segmenter"),
-    ):
+    with stage_run("train_segmenter", params):
         started = time.perf_counter()
         loop = TrainLoop(
             model=model,
@@ -358,13 +353,11 @@ def log_model(registered_model_name: str | None) -> None:
     `cts predict` computes them), registered under ``registered_model_name`` unless None."""
     import logging
 
-    import mlflow
+    from cts import tracking
 
-    from cts.serving import log_segmenter_model
-
-    if mlflow.active_run() is None:
+    if tracking.active_run() is None:
         return
     # The model is logged by reference to cts (cloudpickle); its safety warning is for loaders.
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    mlflow.log_artifact(str(SEGMENTER_CHECKPOINT), artifact_path="checkpoints")
-    log_segmenter_model(SEGMENTER_CHECKPOINT, registered_model_name)
+    tracking.log_artifact(str(SEGMENTER_CHECKPOINT), artifact_path="checkpoints")
+    tracking.log_model(SEGMENTER_CHECKPOINT, registered_model_name)
