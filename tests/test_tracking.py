@@ -12,9 +12,11 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 import cts  # noqa: F401  (applies the torchvision import fix)
 import cts.tracking
+from cts.cli import app
 from cts.tracking import (
     PipelineContext,
     active_run,
@@ -334,6 +336,11 @@ def test_an_unreachable_server_at_start_is_one_line_and_the_stage_goes_on(
         "end",
         "end_parent",
     ]
+    # `cts replay` leaves what a server that does not answer would get, and says so.
+    replayed = CliRunner().invoke(app, ["replay"])
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.output == "mlflow: logged 0 kept record(s); 1 stage run(s) still kept\n"
+    assert kept.is_file()
 
 
 def test_a_replay_cut_short_logs_nothing_twice(store, tmp_path):
