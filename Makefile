@@ -31,4 +31,4 @@ run: install
 	@echo
 	@echo "metrics:   metrics/*.json  (PATH=$(BIN):\$$PATH dvc metrics show)"
 	@echo "plots:     PATH=$(BIN):\$$PATH dvc plots show  -> dvc_plots/index.html"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db  -> $$($(BIN)/python -m cts.tracking --ui-url)"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db  -> $$($(BIN)/cts ui)"

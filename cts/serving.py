@@ -89,22 +89,6 @@ def _code_copy() -> Iterator[str]:
         yield str(target)
 
 
-def log_segmenter_model(
-    checkpoint: str | os.PathLike,
-    registered_model_name: str | None = None,
-    name: str = "model",
-) -> mlflow.models.model.ModelInfo | None:
-    """Log the checkpoint as a pyfunc model on the active run (and register it when named).
-
-    The input example is one small grey image, so logging stays cheap. Inside a stage
-    (:func:`cts.tracking.stage_run`) the model goes on the stage run, or is kept and logged
-    later while the tracking server does not answer (None then).
-    """
-    from cts.tracking import log_model
-
-    return log_model(checkpoint, registered_model_name, name)
-
-
 def log_model_to_run(
     run_id: str,
     checkpoint: str | os.PathLike,
@@ -114,7 +98,9 @@ def log_model_to_run(
     """The pyfunc model logged on run ``run_id``, active or not, in the run's experiment.
 
     The run's experiment is given explicitly: without an active run, MLflow would put the
-    model in the default experiment.
+    model in the default experiment. The input example is one small grey image, so logging
+    stays cheap. A stage logs its model through :func:`cts.tracking.log_model`, which keeps it
+    for later while the tracking server does not answer.
     """
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)

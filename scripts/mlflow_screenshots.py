@@ -8,7 +8,7 @@ Starts `mlflow ui` on a free loopback port against the store, opens each page in
 Chromium with a fresh profile (nothing remembered from an earlier visit: MLflow keeps its
 GenAI/machine-learning switch in the browser's local storage), and writes:
 
-- `runs.png`: the address `make run` prints (`python -m cts.tracking --ui-url`): the runs table;
+- `runs.png`: the address `make run` prints (`cts ui`): the runs table;
 - `compare.png`: the compare view of the two newest pipeline (parent) runs;
 - `parent.png`: the newest parent's page (its description holds the headline figures);
 - `registry.png`: the registered model's versions.
@@ -129,9 +129,9 @@ def main() -> int:
     parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time per page")
     options = parser.parse_args()
 
-    from cts.tracking import tracking_uri
+    from stages.mlflow_context import project_tracking_uri
 
-    store = tracking_uri(options.store)
+    store = project_tracking_uri(options.store)
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         raise SystemExit(f"--store {store}: no such database: run the pipeline first")
     client = MlflowClient(store)

@@ -18,15 +18,15 @@ from cts.data.folder import SegmentationFolder
 from cts.data.transforms import ValTransform
 from cts.engine import resolve_device, resolve_precision
 from cts.models import Segmenter
-from cts.tracking import log_metrics_file, stage_run
+from cts.tracking import log_metrics_file
 from stages.common import (
     METRICS,
     SEGMENTER_CHECKPOINT,
     STAGE_SETTINGS,
     require,
-    upstream_stage_metrics,
     write_json,
 )
+from stages.mlflow_context import stage_run
 
 PARAMS = (
     "data_root",
@@ -59,12 +59,7 @@ def run(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
     images = validation_batch(params, model, params["bench_batch_size"]).to(device)
-    with stage_run(
-        "benchmark",
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics("benchmark"),
-    ):
+    with stage_run("benchmark", params):
         (record,) = measure_model(
             model,
             images,

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from cts.checkpoint import load_policy_weights
 from cts.data.info import DatasetInfo, load_dataset_info
@@ -59,50 +58,6 @@ STAGE_SETTINGS = {
         "cudnn_allow_tf32",
     ),
 }
-PIPELINE = Path(__file__).resolve().parents[1] / "dvc.yaml"
-
-
-def _paths(entries: list[str | dict[str, Any]]) -> list[str]:
-    """The paths of a dvc.yaml deps/outs list (an entry is a path or {path: options})."""
-    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-
-
-def _produces(out: str, dep: str) -> bool:
-    return dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/")
-
-
-def upstream_stages(stage: str, pipeline: Path = PIPELINE) -> list[str]:
-    """The stages whose outputs `stage` reads, directly or not, in dvc.yaml's order.
-
-    Paths are compared as dvc.yaml writes them (`${data_root}` on both sides), so no
-    params are needed.
-    """
-    stages = yaml.safe_load(pipeline.read_text())["stages"]
-    if stage not in stages:
-        raise KeyError(f"{pipeline}: no stage {stage!r}")
-    outs = {
-        name: _paths(spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []))
-        for name, spec in stages.items()
-    }
-    found: set[str] = set()
-    pending = [stage]
-    while pending:
-        deps = _paths(stages[pending.pop()].get("deps", []))
-        for name, paths in outs.items():
-            if name not in found and any(_produces(o, d) for o in paths for d in deps):
-                found.add(name)
-                pending.append(name)
-    return [name for name in stages if name in found]
-
-
-def upstream_stage_metrics(stage: str, pipeline: Path = PIPELINE) -> dict[Path, tuple[str, ...]]:
-    """The metrics files of the stages upstream of `stage`, each with its settings keys: the
-    MLflow parent run is seeded with those that exist. They are the results this execution
-    reuses (were one of those stages rerun, it ran before `stage` and rewrote its file); the
-    results of `stage` and of the stages after it are logged by them when they run, never
-    copied from an earlier execution."""
-    names = upstream_stages(stage, pipeline)
-    return {STAGE_METRICS[name]: STAGE_SETTINGS[name] for name in names if name in STAGE_METRICS}
 
 
 class StageOrderError(RuntimeError):

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cts.data import prepare_dataset
-from cts.tracking import stage_run
-from stages.common import upstream_stage_metrics
+from stages.mlflow_context import stage_run
 
 PARAMS = (
     "dataset",
@@ -32,12 +31,7 @@ def run(params: dict[str, Any]) -> None:
             image_size=params["synthetic_image_size"],
             seed=params["seed"],
         )
-    with stage_run(
-        "download",
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics("download"),
-    ):
+    with stage_run("download", params):
         info = prepare_dataset(
             params["dataset"],
             params["data_root"],

@@ -17,7 +17,7 @@ from cts.engine import autocast, init_distributed, resolve_device
 from cts.inference import evaluate
 from cts.metrics import SegmentationMetric, per_class_table
 from cts.models import Segmenter
-from cts.tracking import log_metrics_file, stage_run
+from cts.tracking import active_run, log_artifact, log_metrics_file
 from cts.visualize import confusion_matrix_image, denormalize, eval_scene, palette
 from stages.common import (
     METRICS,
@@ -27,10 +27,10 @@ from stages.common import (
     dataset_info,
     eval_geometry,
     require,
-    upstream_stage_metrics,
     write_csv,
     write_json,
 )
+from stages.mlflow_context import stage_run
 
 NUM_PICTURES = 4
 
@@ -137,14 +137,7 @@ def run_evaluation(
         return metric.compute()
     reports = REPORTS / stage
     reports.mkdir(parents=True, exist_ok=True)
-    with stage_run(
-        stage,
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics(stage),
-    ):
-        import mlflow
-
+    with stage_run(stage, params):
         results = {
             **metric.compute(),
             "num_tokens_shared": model.num_tokens_shared,
@@ -160,11 +153,11 @@ def run_evaluation(
         pictures = write_pictures(model, dataset, reports, device, info.class_names)
         write_json(METRICS / f"{stage}.json", results)
         log_metrics_file(METRICS / f"{stage}.json", settings=STAGE_SETTINGS[stage])
-        if mlflow.active_run() is not None:
-            mlflow.log_artifact(str(METRICS / f"per_class_iou_{stage.split('_')[1]}.csv"))
-            mlflow.log_artifact(str(reports / "confusion_matrix.png"), artifact_path=stage)
+        if active_run() is not None:
+            log_artifact(str(METRICS / f"per_class_iou_{stage.split('_')[1]}.csv"))
+            log_artifact(str(reports / "confusion_matrix.png"), artifact_path=stage)
             for path in pictures:
-                mlflow.log_artifact(str(path), artifact_path=f"{stage}/predictions")
+                log_artifact(str(path), artifact_path=f"{stage}/predictions")
     print(
         f"{stage}: mIoU {results['mIoU']:.2f}  pixel acc {results['pixel_acc']:.2f}  "
         f"mean acc {results['mean_acc']:.2f}"

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from stages.dvc_file import DvcYamlError, read_dvc_yaml
 from stages.kfp_task import interpolate, resolve_path, template_variables
 from stages.params import load_params
 
@@ -41,14 +42,8 @@ IMAGE = "cts:latest"  # an image with the project and its `cluster` extra instal
 # Every task's input bound to the pipeline job's name: the MLflow parent of its stage run.
 PIPELINE_RUN_INPUT = "cts_pipeline_run"
 DEVICE_PARAM = "device"  # a stage that reads it runs a model: it gets the accelerator
-# dvc.yaml features with no Kubeflow counterpart here: refused rather than half translated.
-_UNSUPPORTED = ("foreach", "matrix", "do", "wdir", "vars")
 # The task writes the params file and passes it: a command must not choose its own.
 _PARAMS_FLAGS = ("--params", "-p", "--set", "-S")
-
-
-class DvcYamlError(ValueError):
-    """dvc.yaml has a stage (or a construct) that cannot become a Kubeflow component."""
 
 
 @dataclass(frozen=True)
@@ -96,22 +91,6 @@ def yaml_text(value: Any) -> str:
     return text.removesuffix("\n...").strip()
 
 
-def _paths(where: str, entries: Any) -> tuple[str, ...]:
-    """dvc.yaml's ``- path`` or ``- path: {options}`` entries."""
-    if entries is None:
-        return ()
-    if not isinstance(entries, list):
-        raise DvcYamlError(f"{where}: expected a list of paths")
-    paths = []
-    for entry in entries:
-        if isinstance(entry, dict) and len(entry) == 1:
-            entry = next(iter(entry))
-        if not isinstance(entry, str) or not entry:
-            raise DvcYamlError(f"{where}: {entry!r} is not a path")
-        paths.append(entry)
-    return tuple(paths)
-
-
 def _identifier(where: str, name: str) -> str:
     if not name.isidentifier() or keyword.iskeyword(name):
         raise DvcYamlError(f"{where}: {name!r} cannot name a Kubeflow input or output")
@@ -141,33 +120,17 @@ def read_stages(dvc_yaml: Path, params: Mapping[str, Any]) -> list[Stage]:
     DvcYamlError naming the file and stage."""
     if not dvc_yaml.is_file():
         raise FileNotFoundError(f"{dvc_yaml} not found: run from the repository or pass --dvc-yaml")
-    try:
-        spec = yaml.safe_load(dvc_yaml.read_text())
-    except yaml.YAMLError as error:
-        raise DvcYamlError(f"{dvc_yaml} is not valid YAML: {str(error).splitlines()[0]}") from error
-    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict) or not spec["stages"]:
-        raise DvcYamlError(f"{dvc_yaml}: expected a mapping with a non-empty 'stages' mapping")
-    if "vars" in spec:
-        raise DvcYamlError(f"{dvc_yaml}: 'vars' is not supported (paths may use the params)")
     stages = []
-    for name, body in spec["stages"].items():
-        where = f"{dvc_yaml}: stage {name!r}"
-        if not isinstance(body, dict):
-            raise DvcYamlError(f"{where}: expected a mapping")
-        unsupported = [key for key in _UNSUPPORTED if key in body]
-        if unsupported:
-            raise DvcYamlError(f"{where}: {unsupported[0]!r} is not supported")
-        stage_params = body.get("params") or []
-        if not isinstance(stage_params, list) or not all(isinstance(p, str) for p in stage_params):
-            raise DvcYamlError(f"{where}: params must be a list of names from the params file")
+    for read in read_dvc_yaml(dvc_yaml):
+        where = f"{dvc_yaml}: stage {read.name!r}"
         stage = Stage(
-            name=str(name),
-            argv=_command(where, body.get("cmd")),
-            params=tuple(stage_params),
-            deps=_paths(f"{where} deps", body.get("deps")),
-            outs=_paths(f"{where} outs", body.get("outs")),
-            metrics=_paths(f"{where} metrics", body.get("metrics")),
-            plots=_paths(f"{where} plots", body.get("plots")),
+            name=read.name,
+            argv=_command(where, read.cmd),
+            params=read.params,
+            deps=read.deps,
+            outs=read.outs,
+            metrics=read.metrics,
+            plots=read.plots,
         )
         paths = [*stage.deps, *stage.writes]
         for key in [*stage.params, *(v for p in paths for v in template_variables(p))]:

@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from cts.tracking import PIPELINE_RUN_ENV
+from cts.tracking import scalar_metrics
+from stages.mlflow_context import PIPELINE_RUN_ENV
 from stages.params import ParamError, parse_override
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
@@ -63,19 +64,6 @@ def resolve_path(template: str, params: Mapping[str, Any]) -> PurePosixPath:
 def parse_values(texts: Mapping[str, str]) -> dict[str, Any]:
     """Pipeline parameters are YAML text, as ``--set key=value``: ``'103'`` -> 103."""
     return dict(parse_override(f"{key}={text}") for key, text in texts.items())
-
-
-def _scalars(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The finite numbers of a metrics file, nested keys joined with dots."""
-    found: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            found.update(_scalars(value, f"{name}."))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            if math.isfinite(value):
-                found[name] = float(value)
-    return found
 
 
 def run_task(
@@ -123,8 +111,10 @@ def run_task(
                 )
             if template in metrics and result.suffix == ".json":
                 data = json.loads(result.read_text())
-                for name, value in _scalars(data if isinstance(data, Mapping) else {}).items():
-                    artifact.log_metric(name, value)
+                numbers = scalar_metrics(data if isinstance(data, Mapping) else {})
+                for name, value in numbers.items():
+                    if math.isfinite(value):  # finite numbers only
+                        artifact.log_metric(name, value)
             Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(result, artifact.path)
     finally:

@@ -15,17 +15,17 @@ from cts.data.info import SPLITS
 from cts.data.io import read_mask, write_bytes_atomic
 from cts.data.validate import split_statistics, validate_split
 from cts.sharing import policy_targets
-from cts.tracking import log_metrics_file, stage_run
+from cts.tracking import log_metrics_file
 from stages.common import (
     METRICS,
     POLICY_TARGETS,
     PREPROCESSED,
     STAGE_SETTINGS,
     dataset_info,
-    upstream_stage_metrics,
     write_csv,
     write_json,
 )
+from stages.mlflow_context import stage_run
 from stages.params import patch_size_of
 
 PARAMS = ("data_root", "backbone", "crop_size", "mlflow_tracking_uri")
@@ -58,12 +58,7 @@ def run(params: dict[str, Any]) -> None:
     patch = patch_size_of(params["backbone"])
     PREPROCESSED.mkdir(exist_ok=True)
     manifest, summary, targets = [], {}, {}
-    with stage_run(
-        "preprocess",
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics("preprocess"),
-    ):
+    with stage_run("preprocess", params):
         for split in SPLITS:
             dataset = SegmentationFolder(root, split)
             manifest += [

@@ -17,16 +17,16 @@ from cts.checkpoint import load_segmenter
 from cts.data.io import write_bytes_atomic
 from cts.engine import resolve_device
 from cts.sharing import check_num_shared
-from cts.tracking import log_json_metrics, stage_run
+from cts.tracking import active_run, log_artifact, log_json_metrics
 from stages.benchmark import validation_batch
 from stages.common import (
     PLOTS,
     SEGMENTER_CHECKPOINT,
     require,
-    upstream_stage_metrics,
     write_csv,
 )
 from stages.evaluation import evaluate_model, validation_set
+from stages.mlflow_context import stage_run
 
 PARAMS = (
     "data_root",
@@ -113,14 +113,7 @@ def run(params: dict[str, Any]) -> None:
         check_num_shared(k, side * side, f"crop_size {model.config.crop_size}")
     if model.config.policy == "none" and ks:
         ks = [0]  # without a policy every K is the plain Segmenter
-    with stage_run(
-        "sweep",
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics("sweep"),
-    ):
-        import mlflow
-
+    with stage_run("sweep", params):
         records = []
         if ks:
             images = validation_batch(params, model, params["bench_batch_size"]).to(device)
@@ -152,9 +145,9 @@ def run(params: dict[str, Any]) -> None:
             f"{params['precision']}, batch {params['bench_batch_size']}"
         )
         write_bytes_atomic(PICTURE, plot_curve(table, own_k, title))
-        if mlflow.active_run() is not None:
-            mlflow.log_artifact(str(CSV))
-            mlflow.log_artifact(str(PICTURE))
+        if active_run() is not None:
+            log_artifact(str(CSV))
+            log_artifact(str(PICTURE))
     if not ks:
         print("sweep: skipped (sweep_tokens_shared is empty)")
         return

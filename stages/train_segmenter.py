@@ -248,13 +248,11 @@ def log_model(registered_model_name: str | None) -> None:
     `cts predict` computes them), registered under ``registered_model_name`` unless None."""
     import logging
 
-    import mlflow
+    from cts import tracking
 
-    from cts.serving import log_segmenter_model
-
-    if mlflow.active_run() is None:
+    if tracking.active_run() is None:
         return
     # The model is logged by reference to cts (cloudpickle); its safety warning is for loaders.
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    mlflow.log_artifact(str(SEGMENTER_CHECKPOINT), artifact_path="checkpoints")
-    log_segmenter_model(SEGMENTER_CHECKPOINT, registered_model_name)
+    tracking.log_artifact(str(SEGMENTER_CHECKPOINT), artifact_path="checkpoints")
+    tracking.log_model(SEGMENTER_CHECKPOINT, registered_model_name)

@@ -27,9 +27,9 @@ from cts.engine import (
     seed_everything,
     wrap_distributed,
 )
-from cts.tracking import stage_run
-from stages.common import RESUME_DIR, remove_resume_checkpoints, upstream_stage_metrics
+from stages.common import RESUME_DIR, remove_resume_checkpoints
 from stages.fingerprint import fingerprint
+from stages.mlflow_context import stage_run
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,7 @@ def train(
     if state.iteration and session.context.is_main:
         print(f"resuming {name} training at iteration {state.iteration} from {resume_path}")
 
-    with stage_run(
-        stage,
-        params,
-        uri=params["mlflow_tracking_uri"],
-        upstream_metrics=upstream_stage_metrics(stage),
-    ):
+    with stage_run(stage, params):
         started = time.perf_counter()
         state = loop.run(state, batches(state.iteration))
         if not session.context.is_main:

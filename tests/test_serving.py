@@ -25,7 +25,7 @@ from cts.cli import app
 from cts.data.io import read_mask, write_image
 from cts.models import build_segmenter
 from cts.predict import Predictor
-from cts.serving import log_segmenter_model
+from cts.tracking import log_model
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,7 +69,7 @@ def registered(tmp_path_factory):
     mlflow.set_tracking_uri(uri)  # no set_experiment: it would leak into other tests
     try:
         with mlflow.start_run(experiment_id=experiment_id):
-            info = log_segmenter_model(checkpoint, NAME)
+            info = log_model(checkpoint, NAME)
     finally:
         mlflow.set_tracking_uri(None)
     return folder, checkpoint, uri, info

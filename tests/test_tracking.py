@@ -12,19 +12,25 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 import cts  # noqa: F401  (applies the torchvision import fix)
 import cts.tracking
+from cts.cli import app
 from cts.tracking import (
+    PipelineContext,
+    active_run,
+    log_artifact,
     log_json_metrics,
     log_metrics_file,
     parent_run_name,
     pipeline_key,
     replay_spool,
-    repo_root,
     stage_run,
     tracking_uri,
 )
+from stages import mlflow_context
+from stages.mlflow_context import pipeline_context, pipeline_name, project_tracking_uri, repo_root
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,12 +67,15 @@ def test_repo_root_and_default_uri(tmp_path, monkeypatch):
     assert repo_root(repo / "stages") == repo
     assert repo_root(copy) == repo
     assert repo_root(copy / "stages") == repo
-    assert tracking_uri(start=copy / "stages") == f"sqlite:///{repo}/mlruns.db"
+    assert project_tracking_uri(start=copy / "stages") == f"sqlite:///{repo}/mlruns.db"
+    assert pipeline_context(copy / "stages").root == repo
+    assert tracking_uri(root=repo) == f"sqlite:///{repo}/mlruns.db"
     assert repo_root(tmp_path / "elsewhere") == tmp_path / "elsewhere"
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
-    assert tracking_uri(start=copy) == "http://localhost:5000"
-    assert tracking_uri("sqlite:///x.db", start=copy) == "sqlite:///x.db"
+    assert project_tracking_uri(start=copy) == "http://localhost:5000"
+    assert project_tracking_uri("sqlite:///x.db", start=copy) == "sqlite:///x.db"
+    assert tracking_uri(root=repo) == "http://localhost:5000"
 
 
 def test_pipeline_key(tmp_path, monkeypatch):
@@ -75,14 +84,21 @@ def test_pipeline_key(tmp_path, monkeypatch):
     assert key == pipeline_key(json.loads(json.dumps(PARAMS)), tmp_path)
     assert key != pipeline_key({**PARAMS, "seed": 1}, tmp_path)
 
+    assert pipeline_name() is None and pipeline_context(tmp_path).name is None
+
+    # Inside `dvc exp run`, its experiment's name keys the parent, whatever the params.
     monkeypatch.setenv("DVC_EXP_NAME", "agley-rats")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
-    assert pipeline_key(PARAMS, tmp_path) == pipeline_key({"other": 1}) == "agley-rats"
+    name = pipeline_context(tmp_path).name
+    assert pipeline_key(PARAMS, tmp_path, name) == pipeline_key({"other": 1}, name=name)
+    assert pipeline_key(PARAMS, tmp_path, name) == "agley-rats"
 
     # An orchestrator's run (the tasks of a Kubeflow pipeline run) wins over both.
     monkeypatch.setenv("CTS_PIPELINE_RUN", "cts-20261201-abc")
-    assert pipeline_key(PARAMS, tmp_path) == pipeline_key({"other": 1}) == "cts-20261201-abc"
-    assert parent_run_name(PARAMS, "cts-20261201-abc") == "cts-20261201-abc"
+    name = pipeline_name()
+    assert pipeline_key(PARAMS, tmp_path, name) == pipeline_key({"other": 1}, name=name)
+    assert pipeline_key(PARAMS, tmp_path, name) == "cts-20261201-abc"
+    assert parent_run_name(PARAMS, name, named=True) == "cts-20261201-abc"
 
 
 def test_stages_share_one_parent(store, tmp_path):
@@ -159,13 +175,24 @@ def test_existing_experiment_gets_the_kind_tag(store):
 def test_dvc_experiment_name_keys_the_parent(store, monkeypatch):
     experiment = "dvc_exp"
     monkeypatch.setenv("DVC_EXP_NAME", "urban-mink")
-    monkeypatch.setattr(cts.tracking, "committed_params", lambda start=None: PARAMS)
+    monkeypatch.setattr(mlflow_context, "committed_params", lambda start=None: PARAMS)
     for stage in ("train_segmenter", "benchmark"):
-        with stage_run(stage, PARAMS, experiment, store):
+        with stage_run(stage, PARAMS, experiment, store, context=pipeline_context()):
             pass
     (parent,), children = runs(store, experiment)
     assert parent.info.run_name == "urban-mink" and len(children) == 2
     assert parent.data.tags["cts.pipeline_key"] == "urban-mink"
+
+    # The library reads no orchestrator's environment: the name comes with the context.
+    with stage_run(
+        "eval_ss", PARAMS, experiment, store, context=PipelineContext(name="urban-mink")
+    ):
+        pass
+    with stage_run("eval_ss", PARAMS, experiment, store):
+        pass
+    parents, children = runs(store, experiment)
+    assert [p.data.tags["cts.pipeline_key"] == "urban-mink" for p in parents] == [True, False]
+    assert len(children) == 4
 
 
 def test_exception_marks_runs_failed(store):
@@ -284,10 +311,10 @@ def test_an_unreachable_server_at_start_is_one_line_and_the_stage_goes_on(
     started = time.monotonic()
     try:
         with stage_run("eval_ss", PARAMS, "down", uri) as run:
-            assert mlflow.active_run() is run is not None  # stages check it before logging
+            assert active_run() is run is not None  # stages check it before logging
             log_json_metrics({"loss": 0.5}, step=1)
             log_metrics_file(results)
-            mlflow.log_artifact(str(results), artifact_path="copies")
+            log_artifact(str(results), artifact_path="copies")
     finally:
         if listener:
             listener.close()
@@ -309,6 +336,11 @@ def test_an_unreachable_server_at_start_is_one_line_and_the_stage_goes_on(
         "end",
         "end_parent",
     ]
+    # `cts replay` leaves what a server that does not answer would get, and says so.
+    replayed = CliRunner().invoke(app, ["replay"])
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.output == "mlflow: logged 0 kept record(s); 1 stage run(s) still kept\n"
+    assert kept.is_file()
 
 
 def test_a_replay_cut_short_logs_nothing_twice(store, tmp_path):
@@ -316,15 +348,15 @@ def test_a_replay_cut_short_logs_nothing_twice(store, tmp_path):
     record and saving), metrics already in the run's history are not logged again."""
     client = MlflowClient(store)
     run_id = client.create_run(client.create_experiment("replayed")).info.run_id
-    spool = cts.tracking._Spool(tmp_path / "spool", store, "train_segmenter")
+    spool = cts.tracking.spool.Spool(tmp_path / "spool", store, "train_segmenter")
     for step in (1, 2):
         metrics = [["loss", 1.0 / step, 1000 + step, step], ["lr", 0.1, 1000 + step, step]]
         spool.keep({"op": "metrics", "run": run_id, "metrics": metrics}, ())
     spool.keep({"op": "end", "run": run_id, "status": "FINISHED", "end_time": 5000}, ())
     spool.close()
-    assert cts.tracking._replay_file(client, store, spool.path)[0] == 3
+    assert cts.tracking.spool.replay_file(client, store, spool.path)[0] == 3
     spool.path.with_suffix(".done").unlink()
-    assert cts.tracking._replay_file(client, store, spool.path)[0] == 3
+    assert cts.tracking.spool.replay_file(client, store, spool.path)[0] == 3
     history = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value, m.timestamp) for m in history] == [(1, 1.0, 1001), (2, 0.5, 1002)]
     assert len(client.get_metric_history(run_id, "lr")) == 2
@@ -392,7 +424,7 @@ def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
     assert (repo / "metrics" / "train.json").is_file()
 
     # eval_ss starts without its server, which comes back before its results are logged.
-    monkeypatch.setattr(cts.tracking, "REPROBE_SECONDS", 0.0)
+    monkeypatch.setattr(cts.tracking.session, "REPROBE_SECONDS", 0.0)
     log_results = stages.evaluation.log_metrics_file
 
     def server_back_first(path, settings=()):

@@ -14,19 +14,22 @@ import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 import cts  # noqa: F401  (applies the torchvision import fix)
 import cts.tracking
+from cts.cli import app
 from cts.tracking import (
     changed_params,
-    committed_params,
     log_json_metrics,
     log_metrics_file,
     parent_run_name,
     stage_run,
     ui_url,
 )
-from stages.common import STAGE_METRICS, STAGE_SETTINGS, upstream_stage_metrics, upstream_stages
+from stages.common import STAGE_METRICS, STAGE_SETTINGS
+from stages.dvc_file import upstream_stages
+from stages.mlflow_context import committed_params, pipeline_context, upstream_stage_metrics
 from tests.test_pipeline import MICRO as PIPELINE_MICRO
 from tests.test_tracking import outside_dvc, runs  # noqa: F401 (autouse fixture)
 
@@ -202,10 +205,11 @@ def test_a_dvc_experiment_parent_is_named_after_what_differs(store, tmp_path, mo
     assert committed_params() == PARAMS
     monkeypatch.setenv("DVC_EXP_NAME", "dusky-sick")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
-    with stage_run("train_segmenter", {**PARAMS, "num_tokens_shared": 0}, "named", store):
+    changed = {**PARAMS, "num_tokens_shared": 0}
+    with stage_run("train_segmenter", changed, "named", store, context=pipeline_context()):
         pass
     monkeypatch.setenv("DVC_EXP_NAME", "agley-rats")
-    with stage_run("train_segmenter", PARAMS, "named", store):
+    with stage_run("train_segmenter", PARAMS, "named", store, context=pipeline_context()):
         pass
     parents, _ = runs(store, "named")
     assert [p.info.run_name for p in parents] == ["dusky-sick K=0", "agley-rats"]
@@ -331,22 +335,32 @@ def test_ui_url_opens_the_runs_table_in_the_model_training_view(store, tmp_path)
     missing = f"sqlite:///{tmp_path / 'none.db'}"
     assert ui_url(uri=missing).endswith("/#/experiments?workflowType=machine_learning")
     assert not (tmp_path / "none.db").exists()
+    # `cts ui`, as `make run` prints it: the store the stages log to.
     printed = subprocess.run(
         [
             sys.executable,
             "-m",
-            "cts.tracking",
-            "--ui-url",
+            "cts.cli",
+            "ui",
+            "--base",
             "http://h:1",
             "--experiment",
             "addressed",
         ],
+        cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": store},
         capture_output=True,
         text=True,
         check=True,
     )
     assert printed.stdout.strip() == url.replace("http://127.0.0.1:5000", "http://h:1")
+    shown = CliRunner().invoke(
+        app,
+        ["ui", "--experiment", "addressed", "--params", str(REPO / "params.yaml")]
+        + ["--set", f"mlflow_tracking_uri={store}"],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.strip() == url
 
 
 # ------------------------------------------------------------------ the curve DVC plots draws
@@ -365,4 +379,4 @@ def test_the_validation_curve_has_one_row_per_step():
 
 
 def test_mlflow_is_left_without_an_active_run():
-    assert mlflow.active_run() is None and cts.tracking._SESSION is None
+    assert mlflow.active_run() is None and cts.tracking.session._SESSION is None
