@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cts.geometry import check_num_shared, num_superpatches
 from cts.models import Segmenter
-from cts.sharing import check_num_shared
 
 # torch.export-based exporter (onnxscript): it writes opset 18 or later.
 MIN_OPSET = 18
@@ -52,8 +52,8 @@ def export_k(model: Segmenter, num_tokens_shared: int | None) -> int:
     """The K the graph is built with (checked against the crop's superpatch grid)."""
     config = model.config
     k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
-    side = config.crop_size // (2 * model.patch_size)
-    check_num_shared(k, side * side, f"crop_size {config.crop_size}")
+    superpatches = num_superpatches(config.crop_size, model.patch_size)
+    check_num_shared(k, superpatches, f"crop_size {config.crop_size}")
     if config.policy == "none" and k:
         raise ValueError(f"the model has policy none: it cannot share tokens (K={k} given)")
     if config.policy in ("oracle", "random") and k:

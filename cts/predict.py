@@ -26,11 +26,11 @@ from cts.data.io import (
     write_image,
     write_label_png,
 )
+from cts.geometry import check_num_shared, num_superpatches, superpatch_size
 from cts.inference import EvalGeometry, normalised_resize, predict_labels, scaled_image
 from cts.models import Segmenter
 from cts.models.upsample import upsample_argmax
 from cts.progress import progress_bar
-from cts.sharing import check_num_shared
 from cts.visualize import (
     annotate,
     class_names_for,
@@ -118,9 +118,8 @@ class Predictor:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.crop = config.crop_size
-        side = self.crop // (2 * model.patch_size)
         k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
-        check_num_shared(k, side * side, f"crop_size {self.crop}")
+        check_num_shared(k, num_superpatches(self.crop, model.patch_size), f"crop_size {self.crop}")
         if config.policy == "none" and k:
             raise ValueError(f"the model has policy none: it cannot share tokens (K={k} given)")
         if config.policy == "oracle" and k:
@@ -170,7 +169,7 @@ class Predictor:
         picture = outline_shared(
             overlay(crop_rgb, crop_labels, self.colours),
             out.shared[0].cpu().numpy(),
-            2 * self.model.patch_size,
+            superpatch_size(self.model.patch_size),
         )
         return labels, picture
 
@@ -182,7 +181,8 @@ class Predictor:
         # One legend for the three: the classes of the full-size prediction. The sharing
         # picture's own prediction (one forward of the resized image) can differ in details.
         entries = legend_entries(classes_present(labels), self.class_names, self.colours)
-        side = self.crop // (2 * self.model.patch_size)
+        superpatches = num_superpatches(self.crop, self.model.patch_size)
+        side = superpatch_size(self.model.patch_size)
         k, name, (height, width) = self.num_tokens_shared, stem.name, labels.shape
         crop = f"the {self.crop}x{self.crop} crop"
         resized = (
@@ -200,8 +200,8 @@ class Predictor:
             "shared": annotate(
                 picture,
                 entries,
-                f"{name} {resized}. K={k}: {k} of {side * side} superpatches shared (outlined), "
-                f"each {2 * self.model.patch_size}x{2 * self.model.patch_size} px: one token",
+                f"{name} {resized}. K={k}: {k} of {superpatches} superpatches shared (outlined), "
+                f"each {side}x{side} px: one token",
             ),
         }
         paths = [write_label_png(stem.parent / f"{name}_labels.png", labels, self.colours)]

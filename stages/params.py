@@ -209,29 +209,49 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 
 def patch_size_of(backbone: str) -> int:
-    """Patch size from a timm name (``vit_small_patch16_384`` -> 16); 16 when not named."""
-    match = re.search(r"patch(\d+)", backbone)
-    return int(match.group(1)) if match else 16
+    """The backbone's patch size (:func:`cts.models.vit.backbone_patch_size`): its real
+    patch embedding, not its name; a ValueError naming it when sharing cannot serve it."""
+    from cts.models.vit import backbone_patch_size  # timm and torch: only when asked
+
+    return backbone_patch_size(backbone)
 
 
-def _check_geometry(params: dict[str, Any], keys: set[str]) -> None:
-    superpatch = 2 * patch_size_of(params["backbone"])
-    crop = params["crop_size"]
-    if crop % superpatch:
+def _backbone_patch_size(params: dict[str, Any], origins: Mapping[str, str], source: str) -> int:
+    """Patch size of ``params["backbone"]``; a one-line ParamError naming where the value
+    came from when sharing cannot serve it."""
+    try:
+        return patch_size_of(params["backbone"])
+    except ValueError as error:
+        origin = origins.get("backbone", source)
+        raise ParamError(f"{'--set backbone' if origin == '--set' else origin}: {error}") from error
+
+
+def _check_geometry(params: dict[str, Any], keys: set[str], patch_size: int) -> None:
+    """K (and every K of the sweep) within ``0..S`` of the crop's superpatch grid."""
+    # Imported here: the cts package imports torch, which a stage without a backbone
+    # (and so without geometry) need not load.
+    from cts.geometry import check_num_shared, num_superpatches, superpatch_size
+
+    superpatch, crop = superpatch_size(patch_size), params["crop_size"]
+    try:
+        superpatches = num_superpatches(crop, patch_size)
+    except ValueError as error:
         raise ParamError(
             f"crop_size={crop}: allowed multiples of {superpatch} (2 x the backbone's patch size)"
-        )
-    num_superpatches = (crop // superpatch) ** 2
+        ) from error
     allowed = (
-        f"allowed 0..{num_superpatches} for crop_size {crop} "
-        f"({num_superpatches} superpatches of {superpatch}x{superpatch} px)"
+        f"allowed 0..{superpatches} for crop_size {crop} "
+        f"({superpatches} superpatches of {superpatch}x{superpatch} px)"
     )
-    k = params["num_tokens_shared"] if "num_tokens_shared" in keys else 0
-    if k > num_superpatches:
-        raise ParamError(f"num_tokens_shared={k}: {allowed}")
-    for value in params["sweep_tokens_shared"] if "sweep_tokens_shared" in keys else ():
-        if not 0 <= value <= num_superpatches:
-            raise ParamError(f"sweep_tokens_shared: K={value} is out of range: {allowed}")
+    named = [(f"num_tokens_shared={params['num_tokens_shared']}", params["num_tokens_shared"])]
+    named = named if "num_tokens_shared" in keys else []
+    sweep = params["sweep_tokens_shared"] if "sweep_tokens_shared" in keys else ()
+    named += [(f"sweep_tokens_shared: K={k} is out of range", k) for k in sweep]
+    for what, k in named:
+        try:
+            check_num_shared(k, superpatches)
+        except ValueError as error:
+            raise ParamError(f"{what}: {allowed}") from error
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -314,21 +334,11 @@ def validate(
         problem = CHECKS[key](params[key])
         if problem:
             raise ParamError(f"{_where(origins.get(key, source), key, params[key])}: {problem}")
-    if {"crop_size", "backbone"} <= set(keys) and {
-        "num_tokens_shared",
-        "sweep_tokens_shared",
-    } & set(keys):
-        _check_geometry(params, set(keys))
+    # The backbone is built once, on the meta device: it is valid and has this patch size.
     if "backbone" in keys:
-        from cts.models.vit import check_vit_backbone
-
-        try:
-            check_vit_backbone(params["backbone"])
-        except ValueError as error:
-            origin = origins.get("backbone", source)
-            raise ParamError(
-                f"{'--set backbone' if origin == '--set' else origin}: {error}"
-            ) from error
+        patch_size = _backbone_patch_size(params, origins, source)
+        if "crop_size" in keys and {"num_tokens_shared", "sweep_tokens_shared"} & set(keys):
+            _check_geometry(params, set(keys), patch_size)
     window, stride = params.get("eval_window"), params.get("eval_stride")
     if {"eval_window", "eval_stride"} <= set(keys) and window and stride and stride > window:
         raise ParamError(

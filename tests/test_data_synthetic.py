@@ -8,7 +8,8 @@ import pytest
 from cts.data.folder import SegmentationFolder
 from cts.data.info import load_dataset_info
 from cts.data.io import read_image, read_mask
-from cts.data.synthetic import STYLES, generate_scene_dataset, render_scene
+from cts.data.painting import STYLES
+from cts.data.synthetic import generate_scene_dataset, render_scene
 from cts.data.validate import split_statistics, validate_split
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cts.geometry import check_num_shared
 from cts.sharing import (
     IGNORE_INDEX,
-    check_num_shared,
     downsample_superpatches,
     plan_layout,
     policy_targets,

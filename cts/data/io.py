@@ -14,17 +14,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import os
 import re
 import shutil
-import struct
 import tempfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from cts.processes import pid_alive
 
@@ -75,6 +75,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _palette_indices(path: Path, data: np.ndarray) -> np.ndarray | None:
+    """The pixel values (palette indices) of a palette image, or None for any other file.
+
+    OpenCV decodes a palette image to its colours; Pillow keeps the indices, whatever the
+    bit depth (VOC writes 8 bits, other writers 1, 2 or 4)."""
+    try:
+        image = Image.open(io.BytesIO(data.tobytes()))  # reads the header only
+    except OSError:
+        return None  # not an image Pillow knows: OpenCV decides
+    with image:
+        if image.mode != "P":
+            return None
+        try:
+            return np.asarray(image, np.uint8)
+        except (OSError, SyntaxError, ValueError):
+            raise CorruptFileError(f"{path}: cannot decode label map") from None
+
+
 def read_mask(path: str | os.PathLike, label_map: np.ndarray | None = None) -> np.ndarray:
     """Decode a single-channel 8-bit label map to ``(H, W)`` uint8, optionally through a LUT.
 
@@ -88,12 +106,8 @@ def read_mask(path: str | os.PathLike, label_map: np.ndarray | None = None) -> n
     path = Path(path)
     data = _read_bytes(path)
     _check_complete(path, data)
-    if _is_palette_png(data):
-        # OpenCV decodes a palette image to its colours. With a grey ramp as the palette
-        # every colour is its own index, so any channel holds the ids.
-        image = cv2.imdecode(_with_grey_palette(data), cv2.IMREAD_COLOR)
-        mask = None if image is None else np.ascontiguousarray(image[..., 0])
-    else:
+    mask = _palette_indices(path, data)
+    if mask is None:
         mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise CorruptFileError(f"{path}: cannot decode label map")
@@ -104,63 +118,24 @@ def read_mask(path: str | os.PathLike, label_map: np.ndarray | None = None) -> n
     return mask if label_map is None else label_map[mask]
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PALETTE = 3  # IHDR colour type
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    """length, type, payload, CRC-32 of type + payload (PNG spec, section 5.3)."""
-    crc = zlib.crc32(payload, zlib.crc32(kind))
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-
-def _is_palette_png(data: np.ndarray) -> bool:
-    # IHDR is the first chunk: signature, length, b"IHDR", width, height, bit depth, colour type
-    head = data[:26].tobytes()
-    return head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR" and head[25] == _PALETTE
-
-
-def _with_grey_palette(data: np.ndarray) -> np.ndarray:
-    """The PNG ``data`` with its PLTE entries replaced by ``i -> (i, i, i)``; other chunks
-    (and so the pixel indices) unchanged."""
-    raw, out, pos = data.tobytes(), [PNG_SIGNATURE], len(PNG_SIGNATURE)
-    while pos + 8 <= len(raw):
-        (length,), kind = struct.unpack(">I", raw[pos : pos + 4]), raw[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if kind == b"PLTE":
-            ramp = np.repeat(np.arange(length // 3, dtype=np.uint8), 3)
-            out.append(_png_chunk(kind, ramp.tobytes()))
-        else:
-            out.append(raw[pos:end])
-        pos = end
-    return np.frombuffer(b"".join(out), np.uint8)
-
-
-def encode_palette_png(ids: np.ndarray, colours: np.ndarray, level: int = 6) -> bytes:
-    """``(H, W)`` uint8 ids -> an 8-bit palette PNG (colour type 3): the pixel values stay the
-    ids and viewers show them in ``colours``, ``(N, 3)`` uint8 RGB with ``N <= 256``; ids
-    without a colour (as 255, ignore) are shown black."""
+def encode_palette_png(ids: np.ndarray, colours: np.ndarray) -> bytes:
+    """``(H, W)`` uint8 ids -> an 8-bit palette PNG: the pixel values stay the ids and viewers
+    show them in ``colours``, ``(N, 3)`` uint8 RGB with ``N <= 256``; ids without a colour
+    (as 255, ignore) are shown black."""
     if ids.ndim != 2 or ids.dtype != np.uint8 or 0 in ids.shape:
         raise ValueError(
             f"palette PNG: need a non-empty (H, W) uint8 array, got {ids.shape} {ids.dtype}"
         )
     if colours.ndim != 2 or colours.shape[1] != 3 or not 0 < len(colours) <= 256:
         raise ValueError(f"palette PNG: need (N <= 256, 3) colours, got {colours.shape}")
-    table = np.zeros((256, 3), np.uint8)  # a full table: every uint8 value is a valid index
+    # A full table: every uint8 value is a valid index, and Pillow writes 8 bits per pixel.
+    table = np.zeros((256, 3), np.uint8)
     table[: len(colours)] = colours
-    height, width = ids.shape
-    rows = np.zeros((height, width + 1), np.uint8)  # each row: filter type 0 (none), then ids
-    rows[:, 1:] = ids
-    header = struct.pack(">IIBBBBB", width, height, 8, _PALETTE, 0, 0, 0)
-    return b"".join(
-        (
-            PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"PLTE", table.tobytes()),
-            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
+    image = Image.fromarray(ids)  # mode L; the palette makes it P with the same pixels
+    image.putpalette(table.tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_label_png(path: str | os.PathLike, ids: np.ndarray, colours: np.ndarray) -> Path:

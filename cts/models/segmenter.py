@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cts.geometry import check_num_shared, num_superpatches, superpatch_grid, superpatch_size
 from cts.models.decoder import MaskTransformer, build_decoder
 from cts.models.policy import BACKBONE as POLICY_BACKBONE
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
@@ -17,7 +18,6 @@ from cts.models.upsample import upsample_argmax
 from cts.models.vit import CTSViTEncoder, create_vit
 from cts.sharing import (
     IGNORE_INDEX,
-    check_num_shared,
     oracle_scores,
     plan_layout,
     select_shared,
@@ -127,16 +127,18 @@ class Segmenter(nn.Module):
         self.config = config
         self.encoder = CTSViTEncoder(vit)
         self.patch_size = self.encoder.patch_size
-        if config.crop_size % (2 * self.patch_size):
+        try:
+            superpatches = num_superpatches(config.crop_size, self.patch_size)
+        except ValueError as error:
             raise ValueError(
                 f"crop_size={config.crop_size} must be a multiple of the superpatch size "
-                f"{2 * self.patch_size} (2 x patch size)"
-            )
-        side = config.crop_size // (2 * self.patch_size)
+                f"{superpatch_size(self.patch_size)} (2 x patch size)"
+            ) from error
         self.num_tokens_shared = 0
         if config.policy != "none":
-            check_num_shared(config.num_tokens_shared, side * side, f"crop_size {config.crop_size}")
-            self.num_tokens_shared = config.num_tokens_shared
+            k, where = config.num_tokens_shared, f"crop_size {config.crop_size}"
+            check_num_shared(k, superpatches, where)
+            self.num_tokens_shared = k
         decoder_layers = config.extra.get("decoder_layers")
         if config.decoder == "mask_transformer" and decoder_layers is not None:
             self.decoder = MaskTransformer(
@@ -195,14 +197,14 @@ class Segmenter(nn.Module):
             image size ``(H', W')``.
         """
         height, width = images.shape[-2:]
-        superpatch = 2 * self.patch_size
+        superpatch = superpatch_size(self.patch_size)
         pad_h, pad_w = -height % superpatch, -width % superpatch
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
             if labels is not None:
                 labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_index)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        super_grid = (grid[0] // 2, grid[1] // 2)
+        super_grid = superpatch_grid(images.shape[-2], images.shape[-1], self.patch_size)
 
         k = self.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
         if self.config.policy == "none":
@@ -244,7 +246,7 @@ class Segmenter(nn.Module):
         scores, shared_idx, num_tokens, padded = self._token_scores(
             images, labels, num_tokens_shared
         )
-        super_grid = (padded[0] // (2 * self.patch_size), padded[1] // (2 * self.patch_size))
+        super_grid = superpatch_grid(*padded, self.patch_size)
         shared = shared_mask(shared_idx, super_grid)
         if not upsample:
             return SegmenterOutput(scores, shared, num_tokens)

@@ -14,6 +14,7 @@ schemes that are not a function of continuous coordinates.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -111,6 +112,7 @@ def check_vit_backbone(name: str) -> None:
     _meta_backbone(name)
 
 
+@functools.cache  # params validation and a stage both ask; the answer never changes
 def backbone_patch_size(name: str) -> int:
     """Patch size of a backbone sharing can serve (checked as :func:`check_vit_backbone`)."""
     return int(_meta_backbone(name).patch_embed.patch_size[0])
