@@ -1,7 +1,7 @@
 """The paper's settings: the six rows of the authors' results table (tue-mps/cts-segmenter
 README; Lu et al., CVPR 2023): dataset, backbone, crop and K of each.
 
-One source for these numbers: ``cts throughput`` measures rows of it (:mod:`cts.benchmark`)
+One source for these numbers: ``cts throughput`` measures rows of it (:mod:`cts.throughput`)
 and ``cts config`` writes a params file for each (``stages/paper_configs.py``).
 """
 
