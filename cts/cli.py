@@ -199,7 +199,8 @@ def config(
         typer.echo(text, nl=False)
 
 
-# `cts throughput`'s options: short metavars and help, so that `--help` reads at 80 columns.
+# `cts throughput`'s options with a long help; short metavars keep its --help readable at 80
+# columns.
 RowsOption = Annotated[
     list[str] | None,
     typer.Option(
