@@ -174,104 +174,110 @@ def config(
     typer.echo(text, nl=False)
 
 
+# `cts throughput`'s options with a long help; short metavars keep its --help readable at 80
+# columns.
+RowsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--row",
+        "-r",
+        metavar="ROW",
+        help="Rows to measure (repeatable): vit_ti_512, vit_s_512, vit_b_512, vit_l_640, "
+        "vit_s_768, or any supported timm backbone as NAME or NAME@CROP (ADE20K classes, "
+        "K for 30% fewer tokens). Default: the paper's five.",
+    ),
+]
+CompileOption = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        metavar="MODE",
+        help="auto (GPU: reduce-overhead, i.e. Inductor + CUDA graphs; CPU: none) | none "
+        "| default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
+    ),
+]
+PolicyOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--policy",
+        metavar="NAME",
+        help="Policy net setting(s), each row measured with each (repeatable): paper "
+        "(full-resolution input, stride-32 features), half (half-size input, stride 16; "
+        "the default), quarter (quarter-size input, stride 8: the pipeline's default).",
+    ),
+]
+
+
 @app.command("throughput")
 def throughput(
-    rows: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--row",
-            "-r",
-            help="Rows to measure (repeatable): vit_ti_512, vit_s_512, vit_b_512, vit_l_640, "
-            "vit_s_768, or any supported timm backbone as NAME or NAME@CROP (ADE20K classes, "
-            "K for 30% fewer tokens). Default: the paper's five.",
-        ),
-    ] = None,
+    rows: RowsOption = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Images per forward (default: 32 on a GPU, 2 on CPU).")
+        int | None,
+        typer.Option(metavar="N", help="Images per forward (default: 32 on a GPU, 2 on CPU)."),
     ] = None,
     precision: Annotated[
         list[str] | None,
-        typer.Option("--precision", help="fp32 and/or bf16 (repeatable; default: both)."),
+        typer.Option(metavar="P", help="fp32 and/or bf16 (repeatable; default: both)."),
     ] = None,
     allow_fp32_fallback: Annotated[
-        bool, typer.Option(help="Measure fp32 only when the device has no bf16.")
+        bool,
+        typer.Option(
+            "--allow-fp32-fallback", help="Measure fp32 only when the device has no bf16."
+        ),
     ] = False,
-    compile_mode: Annotated[
-        str,
-        typer.Option(
-            "--compile",
-            help="auto (GPU: reduce-overhead, i.e. Inductor + CUDA graphs; CPU: none) | none "
-            "| default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
-        ),
-    ] = "auto",
-    policy: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--policy",
-            help="Policy net setting(s), each row measured with each (repeatable): paper "
-            "(full-resolution input, stride-32 features), half (half-size input, stride 16; "
-            "the default), quarter (quarter-size input, stride 8: the pipeline's default).",
-        ),
-    ] = None,
+    compile_mode: CompileOption = "auto",
+    policy: PolicyOption = None,
     paper_policy: Annotated[
-        bool, typer.Option(help="Same as --policy paper (added to any --policy given).")
+        bool,
+        typer.Option(
+            "--paper-policy", help="Same as --policy paper (added to any --policy given)."
+        ),
     ] = False,
     depth: Annotated[
-        int | None, typer.Option(help="Encoder blocks (default: the backbone's; for smoke tests).")
+        int | None,
+        typer.Option(
+            metavar="N", help="Encoder blocks (default: the backbone's; for smoke tests)."
+        ),
     ] = None,
     warmup: Annotated[
-        int | None, typer.Option(help="Untimed runs (default: GPU 5, CPU 1).")
+        int | None, typer.Option(metavar="N", help="Untimed runs (default: GPU 5, CPU 1).")
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option(help="Timed runs, median reported (default: GPU 20, CPU 3).")
+        int | None,
+        typer.Option(metavar="N", help="Timed runs, median reported (default: GPU 20, CPU 3)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda.")] = "auto",
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for throughput.json and throughput.md.")
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="DIR", help="Folder for throughput.json and throughput.md."
+        ),
     ] = Path("reports/throughput"),
 ) -> None:
     """The paper's throughput table with random weights: no sharing vs CTS, fp32 and bf16."""
     try:
-        from cts import benchmark as bench
-        from cts.engine import resolve_device
+        from cts.throughput.table import measure_table
 
-        target = resolve_device(device)
-        settings = bench.TableSettings.for_device(
-            target,
-            batch_size=batch_size,
-            precisions=precision or bench.BENCH_PRECISIONS,
-            allow_fp32_fallback=allow_fp32_fallback,
-            compile_mode=compile_mode,
-            warmup=warmup,
-            repeats=repeats,
+        table, json_path, md_path = measure_table(
+            out,
+            rows,
+            device,
+            batch_size,
+            precision,
+            allow_fp32_fallback,
+            compile_mode,
+            warmup,
+            repeats,
             policies=(["paper"] if paper_policy else []) + list(policy or []),
             depth=depth,
+            echo=typer.echo,
+            warn=lambda line: typer.secho(line, fg=typer.colors.YELLOW, err=True),
         )
-        selected = bench.select_rows(rows)
-        if "bf16" in (precision or bench.BENCH_PRECISIONS) and "bf16" not in settings.precisions:
-            typer.secho(
-                f"bf16 is not supported on {bench.device_name(target)}: measuring fp32 only",
-                fg=typer.colors.YELLOW,
-                err=True,
-            )
-        env = bench.environment(target, settings)
-        records = []
-        for row in selected:
-            typer.echo(f"measuring {row.label} (K={row.num_tokens_shared}) on {env['device']} ...")
-            for record in bench.measure_row(row, settings, target):
-                records.append(record)
-                typer.echo(
-                    f"  policy {record['policy']}, {record['precision']}: "
-                    f"{record['ims_per_sec_no_sharing']:,.1f} -> {record['ims_per_sec']:,.1f} "
-                    f"im/s ({record['speedup']:.2f}x), policy net "
-                    f"{record['policy_ms_per_batch']:,.2f} ms per batch"
-                )
-            json_path, md_path = bench.write_table(records, env, out)
     except KeyboardInterrupt as error:
         _interrupted("throughput", error)
     except Exception as error:
         _report_error("throughput", error)
-    typer.echo(bench.markdown_table(records, env))
+    typer.echo(table)
     typer.echo(f"written: {json_path}, {md_path}")
 
 

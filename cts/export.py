@@ -143,7 +143,7 @@ def benchmark_onnx(
     Returns one record per K: im/s of both (median of ``repeats``), the speed-up of
     onnxruntime over eager and the share of pixels whose labels agree.
     """
-    from cts.benchmark import median_seconds_interleaved
+    from cts.throughput.timing import median_seconds_interleaved
 
     array = images.numpy()
     sessions = {k: onnx_session(path) for k, path in exported.items()}

@@ -1,7 +1,7 @@
 """The paper's settings: the six rows of the authors' results table (tue-mps/cts-segmenter
 README; Lu et al., CVPR 2023): dataset, backbone, crop and K of each.
 
-One source for these numbers: ``cts throughput`` measures rows of it (:mod:`cts.benchmark`)
+One source for these numbers: ``cts throughput`` measures rows of it (:mod:`cts.throughput`)
 and ``cts config`` writes a params file for each (``stages/config.py``).
 """
 
@@ -10,10 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from cts.geometry import num_patches, num_superpatches, tokens_kept
-
-# The paper's backbones are all /16 (timm ``vit_*_patch16_384``; tests/test_config.py checks
-# it with cts.models.vit.backbone_patch_size): a constant, so the table needs no model built.
+# The paper's backbones are all /16 (timm ``vit_*_patch16_384``).
 PATCH_SIZE = 16
 
 DATASET_LABELS = {
@@ -58,22 +55,22 @@ class PaperSetting:
     @property
     def patch_tokens(self) -> int:
         """N: patch tokens without sharing, ``(crop / 16)^2``."""
-        return num_patches(self.crop_size, PATCH_SIZE)
+        return (self.crop_size // PATCH_SIZE) ** 2
 
     @property
     def superpatches(self) -> int:
         """S: superpatches of 2x2 patches, the most that can share (K <= S)."""
-        return num_superpatches(self.crop_size, PATCH_SIZE)
+        return (self.crop_size // (2 * PATCH_SIZE)) ** 2
 
     @property
     def tokens(self) -> int:
         """Tokens the encoder processes with K shared superpatches: ``N - 3K``."""
-        return tokens_kept(self.patch_tokens, self.num_tokens_shared)
+        return self.patch_tokens - 3 * self.num_tokens_shared
 
     @property
     def reduction(self) -> float:
         """Fraction of tokens removed: ``3K / N`` (0.30 for 30%)."""
-        return (self.patch_tokens - self.tokens) / self.patch_tokens
+        return 3 * self.num_tokens_shared / self.patch_tokens
 
     @property
     def num_classes(self) -> int:

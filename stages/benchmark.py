@@ -1,23 +1,19 @@
 """Stage `benchmark`: the trained model with sharing and with sharing off, same process.
 
-The timing machinery is the one of `cts throughput` (the paper's table, random weights);
-here it runs on the trained weights and on validation images, so that the bf16/fp32 label
-agreement is measured on real content.
+The timing machinery is the one of `cts throughput` (:mod:`cts.throughput`: the paper's
+table, random weights); here it runs on the trained weights and on validation images, so
+that the bf16/fp32 label agreement is measured on real content.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from cts.benchmark import measure_model, runtime
 from cts.checkpoint import load_segmenter
-from cts.data.folder import SegmentationFolder
-from cts.data.transforms import ValTransform
 from cts.engine import resolve_device, resolve_precision
-from cts.models import Segmenter
+from cts.throughput.devices import runtime
+from cts.throughput.inputs import validation_batch
+from cts.throughput.measure import measure_model
 from cts.tracking import log_metrics_file
 from stages.common import (
     METRICS,
@@ -39,26 +35,10 @@ PARAMS = (
 )
 
 
-def validation_batch(params: dict[str, Any], model: Segmenter, batch_size: int) -> torch.Tensor:
-    """``(B, 3, crop, crop)``: the first validation images resized to the crop size,
-    repeated in turn when the split holds fewer than ``batch_size``."""
-    transform = ValTransform(model.config.mean, model.config.std)
-    dataset = SegmentationFolder(params["data_root"], "val", transform)
-    if len(dataset) == 0:
-        raise ValueError(f"{params['data_root']}: the val split holds no image")
-    crop = model.config.crop_size
-    images = []
-    for i in range(min(batch_size, len(dataset))):
-        image = dataset[i]["image"].unsqueeze(0)
-        images.append(F.interpolate(image, size=(crop, crop), mode="bilinear", align_corners=False))
-    batch = torch.cat(images)
-    return batch.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]
-
-
 def run(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
-    images = validation_batch(params, model, params["bench_batch_size"]).to(device)
+    images = validation_batch(params["data_root"], model, params["bench_batch_size"]).to(device)
     with stage_run("benchmark", params):
         (record,) = measure_model(
             model,

@@ -208,19 +208,13 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def patch_size_of(backbone: str) -> int:
-    """The backbone's patch size (:func:`cts.models.vit.backbone_patch_size`): its real
-    patch embedding, not its name; a ValueError naming it when sharing cannot serve it."""
-    from cts.models.vit import backbone_patch_size  # timm and torch: only when asked
-
-    return backbone_patch_size(backbone)
-
-
 def _backbone_patch_size(params: dict[str, Any], origins: Mapping[str, str], source: str) -> int:
     """Patch size of ``params["backbone"]``; a one-line ParamError naming where the value
     came from when sharing cannot serve it."""
+    from cts.models.vit import backbone_patch_size  # timm and torch: only when asked
+
     try:
-        return patch_size_of(params["backbone"])
+        return backbone_patch_size(params["backbone"])
     except ValueError as error:
         origin = origins.get("backbone", source)
         raise ParamError(f"{'--set backbone' if origin == '--set' else origin}: {error}") from error

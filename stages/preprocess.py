@@ -14,6 +14,7 @@ from cts.data.folder import SegmentationFolder
 from cts.data.info import SPLITS
 from cts.data.io import read_mask, write_bytes_atomic
 from cts.data.validate import split_statistics, validate_split
+from cts.models.vit import backbone_patch_size
 from cts.sharing import policy_targets
 from cts.tracking import log_metrics_file
 from stages.common import (
@@ -26,7 +27,6 @@ from stages.common import (
     write_json,
 )
 from stages.mlflow_context import stage_run
-from stages.params import patch_size_of
 
 PARAMS = ("data_root", "backbone", "crop_size", "mlflow_tracking_uri")
 
@@ -55,7 +55,7 @@ def run(params: dict[str, Any]) -> None:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise DatasetProblems(f"{root}: {len(problems)} problem(s):\n{listing}")
 
-    patch = patch_size_of(params["backbone"])
+    patch = backbone_patch_size(params["backbone"])
     PREPROCESSED.mkdir(exist_ok=True)
     manifest, summary, targets = [], {}, {}
     with stage_run("preprocess", params):

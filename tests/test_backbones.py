@@ -403,7 +403,7 @@ def test_dinov2_config_shares_30_percent_of_its_tokens_on_the_superpatch_grid():
 
 
 def test_throughput_rows_take_any_supported_backbone():
-    from cts.benchmark import select_rows
+    from cts.throughput.rows import select_rows
 
     rows = select_rows(
         ["vit_small_patch14_reg4_dinov2", "vit_ti_512", "eva02_tiny_patch14_224@448"]

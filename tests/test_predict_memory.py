@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "predict_memory.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure" / "predict_memory.py"
 
 
 def test_predict_6000px_jpeg_peaks_below_2_gib():

@@ -227,7 +227,7 @@ def test_k_sweep_points_are_labelled_with_their_k():
 
 
 def test_sweep_subtitle_is_a_formula_of_k():
-    from stages.sweep import plot_curve, token_formula
+    from cts.throughput.sweep import plot_curve, token_formula
 
     ks = np.array([0, 26, 103, 205])
     table = pd.DataFrame(

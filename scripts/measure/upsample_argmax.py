@@ -1,6 +1,6 @@
 """The eager upsampling + argmax step alone: F.interpolate + argmax against upsample_argmax.
 
-    python benchmarks/upsample_argmax.py [--threads 1] [--batch 4] [--repeats 15]
+    python scripts/measure/upsample_argmax.py [--threads 1] [--batch 4] [--repeats 15]
 
 Times, in turns within one process (median of ``--repeats``), the previous eager step of
 :meth:`Segmenter.predict` (the fp32 scores upsampled to full resolution, then ``argmax(1)``)
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cts.benchmark import PAPER_TABLE, TableSettings, build_row_model
 from cts.data.synthetic import render_scene
 from cts.models.upsample import upsample_argmax
+from cts.throughput.rows import PAPER_TABLE
+from cts.throughput.table import TableSettings, build_row_model
 
 
 def previous(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Where the inference time of a Segmenter goes, with sharing (K) and without (K = 0).
 
-    python benchmarks/inference_profile.py [--checkpoint checkpoints/segmenter.pt] [--batch 4]
+    python scripts/measure/inference_profile.py [--checkpoint checkpoints/segmenter.pt] [--batch 4]
 
 Runs :meth:`Segmenter.predict` (what the benchmark stage times) on the same inputs for K and
 for 0, in turns, with each part of the forward measured: policy net, selection + layout,
@@ -27,17 +27,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import cts.models.segmenter as segmenter_module
-from cts.benchmark import (
-    PAPER_TABLE,
-    POLICY_SETTINGS,
-    PolicySetting,
-    TableSettings,
-    build_row_model,
-)
 from cts.checkpoint import load_segmenter
 from cts.engine import autocast
 from cts.models import Segmenter, build_segmenter
-from stages.benchmark import validation_batch
+from cts.throughput.inputs import validation_batch
+from cts.throughput.rows import PAPER_TABLE, POLICY_SETTINGS, PolicySetting
+from cts.throughput.table import TableSettings, build_row_model
 
 PARTS = (
     "policy net",
@@ -163,7 +158,7 @@ def main() -> None:
     k = model.num_tokens_shared if args.k is None else args.k
     crop = model.config.crop_size
     if args.data_root:
-        images = validation_batch({"data_root": args.data_root}, model, args.batch)
+        images = validation_batch(args.data_root, model, args.batch)
     else:
         noise = torch.Generator().manual_seed(0)
         images = torch.randn(args.batch, 3, crop, crop, generator=noise)

@@ -1,7 +1,7 @@
 """Kill loop: random SIGKILL/SIGTERM points during a tiny `cts train_segmenter`, each
 followed by a rerun, against one uninterrupted run.
 
-    python benchmarks/kill_loop.py --kills 10 --iterations 12
+    python scripts/measure/kill_loop.py --kills 10 --iterations 12
 
 In a fresh folder it prepares a micro dataset and policy net (`cts download`, `preprocess`,
 `train_policy`), trains the segmenter once without interruption (the reference), then
@@ -36,7 +36,7 @@ import yaml
 
 from cts.processes import descendants, running
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MICRO = {
     "synthetic_num_train": 8,
     "synthetic_num_val": 2,

@@ -1,6 +1,6 @@
 """onnxruntime vs PyTorch eager on the CPU, CTS and K = 0, same process, same images.
 
-    python benchmarks/onnx_runtime.py [--backbone vit_tiny_patch16_384] [--depth 4] [--batch 4]
+    python scripts/measure/onnx_runtime.py [--backbone vit_tiny_patch16_384] [--depth 4] [--batch 4]
 
 Builds the default pipeline's model with random weights (ViT-Ti/16, 4 blocks, crop 512,
 12 classes, linear decoder, policy net on a quarter-size input at stride 8, K = 103),

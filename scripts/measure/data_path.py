@@ -2,7 +2,7 @@
 
 Run from a repository whose dataset is prepared (`cts download`), with its params.yaml:
 
-    python benchmarks/data_path.py [--params params.yaml] [--workers 0 1 2] [--batches 10]
+    python scripts/measure/data_path.py [--params params.yaml] [--workers 0 1 2] [--batches 10]
 
 The loader is the train_segmenter one (decode, random resize/crop/flip, normalise) at the
 params' batch_size; the step is one TrainLoop iteration of the params' model (forward,

@@ -1,9 +1,9 @@
 """Two jobs on one machine: wall time of a short `cts train_segmenter` alone and with N-1
 copies of it running at once (what `dvc queue start -j N`, or evaluating while training, does).
 
-    python benchmarks/concurrent_jobs.py --jobs 2 --iterations 150 --repeats 3
-    python benchmarks/concurrent_jobs.py --code /tmp/cts-before      # another checkout's code
-    python benchmarks/concurrent_jobs.py --env OMP_WAIT_POLICY=PASSIVE --set num_threads=1
+    python scripts/measure/concurrent_jobs.py --jobs 2 --iterations 150 --repeats 3
+    python scripts/measure/concurrent_jobs.py --code /tmp/cts-before      # another checkout's code
+    python scripts/measure/concurrent_jobs.py --env OMP_WAIT_POLICY=PASSIVE --set num_threads=1
 
 In a folder (``--work``, default a temporary one) it prepares the dataset and the policy net
 once with the repository's params.yaml (``cts download``, ``preprocess``, ``train_policy`` with
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CTS = Path(sys.executable).parent / "cts"
 SHARED = ("data", "preprocessed")  # read-only inputs: one copy for every job
 

@@ -1,6 +1,6 @@
 """Cost of token sharing + unsharing relative to a whole CTS forward pass (CPU or GPU).
 
-    python benchmarks/sharing_overhead.py [--backbone vit_tiny_patch16_384] [--batch 2]
+    python scripts/measure/sharing_overhead.py [--backbone vit_tiny_patch16_384] [--batch 2]
 
 Times, with the same inputs, (a) the whole Segmenter forward with K shared tokens and
 (b) the sharing machinery alone: layout planning, the superpatch embedding (2x2 downsample +
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from cts.benchmark import median_seconds_interleaved
+from cts.geometry import num_patches, superpatch_grid, tokens_kept
 from cts.models import build_segmenter
 from cts.sharing import (
     gather_rows,
@@ -22,6 +22,7 @@ from cts.sharing import (
     share_tokens,
     unshare_tokens,
 )
+from cts.throughput.timing import median_seconds_interleaved
 
 
 def main() -> None:
@@ -52,15 +53,16 @@ def main() -> None:
     grid = (args.crop // encoder.patch_size,) * 2
     num_classes = model.config.num_classes
     with torch.no_grad():
-        scores = model.policy_net.share_scores(images, (grid[0] // 2, grid[1] // 2))
+        scores = model.policy_net.share_scores(
+            images, superpatch_grid(args.crop, args.crop, encoder.patch_size)
+        )
         patches = encoder._patch_pixels(images)
         grid_pos = encoder._patch_pos_embed(grid)  # (1, h, w, C)
         pos = grid_pos.flatten(1, 2).expand(args.batch, -1, -1)
         superpatch_pos = torch.nn.functional.avg_pool2d(grid_pos.permute(0, 3, 1, 2), 2)
         superpatch_pos = superpatch_pos.flatten(2).transpose(1, 2).expand(args.batch, -1, -1)
-        decoded = torch.randn(
-            args.batch, grid[0] * grid[1] - 3 * args.k, num_classes, device=device
-        )
+        tokens = tokens_kept(num_patches(args.crop, encoder.patch_size), args.k)
+        decoded = torch.randn(args.batch, tokens, num_classes, device=device)
 
         def sharing_ops() -> None:
             layout = plan_layout(select_shared(scores, args.k), grid)

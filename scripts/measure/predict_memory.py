@@ -1,6 +1,6 @@
 """Peak memory (RSS) and wall time of `cts predict` on one large JPEG, on the CPU.
 
-    python benchmarks/predict_memory.py [--side 6000] [--checkpoint checkpoints/segmenter.pt]
+    python scripts/measure/predict_memory.py [--side 6000] [--checkpoint checkpoints/segmenter.pt]
                                         [--limit-mib 2048]
 
 Writes a ``side x side`` JPEG of a synthetic scene (the pipeline's generator, one scene

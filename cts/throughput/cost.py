@@ -1,0 +1,39 @@
+"""Compute of one forward: multiply-accumulates and the tokens the encoder processed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from cts.models import Segmenter
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+}
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Multiply-accumulates per image in G (what the paper calls GFLOPs) and the number of
+    patch-level tokens the encoder processed."""
+
+    gmacs: float
+    tokens: int
+
+
+def forward_cost(model: Segmenter, image_size: int, num_tokens_shared: int) -> ForwardCost:
+    """Count one eager forward of one ``image_size`` square image."""
+    device = next(model.parameters()).device
+    images = torch.zeros(1, 3, image_size, image_size, device=device)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with torch.no_grad(), counter:
+        out = model(images, num_tokens_shared=num_tokens_shared)
+    return ForwardCost(counter.get_total_flops() / 2 / 1e9, int(out.num_tokens))

@@ -1,0 +1,187 @@
+"""Measurements of one model on one batch: with K shared tokens and with sharing off
+(:func:`measure_model`), or at every K of a sweep (:func:`measure_sweep`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cts.engine import autocast
+from cts.models import Segmenter
+from cts.throughput.compilation import resolve_compile_mode
+from cts.throughput.cost import forward_cost
+from cts.throughput.devices import bf16_supported
+from cts.throughput.memory import ensure_batch_fits, out_of_memory_as_error
+from cts.throughput.timing import POLICY, time_inference
+
+
+def measure_sharing(
+    model: Segmenter,
+    images: Tensor,
+    num_tokens_shared: int,
+    precision: str = "fp32",
+    compile_mode: str = "none",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, float | None]:
+    """Images per second and peak memory of one batch with K shared tokens and with none
+    (:func:`time_inference`). Returns ``ims_per_sec``, ``ims_per_sec_no_sharing``,
+    ``speedup``, ``ms_per_batch``, ``ms_per_batch_no_sharing``, ``peak_memory_mib``,
+    ``peak_memory_mib_no_sharing`` (None on CPU), and the policy net's own time per batch,
+    ``policy_ms_per_batch``, and share of the forward with sharing, ``policy_share`` (both
+    None without a policy net or at K = 0, where it does not run).
+    """
+    seconds, peaks = time_inference(
+        model,
+        images,
+        (num_tokens_shared, 0),
+        precision,
+        compile_mode,
+        warmup,
+        repeats,
+        time_policy=num_tokens_shared > 0,
+    )
+    batch = images.shape[0]
+    shared, plain = seconds[num_tokens_shared], seconds[0]
+    policy = seconds.get(POLICY)
+    return {
+        "policy_ms_per_batch": None if policy is None else policy * 1e3,
+        "policy_share": None if policy is None else policy / shared,
+        "ims_per_sec": batch / shared,
+        "ims_per_sec_no_sharing": batch / plain,
+        "speedup": plain / shared,
+        "ms_per_batch": shared * 1e3,
+        "ms_per_batch_no_sharing": plain * 1e3,
+        "peak_memory_mib": peaks[num_tokens_shared],
+        "peak_memory_mib_no_sharing": peaks[0],
+    }
+
+
+def label_agreement(model: Segmenter, images: Tensor, num_tokens_shared: int) -> float | None:
+    """Fraction of pixels whose bf16-autocast label equals the fp32 label, same weights and
+    eager forwards; None where the device has no bf16.
+
+    The policy net runs in each precision too, so a superpatch whose score is tied at the
+    K-th place may be shared in one and not in the other; that counts as disagreement.
+    """
+    device = images.device
+    if not bf16_supported(device):
+        return None
+    model.eval()
+    with torch.inference_mode():
+        reference = model.predict(images, num_tokens_shared)
+        with autocast(device, "bf16"):
+            low = model.predict(images, num_tokens_shared)
+    return (reference == low).float().mean().item()
+
+
+def _timing_advice(compile_mode: str, batch_option: str, compile_option: str) -> str:
+    """What an out-of-memory error while timing tells the user to change."""
+    if compile_mode != "none":
+        return f"set a smaller {batch_option}, or {compile_option} none"
+    return f"set a smaller {batch_option}"
+
+
+def measure_model(
+    model: Segmenter,
+    images: Tensor,
+    num_tokens_shared: int,
+    precisions: Sequence[str],
+    compile_mode: str,
+    warmup: int,
+    repeats: int,
+    what: str,
+    batch_option: str = "--batch-size",
+    compile_option: str = "--compile",
+    agreement_images: int = 8,
+) -> list[dict[str, Any]]:
+    """One record per precision: the same weights with K shared tokens and with sharing
+    off, on one batch: throughput, speed-up, GFLOPs (multiply-accumulates, as the paper
+    counts them), tokens, peak memory, and the bf16/fp32 label agreement.
+
+    ``what`` names the model in errors; ``batch_option`` / ``compile_option`` name the
+    settings an out-of-memory error tells the user to change.
+    """
+    device = images.device
+    compile_mode = resolve_compile_mode(compile_mode, device)
+    model.eval()
+    image_size = images.shape[-1]
+    shared = forward_cost(model, image_size, num_tokens_shared)
+    plain = forward_cost(model, image_size, 0)
+    advice = _timing_advice(compile_mode, batch_option, compile_option)
+    records = []
+    for precision in precisions:
+        ensure_batch_fits(model, images, precision, what, batch_option)
+        with out_of_memory_as_error(
+            f"timing {what} ({precision}, compile {compile_mode})", advice, device
+        ):
+            timing = measure_sharing(
+                model, images, num_tokens_shared, precision, compile_mode, warmup, repeats
+            )
+        records.append(
+            {
+                "precision": precision,
+                "compile": compile_mode,
+                "batch_size": images.shape[0],
+                "image_size": image_size,
+                "num_tokens_shared": num_tokens_shared,
+                "tokens": shared.tokens,
+                "tokens_no_sharing": plain.tokens,
+                "gflops": shared.gmacs,
+                "gflops_no_sharing": plain.gmacs,
+                **timing,
+            }
+        )
+    # After the batch was found to fit: the agreement batch is no larger.
+    agreement_batch = images[:agreement_images]
+    with out_of_memory_as_error(
+        f"comparing bf16 with fp32 labels of {what}", f"set a smaller {batch_option}", device
+    ):
+        agreement = {
+            "bf16_fp32_agreement": label_agreement(model, agreement_batch, num_tokens_shared),
+            "bf16_fp32_agreement_no_sharing": label_agreement(model, agreement_batch, 0),
+        }
+    return [{**record, **agreement} for record in records]
+
+
+def measure_sweep(
+    model: Segmenter,
+    images: Tensor,
+    ks: Sequence[int],
+    precision: str,
+    compile_mode: str,
+    warmup: int,
+    repeats: int,
+    what: str,
+    batch_option: str = "--batch-size",
+    compile_option: str = "--compile",
+) -> list[dict[str, Any]]:
+    """One record per K of the same weights on one batch, timed as :func:`measure_model`
+    times K and 0 (in turns, one process): ``num_tokens_shared``, ``tokens``, ``gflops``
+    (multiply-accumulates per image), ``ims_per_sec``, ``ms_per_batch``."""
+    device = images.device
+    compile_mode = resolve_compile_mode(compile_mode, device)
+    model.eval()
+    ensure_batch_fits(model, images, precision, what, batch_option)
+    with out_of_memory_as_error(
+        f"timing {what} ({precision}, compile {compile_mode})",
+        _timing_advice(compile_mode, batch_option, compile_option),
+        device,
+    ):
+        seconds, _ = time_inference(model, images, ks, precision, compile_mode, warmup, repeats)
+    records = []
+    for k in ks:
+        cost = forward_cost(model, images.shape[-1], k)
+        records.append(
+            {
+                "num_tokens_shared": k,
+                "tokens": cost.tokens,
+                "gflops": cost.gmacs,
+                "ims_per_sec": images.shape[0] / seconds[k],
+                "ms_per_batch": seconds[k] * 1e3,
+            }
+        )
+    return records

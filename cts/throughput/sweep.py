@@ -1,0 +1,80 @@
+"""The accuracy-vs-speed sweep over K of one trained model: which K, and its picture."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import pandas as pd
+
+from cts.geometry import check_num_shared, num_superpatches, tokens_kept
+from cts.models import Segmenter
+
+
+def sweep_ks(values: Sequence[int], model: Segmenter) -> list[int]:
+    """The K to measure, ascending: the swept values and the model's own (none: no sweep),
+    each checked against the trained crop before any work. Without a policy every K is the
+    plain Segmenter: measured once, at K = 0."""
+    ks = sorted({*values, model.num_tokens_shared}) if values else []
+    crop = model.config.crop_size
+    superpatches = num_superpatches(crop, model.patch_size)
+    for k in ks:
+        check_num_shared(k, superpatches, f"crop_size {crop}")
+    if model.config.policy == "none" and ks:
+        return [0]
+    return ks
+
+
+def token_formula(table: pd.DataFrame) -> str:
+    """The tokens of a forward as a formula of K, from a non-empty sweep table: a shared
+    superpatch (2x2 patches) is one token instead of four."""
+    tokens, k = int(table["tokens"].iloc[0]), int(table["num_tokens_shared"].iloc[0])
+    # tokens = tokens_kept(N, K) = N - 3K, linear in N: N = tokens - tokens_kept(0, K).
+    num_patch_tokens = tokens - tokens_kept(0, k)
+    return (
+        f"tokens = {num_patch_tokens} − 3·K   (a shared superpatch of 2×2 patches: 1 token, not 4)"
+    )
+
+
+def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
+    """PNG of mIoU against im/s, each point labelled with its K (the model's own K marked).
+
+    ``table``: one row per K with ``num_tokens_shared``, ``tokens``, ``mIoU`` and
+    ``ims_per_sec`` (empty: a picture that says there was no sweep).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    if len(table):
+        axes.plot(table["ims_per_sec"], table["mIoU"], "o-", color="tab:blue")
+        # Short labels centred above their points: neighbouring K can sit less than an im/s
+        # apart, where two-line labels beside the points overprinted each other.
+        for row in table.itertuples():
+            axes.annotate(
+                f"K={row.num_tokens_shared}",
+                (row.ims_per_sec, row.mIoU),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        title = f"{title}\n{token_formula(table)}"
+        axes.margins(x=0.08, y=0.15)  # room for the labels inside the frame
+        own = table[table["num_tokens_shared"] == own_k]
+        axes.plot(own["ims_per_sec"], own["mIoU"], "*", color="tab:red", ms=14, label="trained K")
+        axes.legend(loc="best", fontsize=8)
+    else:
+        axes.text(0.5, 0.5, "no K sweep: sweep_tokens_shared is empty", ha="center")
+    axes.set_xlabel("images / s (benchmark batch)")
+    axes.set_ylabel("single-scale val mIoU (%)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
