@@ -68,7 +68,7 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
 # trainings on 2 cores took 7.7x as long each, not 2x. 10,000 spins (0.25 ms there) keep a
 # thread ready across the short gaps between the ops of a step and give the core up soon after;
 # OMP_WAIT_POLICY=PASSIVE (no spinning) made a job alone 17% slower. Measured by
-# benchmarks/concurrent_jobs.py (README, "Several jobs on one machine").
+# scripts/measure/concurrent_jobs.py (docs/speed.md, "Several jobs on one machine").
 OPENMP_SPIN_COUNT = 10_000
 
 

@@ -96,7 +96,7 @@ def test_the_check_sees_function_level_imports_and_undeclared_or_misplaced_extra
     outside the files that extra guards."""
     assert "huggingface_hub" in third_party_imports([REPO / "cts/models/pretrained.py"])
     groups = {"": {"torch"}, "cluster": {"kfp"}}
-    problems = undeclared({"PIL": {"cts/data/io.py"}, "kfp": {"cts/cli.py"}}, groups)
+    problems = undeclared({"PIL": {"cts/data/io.py"}, "kfp": {"cts/cli/kfp.py"}}, groups)
     assert len(problems) == 2, problems
     assert problems[0].startswith("PIL (pillow; not declared)")
     assert problems[1].startswith("kfp (") and "extra ['cluster'] only" in problems[1]

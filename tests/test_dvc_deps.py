@@ -3,7 +3,7 @@
 A stage whose deps miss a module it runs stays "up to date" in `dvc repro` after that module
 changes, with outputs the new code would not write (cts/losses.py for train_segmenter,
 cts/checkpoint.py for every stage were missing). The modules a stage runs are derived from
-the code, not kept by hand: what `cts <stage>` imports (cts/cli.py, then stages.launch,
+the code, not kept by hand: what `cts <stage>` imports (the cts/cli package, then stages.launch,
 stages.params, stages.common and stages.<stage>), followed through every import statement
 of the project's modules, module-level and inside functions (train_segmenter imports
 cts.serving when it logs the model).
@@ -22,7 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cts", "stages")
-# What cts/cli.py's `_run` imports before it runs a stage (the stage module itself aside).
+# What cts/cli's `run_stage_command` imports before it runs a stage (the stage module itself aside).
 COMMAND_ENTRY = ("cts.cli", "stages.launch", "stages.params", "stages.common")
 # Modules whose code only reports on a stage and never computes what it writes: a change to
 # them must not rerun the pipeline. An entry ending in "/" is a package: each of its modules.
@@ -33,8 +33,11 @@ REPORTING_ONLY = {
     "stages/mlflow_context.py": "what a stage's MLflow runs are keyed, named and seeded with",
 }
 # Function-level imports that are not part of running a stage: each other `cts` command's
-# own (cts/cli.py), and the library's lazy public `cts.load_model` (cts/__init__.py).
-NOT_STAGE_CODE = {"cts/cli.py", "cts/__init__.py"}
+# own (the cts/cli package), and the library's lazy public `cts.load_model` (cts/__init__.py).
+NOT_STAGE_CODE = {
+    *(p.relative_to(REPO).as_posix() for p in (REPO / "cts" / "cli").glob("*.py")),
+    "cts/__init__.py",
+}
 
 
 def _module_file(name: str) -> Path | None:

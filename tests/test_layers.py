@@ -15,8 +15,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cts", "stages")
-# The one library module that may import the stages: the CLI binds commands to them.
+# The one library package that may import the stages: the CLI binds commands to them.
 STAGE_IMPORTERS = {"cts.cli"}
+
+
+def _may_import_stages(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in STAGE_IMPORTERS)
 
 
 def module_name(path: Path, root: Path = REPO) -> str:
@@ -95,7 +99,7 @@ def library_stage_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
     found = {
         name: sorted(t for t in targets if t.split(".")[0] == "stages")
         for name, targets in graph.items()
-        if name.split(".")[0] == "cts" and name not in STAGE_IMPORTERS
+        if name.split(".")[0] == "cts" and not _may_import_stages(name)
     }
     return {name: targets for name, targets in found.items() if targets}
 

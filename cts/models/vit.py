@@ -96,7 +96,7 @@ def _meta_backbone(name: str) -> nn.Module:
         raise ValueError(
             f"unknown backbone '{name}': use a timm ViT name, e.g. {paper}, or any of "
             f"`timm.list_models({list(BACKBONE_PATTERNS)})` ({len(supported_backbones())} "
-            "names; README: supported backbones)"
+            "names; docs/backbones.md: supported backbones)"
         )
     with torch.device("meta"):
         vit = timm.create_model(name, num_classes=0)

@@ -1,0 +1,5 @@
+"""``python -m cts.cli``."""
+
+from cts.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""What every command shares: the params options, one-line errors and running a stage."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cts.processes import Terminated
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="Parameters file.", show_default=True)
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a parameter: key=value (repeatable)."),
+]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="DANGEROUS: unpickle any Python object the checkpoint holds, which can run "
+        "code it contains. Only for files from a source you trust; by default only tensors "
+        "and plain values are read.",
+    ),
+]
+ResumeOption = Annotated[
+    bool,
+    typer.Option(help="Resume from this stage's last checkpoint when its settings match."),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def interrupted(command: str, error: KeyboardInterrupt, hint: str = "") -> None:
+    """One line; exit status 143 after SIGTERM (128 + 15, what the sender expects), else 1."""
+    if isinstance(error, Terminated):
+        fail(f"{command} terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
+    fail(f"{command} interrupted{hint}")
+
+
+def run_stage_command(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
+    """Validate the stage's params before any work, then run it; errors are one line."""
+    try:
+        from stages.launch import first_process, run_stage
+        from stages.params import load_params
+
+        module = importlib.import_module(f"stages.{stage}")
+        params = load_params(params_file, overrides or (), keys=module.PARAMS, stage=stage)
+        if first_process(stage, params):
+            from stages.common import clean_leftovers
+
+            clean_leftovers(params)
+        run_stage(stage, params, **kwargs)
+    except KeyboardInterrupt as error:
+        interrupted(stage, error, "; run it again to resume")
+    except Exception as error:
+        report_error(stage, error)
+
+
+def report_error(command: str, error: Exception) -> None:
+    """One line for the user, as the stages do; CTS_DEBUG=1 shows the traceback."""
+    if os.environ.get("CTS_DEBUG"):
+        raise error
+    text = str(error) or type(error).__name__
+    if not isinstance(error, ValueError | FileNotFoundError | RuntimeError | OSError):
+        text = f"{type(error).__name__}: {text}"
+    fail(f"{command}: {text}")
