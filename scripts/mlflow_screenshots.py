@@ -8,15 +8,17 @@ Starts `mlflow ui` on a free loopback port against the store, opens each page in
 Chromium with a fresh profile (nothing remembered from an earlier visit: MLflow keeps its
 GenAI/machine-learning switch in the browser's local storage), and writes:
 
-- `runs.png`: the address `make run` prints (`cts ui`): the runs table;
+- `runs.png`: the address `make run` prints (`cts ui`): the runs table in the experiment's
+  headline view (its columns: eval_ss and eval_ms mIoU, speed-up, tokens);
 - `compare.png`: the compare view of the two newest pipeline (parent) runs;
 - `parent.png`: the newest parent's page (its description holds the headline figures);
 - `registry.png`: the registered model's versions.
 
-Each page's rendered DOM is checked: the runs table lists the parents by name and the sidebar
-links the model registry (it does not in the GenAI view), the compare view names both
-parents, the parent page shows its headline (its description, above its metrics), and the
-registry lists every version with the beginning of its description. A failed check is one
+Each page's rendered DOM is checked: the runs table lists the parents by name with the
+headline columns and the sidebar links the model registry (it does not in the GenAI view),
+the compare view names both parents, the parent page shows its headline (its description,
+above its metrics), and the registry lists every version with the beginning of its
+description. A failed check is one
 line on stderr and exit status 1; the screenshots are written either way.
 """
 
@@ -38,7 +40,7 @@ from urllib.parse import quote
 
 from mlflow.tracking import MlflowClient
 
-from cts.tracking import ui_url
+from cts.tracking import HEADLINE, ui_url
 
 # Every page in MLflow 3's model-training view: a page without it opens in the GenAI view.
 VIEW = "workflowType=machine_learning"
@@ -158,7 +160,10 @@ def main() -> int:
         names = [run.info.run_name for run in (newest, previous)]
         runs = ui_url(base, options.experiment, store)
         dom = browse(browser, runs, options.out / "runs.png", options.wait_ms)
-        check(failures, "runs table", dom, {**dict.fromkeys(names, True), "Model registry": True})
+        # The headline view's columns: the figures K=0 and K=103 are compared by.
+        columns = {key: True for key, _, _ in HEADLINE}
+        expected = {**dict.fromkeys(names, True), "Model registry": True, **columns}
+        check(failures, "runs table", dom, expected)
 
         ids = quote(json.dumps([newest.info.run_id, previous.info.run_id]))
         experiments = quote(json.dumps([experiment.experiment_id]))

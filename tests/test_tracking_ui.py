@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import mlflow
 import pytest
@@ -361,6 +362,40 @@ def test_ui_url_opens_the_runs_table_in_the_model_training_view(store, tmp_path)
     )
     assert shown.exit_code == 0, shown.output
     assert shown.output.strip() == url
+
+
+def test_the_ui_address_opens_a_view_that_shows_the_headline_figures(store):
+    """MLflow 3.17 keeps the runs table's columns in the browser: a new one shows no metric.
+    The experiment holds a saved view (the UI's *Views* menu) whose columns are the headline
+    figures, and the address opens it."""
+    experiment = "viewed"
+    with stage_run("eval_ss", PARAMS, experiment, store):
+        log_json_metrics({"mIoU": 45.6})
+    url = ui_url("http://h:1", experiment, store)
+    page, query = urlsplit(url).fragment.split("?")
+    query = parse_qs(query)
+    experiment_id = MlflowClient(store).get_experiment_by_name(experiment).experiment_id
+    assert page == f"/experiments/{experiment_id}/runs"
+    assert query["workflowType"] == ["machine_learning"]
+    # A search facet in the address (searchFilter, orderByKey, ...) would make MLflow ignore it.
+    assert set(query) == {"workflowType", "viewStateShareKey"}
+    (key,) = query["viewStateShareKey"]
+    tag = f"mlflow.sharedViewState.{key}"
+    view = MlflowClient(store).get_experiment(experiment_id).tags[tag]
+    envelope = json.loads(view)  # as MLflow's UI writes one
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    columns = json.loads(envelope["state"])["selectedColumns"]
+    headline = [f"metrics.`{key}`" for key, _, _ in cts.tracking.HEADLINE]
+    assert headline == [
+        "metrics.`eval_ss.mIoU`",
+        "metrics.`eval_ms.mIoU`",
+        "metrics.`benchmark.speedup`",
+        "metrics.`benchmark.tokens`",
+    ]
+    assert columns[: len(headline)] == headline
+    with stage_run("eval_ms", PARAMS, experiment, store):
+        pass
+    assert MlflowClient(store).get_experiment(experiment_id).tags[tag] == view  # kept as it is
 
 
 # ------------------------------------------------------------------ the curve DVC plots draws

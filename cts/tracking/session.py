@@ -33,6 +33,7 @@ from cts.tracking.parents import (
     PROCESS_TAG,
     STAGE_TAG,
     close_stale_runs,
+    experiment_tags,
     find_or_create_parent,
     this_process,
 )
@@ -303,7 +304,7 @@ def _open_session(
         client = session.client
         if session.remote and (replayed := replay_spool(uri, session.root)):
             print(f"mlflow: logged {replayed} record(s) kept by earlier stages", file=sys.stderr)
-        experiment_id = ensure_experiment(client, experiment, uri)
+        experiment_id = ensure_experiment(client, experiment, uri, experiment_tags())
         start["start_time"] = now_ms()  # a new store's schema took seconds: not the stage's
         with store_lock(uri):
             close_stale_runs(client, experiment_id)

@@ -23,7 +23,13 @@ import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from cts.tracking.parents import PARENT_TAG, end_parent, find_or_create_parent, summarize
+from cts.tracking.parents import (
+    PARENT_TAG,
+    end_parent,
+    experiment_tags,
+    find_or_create_parent,
+    summarize,
+)
 from cts.tracking.store import (
     HTTP_SETTINGS,
     ensure_experiment,
@@ -71,7 +77,7 @@ def apply(client: MlflowClient, record: Mapping[str, Any], folder: Path | None =
 def _open_kept_runs(client: MlflowClient, uri: str, start: Mapping) -> tuple[str, str]:
     """Creates the runs of a stage that started while its server did not answer, with the
     times, tags and values it had then; returns (child, parent)."""
-    experiment = ensure_experiment(client, start["experiment"], uri)
+    experiment = ensure_experiment(client, start["experiment"], uri, experiment_tags())
     with store_lock(uri):
         parent_id = find_or_create_parent(client, experiment, start)
     tags = {**start["tags"], PARENT_TAG: parent_id}

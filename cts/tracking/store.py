@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -25,6 +26,13 @@ from mlflow.tracking import MlflowClient
 # ?workflowType=machine_learning, as `ui_url` does.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = (EXPERIMENT_KIND_TAG, "custom_model_development")
+# MLflow 3.17 keeps the runs table's columns in the browser's local storage; a new browser
+# shows Source, Models and Dataset and no metric. A saved view (the UI's *Views* menu) is an
+# experiment tag `mlflow.sharedViewState.<id>`, which an address with ?viewStateShareKey=<id>
+# opens in any browser (unless the address also carries a search facet: searchFilter,
+# orderByKey, ...). The pipeline's experiment holds one, the headline view (`ui_url`).
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+HEADLINE_VIEW = "cts-headline"
 UI_BASE = "http://127.0.0.1:5000"
 # Reachability: how long a probe of the server waits. A probe costs nothing against a refused
 # connection and at most its timeout against a silent host.
@@ -66,18 +74,33 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """The experiment's id, created with its artifact location and kind if it is new."""
+def saved_view(name: str, state: Mapping[str, Any], now: int) -> str:
+    """A saved view's tag value as MLflow's UI writes one: an envelope whose `state` is the
+    JSON of the runs page's state (a key it lacks keeps MLflow's default)."""
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    return json.dumps(envelope)
+
+
+def column(kind: str, key: str) -> str:
+    """The id of a runs-table column: `kind` attributes, params, metrics or tags."""
+    return f"{kind}.`{key}`"
+
+
+def ensure_experiment(
+    client: MlflowClient, name: str, uri: str, tags: Mapping[str, str] | None = None
+) -> str:
+    """The experiment's id, created with its artifact location, kind and `tags` if it is new;
+    an existing one gets those it lacks (one it holds is kept, whatever its value)."""
+    tags = {**dict([EXPERIMENT_KIND]), **(tags or {})}
     # MLflow would put artifacts under the cwd, which for a stage run in a temporary copy of
     # the repository is deleted.
     if experiment := client.get_experiment_by_name(name):
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        for key, value in tags.items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     try:
-        return client.create_experiment(
-            name, artifact_location=artifact_location(uri), tags=dict([EXPERIMENT_KIND])
-        )
+        return client.create_experiment(name, artifact_location=artifact_location(uri), tags=tags)
     except MlflowException:  # created concurrently by another stage process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -158,8 +181,9 @@ def log_batch(
 
 def ui_url(base: str = UI_BASE, experiment: str = "cts", uri: str | None = None) -> str:
     """The MLflow UI address of the experiment's runs table (MLflow 3's model-training view,
-    with the registry in its sidebar), whatever view the browser used last; the experiments
-    list when the store or the experiment does not exist yet."""
+    with the registry in its sidebar), whatever view the browser used last, in the headline
+    view when the experiment holds it; the experiments list when the store or the experiment
+    does not exist yet."""
     uri = tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         available = Path(uri.removeprefix("sqlite:///")).is_file()  # not created by asking
@@ -171,4 +195,7 @@ def ui_url(base: str = UI_BASE, experiment: str = "cts", uri: str | None = None)
         with environment(HTTP_SETTINGS if remote(uri) else {}, override=False):
             found = MlflowClient(uri).get_experiment_by_name(experiment)
     page = f"experiments/{found.experiment_id}/runs" if found else "experiments"
-    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
+    view = ""
+    if found and f"{VIEW_TAG_PREFIX}{HEADLINE_VIEW}" in found.tags:
+        view = f"viewStateShareKey={HEADLINE_VIEW}&"
+    return f"{base.rstrip('/')}/#/{page}?{view}workflowType=machine_learning"
