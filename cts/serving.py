@@ -28,14 +28,16 @@ from mlflow.types.schema import Schema, TensorSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 # The distributions of what the model's code imports (cts.serving, cts.predict,
-# cts.checkpoint and their imports: torch, timm and its hub, numpy, cv2, yaml, pandas, rich);
-# mlflow adds itself. tests/test_serving.py checks them against a load of the logged model.
+# cts.checkpoint and their imports: torch, timm and its hub, numpy, cv2, PIL, yaml, pandas,
+# rich); mlflow adds itself. tests/test_serving.py checks them against a load of the logged
+# model.
 REQUIREMENTS = (
     "torch",
     "timm",
     "huggingface-hub",
     "numpy",
     "opencv-python-headless",
+    "pillow",
     "pyyaml",
     "pandas",
     "rich",
