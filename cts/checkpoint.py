@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,15 @@ import torch
 from torch import nn
 
 from cts.data.io import disk_full_error, temp_file
+from cts.geometry import check_num_shared, num_superpatches
+from cts.inference import EvalGeometry
 from cts.models import PolicyNet, Segmenter, SegmenterConfig
+
+# What a file that is no checkpoint at all (or a damaged copy) needs: another file.
+NOT_A_CHECKPOINT = (
+    "not a file torch.save wrote, or a damaged copy: give a cts checkpoint (cts "
+    "train_segmenter, cts import_checkpoint) or an original Segmenter/CTS checkpoint.pth"
+)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -80,12 +90,11 @@ def load_checkpoint(
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or save?")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if found is None:
-            raise ValueError(f"checkpoint {path} cannot be read: {_reason(error)}") from error
+        if found is None and not trust:
+            raise ValueError(_unsafe_reason(path, error)) from error
         if not trust:
             raise UntrustedCheckpointError(
                 f"checkpoint {path} holds Python objects beyond tensors and plain values "
@@ -94,16 +103,49 @@ def load_checkpoint(
                 "(Python: trust=True) only if you trust where the file comes from"
             ) from error
     except Exception as error:  # torch raises several types for a damaged file
-        raise ValueError(f"checkpoint {path} cannot be read: {_reason(error)}") from error
+        raise ValueError(_unreadable(path, error)) from error
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return _torch_load(path, map_location, weights_only=False)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read: {_reason(error)}") from error
+        raise ValueError(_unreadable(path, error)) from error
+
+
+def _torch_load(path: Path, map_location: str | torch.device, weights_only: bool) -> Any:
+    """torch.load without its warnings (a pickle protocol it did not write, ...): the
+    errors say what matters, in one line."""
+    with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_globals()):
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
+def _unsafe_reason(path: Path, error: pickle.UnpicklingError) -> str:
+    """torch's safe reader refused the file for another reason than a named object: a
+    pickle it cannot read (another writer than torch.save, a newer protocol) or junk."""
+    detail = re.search(r"WeightsUnpickler error: \s*(.+?)\s*$", str(error), re.MULTILINE)
+    found = detail.group(1) if detail else _reason(error)
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if not (start[:1] == pickle.PROTO and start[1:] and 2 <= start[1] <= pickle.HIGHEST_PROTOCOL):
+        return f"checkpoint {path} cannot be read: {found}; {NOT_A_CHECKPOINT}"
+    return (
+        f"checkpoint {path} is a pickle the safe reader cannot read ({found}): unpickling "
+        "it fully could run code: pass --trust-checkpoint (Python: trust=True) only if you "
+        "trust where the file comes from"
+    )
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    return f"checkpoint {path} cannot be read: {_reason(error)}; {NOT_A_CHECKPOINT}"
 
 
 def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    """The first sentence of ``error``, with its type where the text alone says little (a
+    KeyError's bare number)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(text) < 20 or isinstance(error, KeyError):
+        return f"{type(error).__name__} {text}".strip()
+    return text
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -112,14 +154,36 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def segmenter_payload(model: Segmenter, **extra: Any) -> dict[str, Any]:
+def segmenter_payload(
+    model: Segmenter, eval_geometry: EvalGeometry | None = None, **extra: Any
+) -> dict[str, Any]:
+    """What a Segmenter checkpoint holds: its config and weights, the sizes of the evaluation
+    it was scored with when known (``cts predict`` and the served model window images the
+    same way) and ``extra`` (the training history, an import's source)."""
     model = unwrap(model)
-    return {
-        "kind": "cts.segmenter",
-        "config": model.config.to_dict(),
-        "model": model.state_dict(),
-        **extra,
-    }
+    payload = {"kind": "cts.segmenter", "config": model.config.to_dict()}
+    if eval_geometry is not None:
+        payload["eval_geometry"] = dataclasses.asdict(eval_geometry)
+    return {**payload, "model": model.state_dict(), **extra}
+
+
+def stored_eval_geometry(payload: Any) -> EvalGeometry | None:
+    """The evaluation sizes a :func:`segmenter_payload` stores; None in checkpoints written
+    before they were stored and in imports."""
+    stored = payload.get("eval_geometry") if isinstance(payload, dict) else None
+    return None if stored is None else EvalGeometry(**stored)
+
+
+def set_num_tokens_shared(model: Segmenter, num_tokens_shared: int, where: str) -> None:
+    """Make ``model`` share ``num_tokens_shared`` superpatches, checked against its crop and
+    policy (``where`` names the checkpoint in the error)."""
+    crop = model.config.crop_size
+    check_num_shared(num_tokens_shared, num_superpatches(crop, model.patch_size), f"crop {crop}")
+    if model.config.policy == "none" and num_tokens_shared:
+        raise ValueError(
+            f"{where} was built with policy none: it cannot share tokens (K must be 0)"
+        )
+    model.num_tokens_shared = num_tokens_shared
 
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:

@@ -5,20 +5,27 @@ sharing, encoder, decoder, unsharing, bilinear upsampling and argmax. Its input 
 float32 ``(B, 3, crop, crop)`` normalised as the model expects, with a dynamic batch
 dimension; its output ``labels`` int64 ``(B, crop, crop)`` and, on request, ``scores``
 float32 ``(B, n_cls, crop, crop)`` (the upsampled class logits).
+
+The graph has a fixed crop size: the resize of a whole image to the evaluation's scale and
+the sliding windows that ``cts predict`` runs around the model (:mod:`cts.inference`) are
+not in it. :func:`tiling_hint` says how to do them for a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from cts.data.io import temp_file
 from cts.geometry import check_num_shared, num_superpatches
+from cts.inference import EvalGeometry
 from cts.models import Segmenter
+from cts.processes import pid_alive
 
 # torch.export-based exporter (onnxscript): it writes opset 18 or later.
 MIN_OPSET = 18
@@ -92,7 +99,8 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    remove_dead_leftovers(out)
+    fd, tmp = temp_file(out)  # the umask's permissions, the pid in the name
     os.close(fd)
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -114,6 +122,37 @@ def export_onnx(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def remove_dead_leftovers(out: Path) -> list[Path]:
+    """The temporary files of exports to ``out`` that were killed mid-write
+    (``.NAME.PID.XXXX.tmp`` of a pid no longer running); returns them."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[^.]+\.tmp")
+    removed = []
+    for entry in out.parent.iterdir():
+        found = pattern.fullmatch(entry.name)
+        if found and not pid_alive(int(found.group(1))) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def tiling_hint(crop: int, geometry: EvalGeometry | None) -> str:
+    """One sentence: how to segment whole images with the crop-sized graph as ``cts
+    predict`` does, with the evaluation sizes the checkpoint stores (None: the crop's)."""
+    if geometry is None:
+        return (
+            f"the graph takes {crop}x{crop} images only: for others, resize and slide "
+            f"{crop}x{crop} windows around it as `cts predict` does (this checkpoint stores "
+            "no evaluation sizes; see docs/deploy.md#onnx)"
+        )
+    window = "" if geometry.window == crop else f" (the evaluation's was {geometry.window})"
+    return (
+        f"the graph takes {crop}x{crop} images only: for whole images, as `cts predict` and "
+        f"the evaluation do, resize to a short side of {geometry.base_size} (long side at "
+        f"most {geometry.max_ratio:g} times it), slide the {crop}x{crop} window{window} with "
+        f"stride {geometry.stride} and average the windows' scores (docs/deploy.md#onnx)"
+    )
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):

@@ -26,8 +26,11 @@ from cts.checkpoint import (
     save_checkpoint,
     segmenter_from_payload,
     segmenter_payload,
+    set_num_tokens_shared,
+    stored_eval_geometry,
 )
 from cts.geometry import check_num_shared, num_superpatches, superpatch_size
+from cts.inference import EvalGeometry
 from cts.models import POLICIES, Segmenter, SegmenterConfig
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD
 from cts.models.pretrained import fit_report
@@ -113,12 +116,6 @@ def read_variant(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(variant, dict) or not isinstance(variant.get("net_kwargs"), dict):
         raise ValueError(f"{path} has no net_kwargs mapping: not a Segmenter variant.yml")
     return variant
-
-
-def read_payload(path: str | os.PathLike, trust: bool = False) -> Any:
-    """The checkpoint's content: tensors and plain values only unless ``trust`` is set (the
-    original snapshots hold nothing else; unpickling other objects can run code)."""
-    return load_checkpoint(path, trust=trust)
 
 
 def _state_dict(payload: Any, path: Path) -> dict[str, Tensor]:
@@ -403,7 +400,8 @@ def import_checkpoint(
     """
     checkpoint, variant_path = locate(path)
     if payload is None or Path(path).expanduser().resolve() != checkpoint.resolve():
-        payload = read_payload(checkpoint, trust)
+        # Tensors and plain values unless trusted: the original snapshots hold nothing else.
+        payload = load_checkpoint(checkpoint, trust=trust)
     state = _state_dict(payload, checkpoint)
     layout = detect_layout(state, checkpoint)
     variant = read_variant(variant_path)
@@ -471,23 +469,28 @@ def load_model(
     (logits first). ``num_tokens_shared`` overrides K; ``policy`` applies to imports only.
     ``trust`` unpickles any object the file holds: it can run code, trusted files only.
     """
+    return load_model_and_geometry(path, device, num_tokens_shared, policy, trust)[0]
+
+
+def load_model_and_geometry(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    num_tokens_shared: int | None = None,
+    policy: str | None = None,
+    trust: bool = False,
+) -> tuple[Segmenter, EvalGeometry | None]:
+    """:func:`load_model` and the evaluation sizes the checkpoint stores (None: an import or
+    a checkpoint written before they were stored)."""
     path = Path(path).expanduser()
     payload = None
     if path.is_file() and path.suffix.lower() not in (".yml", ".yaml"):
-        payload = read_payload(path, trust)
+        payload = load_checkpoint(path, trust=trust)
     if not (isinstance(payload, dict) and payload.get("kind") == "cts.segmenter"):
         model, _ = import_checkpoint(path, num_tokens_shared, policy, payload=payload, trust=trust)
-        return model.to(device).eval()
+        return model.to(device).eval(), None
     if policy is not None:
         raise ValueError(f"{path} is a cts checkpoint with a fixed policy; policy is for imports")
     model = segmenter_from_payload(payload, path)
     if num_tokens_shared is not None:
-        crop = model.config.crop_size
-        superpatches = num_superpatches(crop, model.patch_size)
-        check_num_shared(num_tokens_shared, superpatches, f"crop {crop}")
-        if model.config.policy == "none" and num_tokens_shared:
-            raise ValueError(
-                f"{path} was built with policy none: it cannot share tokens (K must be 0)"
-            )
-        model.num_tokens_shared = num_tokens_shared
-    return model.to(device).eval()
+        set_num_tokens_shared(model, num_tokens_shared, str(path))
+    return model.to(device).eval(), stored_eval_geometry(payload)

@@ -1,17 +1,23 @@
 """Segment images of any size with a trained or imported Segmenter; write pictures.
 
-Per image ``NAME`` the output folder gets ``NAME_labels.png`` (the class ids as pixel
-values in a palette PNG, which viewers show in the class colours; 16-bit grey above 256
-classes), ``NAME_color.png`` (the class colours), ``NAME_overlay.png`` (the colours over the
-image) and ``NAME_shared.png`` (the image resized to the crop, its prediction overlaid, every
-superpatch that shared one token outlined black and white). The last three have a legend of
-the predicted classes and a caption below the picture, whose pixels start at the top left.
+Per image ``NAME`` (its full file name, so ``x.png``, ``x.jpg`` and ``x_png.png`` each get
+their own pictures, in the subfolder the image has under the input folder) the output folder
+gets ``NAME_labels.png`` (the class ids as pixel values in a palette PNG, which viewers show
+in the class colours; 16-bit grey above 256 classes), ``NAME_color.png`` (the class colours),
+``NAME_overlay.png`` (the colours over the image) and ``NAME_shared.png`` (the image resized
+to the crop, its prediction overlaid, every superpatch that shared one token outlined black
+and white). The last three have a legend of the predicted classes and a caption below the
+picture, whose pixels start at the top left.
+
+The labels are computed as the evaluation computes them (:mod:`cts.inference`), with the
+sizes the checkpoint was evaluated with (``eval_geometry`` in a trained checkpoint).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from cts.data.io import (
     write_label_png,
 )
 from cts.geometry import check_num_shared, num_superpatches, superpatch_size
+from cts.import_checkpoint import load_model_and_geometry
 from cts.inference import EvalGeometry, normalised_resize, predict_labels, scaled_image
 from cts.models import Segmenter
 from cts.models.upsample import upsample_argmax
@@ -55,38 +62,103 @@ class PredictionReport:
 
 
 def find_images(path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
-    """The image itself, or a folder's .jpg/.jpeg/.png files (recursive, sorted; hidden
-    files and anything under ``exclude`` left out)."""
+    """The image itself, or a folder's .jpg/.jpeg/.png files (recursive, through symlinked
+    folders too; sorted; hidden files and folders and anything under ``exclude`` left out).
+    A link to a folder that holds it (a loop) is not entered again."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found (an image or a folder of images)")
     skip = Path(exclude).resolve() if exclude is not None else None
-    images = []
-    for file in sorted(path.rglob("*")):
-        relative = file.relative_to(path)
-        if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
-            continue
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        if skip is not None and (skip == file.resolve() or skip in file.resolve().parents):
-            continue
-        images.append(file)
+    images = sorted(
+        file
+        for file in _files(path, frozenset())
+        if file.suffix.lower() in IMAGE_SUFFIXES
+        and (skip is None or not file.resolve().is_relative_to(skip))
+    )
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
     return images
 
 
+def _files(folder: Path, above: frozenset[Path]) -> Iterator[Path]:
+    """Files under ``folder``, not hidden, following symlinked folders except into a folder
+    of ``above`` (the real paths of the folders that hold it). A broken link is listed: its
+    image is then reported unreadable, not silently left out."""
+    real = folder.resolve()
+    if real in above:
+        return
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            yield from _files(entry, above | {real})
+        elif entry.is_file() or entry.is_symlink():
+            yield entry
+
+
 def output_stems(images: Sequence[Path], root: Path, out_dir: Path) -> list[Path]:
-    """``out_dir/<relative folder>/<stem>`` per image; the full name where stems collide."""
-    relative = [image.relative_to(root) for image in images]
-    stems = [r.parent / r.stem for r in relative]
-    taken = {s: stems.count(s) for s in stems}
-    return [
-        out_dir / (s if taken[s] == 1 else r.parent / r.name.replace(".", "_"))
-        for s, r in zip(stems, relative, strict=True)
-    ]
+    """``out_dir/<relative path of the image>`` per image, its file name kept whole: the
+    pictures ``<that>_<kind>.png`` of two inputs never collide (kinds are not file names)."""
+    return [out_dir / image.relative_to(root) for image in images]
+
+
+def output_paths(stem: Path) -> list[Path]:
+    """The pictures of one image, in :data:`OUTPUTS` order."""
+    return [stem.parent / f"{stem.name}_{kind}.png" for kind in OUTPUTS]
+
+
+def plan_outputs(
+    inputs: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False
+) -> list[tuple[Path, Path]]:
+    """``(image, output stem)`` per input image, checked before any work: ``out_dir`` must be
+    a folder or not exist yet (no file in its place or above it), and none of the pictures
+    may exist unless ``force``."""
+    inputs, out_dir = Path(inputs), Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(
+                    f"output folder {out_dir}: {folder} is a file, not a folder: give --out a "
+                    "new or existing folder"
+                )
+            break
+    images = find_images(inputs, exclude=out_dir)
+    root = inputs if inputs.is_dir() else inputs.parent
+    stems = output_stems(images, root, out_dir)
+    existing = [path for stem in stems for path in output_paths(stem) if path.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise FileExistsError(
+            f"{existing[0]} exists{more}: pass --force to overwrite, or give another --out"
+        )
+    return list(zip(images, stems, strict=True))
+
+
+def window_geometry(
+    crop: int,
+    stored: EvalGeometry | None = None,
+    short_side: int | None = None,
+    stride: int | None = None,
+) -> EvalGeometry:
+    """The sliding-window sizes: the checkpoint's evaluation geometry (``stored``), else
+    the crop as short side, window and stride with a long side at most 4 times the short
+    one; ``short_side`` and ``stride`` replace its base size and stride."""
+    base = stored or EvalGeometry(crop, crop, crop)
+    return EvalGeometry(
+        short_side or base.base_size, base.window, stride or base.stride, base.max_ratio
+    )
+
+
+def missing_geometry_note(checkpoint: str | os.PathLike, crop: int) -> str:
+    """One line for a checkpoint without evaluation sizes: what is done instead."""
+    return (
+        f"note: {checkpoint} stores no evaluation geometry (an import, or trained before "
+        f"checkpoints kept it): images are resized to a short side of {crop} (long side at "
+        f"most 4 times it), windows of {crop} with stride {crop}; --short-side and --stride "
+        "set them"
+    )
 
 
 class Predictor:
@@ -96,11 +168,14 @@ class Predictor:
         model: a Segmenter (eval mode is set).
         device: where it runs.
         num_tokens_shared: K for every forward (default: the model's).
-        short_side: images are resized to this short side (long side at most 4 times it),
-            then windowed as the evaluation does (default: the crop size).
-        stride: window stride, at most the crop (default: the crop size; the window is the crop).
+        short_side: images are resized to this short side (long side at most ``max_ratio``
+            times it), then windowed as the evaluation does (default: the geometry's base
+            size).
+        stride: window stride, at most the window (default: the geometry's).
         batch_size: windows per forward.
         class_names: one name per class, for the legends (default: ``class 0``, ...).
+        geometry: the sizes the checkpoint was evaluated with
+            (:func:`cts.checkpoint.stored_eval_geometry`); None: see :func:`window_geometry`.
     """
 
     def __init__(
@@ -112,6 +187,7 @@ class Predictor:
         stride: int | None = None,
         batch_size: int = 8,
         class_names: Sequence[str] | None = None,
+        geometry: EvalGeometry | None = None,
     ) -> None:
         config = model.config
         self.class_names = class_names_for(config.num_classes, class_names)
@@ -125,7 +201,7 @@ class Predictor:
         if config.policy == "oracle" and k:
             raise ValueError("policy oracle needs ground-truth labels: predict with K=0")
         self.num_tokens_shared = k
-        self.geometry = EvalGeometry(short_side or self.crop, self.crop, stride or self.crop)
+        self.geometry = window_geometry(self.crop, geometry, short_side, stride)
         self.batch_size = batch_size
         self.colours = palette(config.num_classes)
 
@@ -137,7 +213,7 @@ class Predictor:
 
     @torch.inference_mode()
     def labels(self, rgb: np.ndarray) -> np.ndarray:
-        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` (sliding window of the crop),
+        """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` (sliding window, :attr:`geometry`),
         uint8 (uint16 above 256 classes): a 6000 x 6000 map is 36 MB, not 288 as int64."""
         pixels = torch.from_numpy(rgb).to(self.device)
         config = self.model.config
@@ -204,10 +280,38 @@ class Predictor:
                 f"each {side}x{side} px: one token",
             ),
         }
-        paths = [write_label_png(stem.parent / f"{name}_labels.png", labels, self.colours)]
-        for kind in OUTPUTS[1:]:
-            paths.append(write_image(stem.parent / f"{name}_{kind}.png", pictures[kind]))
+        paths = output_paths(stem)
+        write_label_png(paths[0], labels, self.colours)
+        for kind, path in zip(OUTPUTS[1:], paths[1:], strict=True):
+            write_image(path, pictures[kind])
         return paths
+
+
+def load_predictor(
+    checkpoint: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    num_tokens_shared: int | None = None,
+    short_side: int | None = None,
+    stride: int | None = None,
+    class_names: Sequence[str] | None = None,
+    trust: bool = False,
+    warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> Predictor:
+    """A :class:`Predictor` of a cts or original checkpoint, windowing images with the sizes
+    the checkpoint was evaluated with; one without them is said once through ``warn``
+    (:func:`missing_geometry_note`). ``trust``: see :func:`cts.load_model`."""
+    model, geometry = load_model_and_geometry(checkpoint, device, num_tokens_shared, trust=trust)
+    if geometry is None:
+        warn(missing_geometry_note(checkpoint, model.config.crop_size))
+    return Predictor(
+        model,
+        device,
+        num_tokens_shared,
+        short_side,
+        stride,
+        class_names=class_names,
+        geometry=geometry,
+    )
 
 
 def predict_images(
@@ -215,16 +319,15 @@ def predict_images(
     inputs: str | os.PathLike,
     out_dir: str | os.PathLike,
     progress: bool = True,
+    force: bool = False,
 ) -> PredictionReport:
     """Segment an image or every image of a folder into ``out_dir``.
 
     An image that cannot be read is skipped and listed in the report; the others are still
-    written. Subfolders are mirrored in ``out_dir``.
+    written. Subfolders are mirrored in ``out_dir``. Pictures that exist stop it before any
+    work (:func:`plan_outputs`) unless ``force``.
     """
-    inputs, out_dir = Path(inputs), Path(out_dir)
-    images = find_images(inputs, exclude=out_dir)
-    root = inputs if inputs.is_dir() else inputs.parent
-    stems = output_stems(images, root, out_dir)
+    plan = plan_outputs(inputs, out_dir, force)
     report = PredictionReport()
     columns = (
         TextColumn("predict"),
@@ -234,8 +337,8 @@ def predict_images(
         TextColumn("{task.description}"),
     )
     with progress_bar(*columns, disable=not progress) as bar:
-        task = bar.add_task("", total=len(images))
-        for image, stem in zip(images, stems, strict=True):
+        task = bar.add_task("", total=len(plan))
+        for image, stem in plan:
             bar.update(task, description=image.name)
             try:
                 rgb = read_image(image)

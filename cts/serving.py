@@ -1,10 +1,11 @@
 """The Segmenter as an MLflow pyfunc model: uint8 RGB batches in, int64 label maps out.
 
 The labels are computed as ``cts predict`` computes them (:class:`cts.predict.Predictor`:
-the image resized to the crop's short side, sliding windows of the crop, the checkpoint's K,
-upsampled back to the input size). The checkpoint travels inside the MLflow model as an
-artifact and the ``cts`` package as its code (``code/cts``), with the third-party packages
-that code imports pinned to the versions installed when it was logged, so
+the image resized and windowed with the sizes the checkpoint was evaluated with, the
+checkpoint's K, upsampled back to the input size; a checkpoint that stores no evaluation
+sizes uses the crop's and says so once on stderr when loaded). The checkpoint travels inside
+the MLflow model as an artifact and the ``cts`` package as its code (``code/cts``), with the
+third-party packages that code imports pinned to the versions installed when it was logged, so
 ``mlflow models serve -m models:/cts-segmenter/latest`` needs nothing else, whatever the env
 manager: ``cts`` is not a requirement (on PyPI that name is another project).
 """
@@ -27,14 +28,16 @@ from mlflow.types.schema import Schema, TensorSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 # The distributions of what the model's code imports (cts.serving, cts.predict,
-# cts.checkpoint and their imports: torch, timm and its hub, numpy, cv2, yaml, pandas, rich);
-# mlflow adds itself. tests/test_serving.py checks them against a load of the logged model.
+# cts.checkpoint and their imports: torch, timm and its hub, numpy, cv2, PIL, yaml, pandas,
+# rich); mlflow adds itself. tests/test_serving.py checks them against a load of the logged
+# model.
 REQUIREMENTS = (
     "torch",
     "timm",
     "huggingface-hub",
     "numpy",
     "opencv-python-headless",
+    "pillow",
     "pyyaml",
     "pandas",
     "rich",
@@ -52,13 +55,11 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around :class:`cts.predict.Predictor` and a cts checkpoint."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from cts.checkpoint import load_segmenter
         from cts.engine import resolve_device
-        from cts.predict import Predictor
+        from cts.predict import load_predictor
 
         device = resolve_device("auto")
-        model = load_segmenter(context.artifacts[CHECKPOINT_ARTIFACT], device)
-        self.predictor = Predictor(model, device)
+        self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT], device)
 
     def predict(
         self,

@@ -225,7 +225,10 @@ def write_results(
     """The checkpoint, metrics/train.json, the loss and validation curves, and the model in
     MLflow; returns the summary line."""
     retire_results(METRICS / "train.json")
-    save_checkpoint(SEGMENTER_CHECKPOINT, segmenter_payload(segmenter, history=state.history))
+    # The evaluation's sizes travel with the weights: `cts predict` windows images the same way.
+    geometry = eval_geometry(params, dataset_info(params))
+    payload = segmenter_payload(segmenter, eval_geometry=geometry, history=state.history)
+    save_checkpoint(SEGMENTER_CHECKPOINT, payload)
     losses = [row for row in state.history if "loss" in row]
     evals = [row for row in state.history if "val_mIoU" in row]
     write_csv(PLOTS / "train_loss.csv", pd.DataFrame(losses)[["step", "loss", "lr"]])

@@ -124,3 +124,25 @@ def test_empty_checkpoint_says_why(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match=r"cannot be read: \S"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_unreadable_checkpoints_say_what_to_do(tmp_path):
+    """Junk and foreign pickles: one line naming the file and the way out (another file, or
+    --trust-checkpoint for a pickle the safe reader cannot read), never torch's advice to
+    set weights_only=False nor a bare number."""
+    import pickle
+
+    (tmp_path / "junk.pt").write_bytes(b"hello world this is text\n" * 10)
+    with open(tmp_path / "pickled.pt", "wb") as f:
+        pickle.dump({"model": {"w": [1.0]}, "epoch": {1, 2}}, f, protocol=4)
+    for name, advice in (("junk.pt", "torch.save"), ("pickled.pt", "--trust-checkpoint")):
+        path = tmp_path / name
+        with pytest.raises(ValueError) as caught:
+            load_checkpoint(path)
+        message = str(caught.value)
+        assert str(path) in message and advice in message, message
+        assert "weights_only" not in message and "\n" not in message, message
+    write_image(tmp_path / "in" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    args = [str(tmp_path / "in"), "-m", str(tmp_path / "pickled.pt"), "-o", str(tmp_path / "o")]
+    result = runner.invoke(app, ["predict", *args])
+    assert "--trust-checkpoint" in _one_line_error(result, "predict")

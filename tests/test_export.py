@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from cts.checkpoint import save_checkpoint, segmenter_payload
 from cts.cli import app
 from cts.data.synthetic import render_scene
-from cts.export import onnx_session
+from cts.export import onnx_session, tiling_hint
+from cts.inference import EvalGeometry
 from cts.models import build_segmenter
 
 CLASSES, CROP, K = 12, 64, 3
@@ -120,3 +121,24 @@ def test_bad_input_is_one_line(cts_checkpoint, tmp_path, make_args, message):
     assert len(lines) == 1 and lines[0].startswith("error: export:"), result.output
     assert message in lines[0]
     assert not out.exists()
+
+
+def test_export_file_gets_the_umask_permissions_and_dead_leftovers_go(cts_checkpoint, tmp_path):
+    import os
+
+    checkpoint, _ = cts_checkpoint
+    out = tmp_path / "model.onnx"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    leftover = tmp_path / f".model.onnx.{dead}.ab12.tmp"
+    leftover.write_bytes(b"half an export")
+    previous = os.umask(0o022)
+    try:
+        result = _export(checkpoint, out)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert not leftover.exists()
+    # the graph is for crop-sized images: the output says how whole images are tiled
+    assert f"{CROP}x{CROP} images only" in result.output and "cts predict" in result.output
+    hint = tiling_hint(CROP, EvalGeometry(base_size=96, window=CROP, stride=32, max_ratio=2))
+    assert "short side of 96" in hint and "at most 2 times" in hint and "stride 32" in hint

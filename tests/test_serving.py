@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 from cts.checkpoint import save_checkpoint, segmenter_payload
 from cts.cli import app
 from cts.data.io import read_mask, write_image
+from cts.inference import EvalGeometry
 from cts.models import build_segmenter
-from cts.predict import Predictor
+from cts.predict import load_predictor
 from cts.tracking import log_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +64,16 @@ def registered(tmp_path_factory):
         num_tokens_shared=2,
         drop_path_rate=0.0,
     )
-    checkpoint = save_checkpoint(folder / "segmenter.pt", segmenter_payload(model))
+    # Cityscapes-like sizes (long side at most twice a base above the crop, stride half the
+    # window): the served labels follow them as `cts predict` does.
+    geometry = EvalGeometry(base_size=80, window=64, stride=32, max_ratio=2)
+    payload = segmenter_payload(model, eval_geometry=geometry)
+    checkpoint = save_checkpoint(folder / "segmenter.pt", payload)
     uri = f"sqlite:///{folder / 'mlruns.db'}"
-    experiment_id = mlflow.MlflowClient(uri).create_experiment("serving-test")
+    # Artifacts in the test's folder: a sqlite store would put them in ./mlruns otherwise.
+    experiment_id = mlflow.MlflowClient(uri).create_experiment(
+        "serving-test", artifact_location=(folder / "artifacts").as_uri()
+    )
     mlflow.set_tracking_uri(uri)  # no set_experiment: it would leak into other tests
     try:
         with mlflow.start_run(experiment_id=experiment_id):
@@ -171,9 +179,8 @@ def test_logged_model_carries_its_code_and_loads_where_cts_is_not_installed(
     assert report["files"] and all(
         Path(path).resolve().is_relative_to(code) for path in report["files"].values()
     )
-    from cts.checkpoint import load_segmenter
-
-    predictor = Predictor(load_segmenter(checkpoint, torch.device("cpu")), torch.device("cpu"))
+    predictor = load_predictor(checkpoint, torch.device("cpu"))
+    assert predictor.geometry == EvalGeometry(base_size=80, window=64, stride=32, max_ratio=2)
     assert np.array_equal(labels, np.stack([predictor.labels(image) for image in images]))
 
 
@@ -223,7 +230,7 @@ def test_served_model_answers_like_cts_predict(registered, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    expected = np.stack([read_mask(tmp_path / "out" / f"{i}_labels.png") for i in range(2)])
+    expected = np.stack([read_mask(tmp_path / "out" / f"{i}.png_labels.png") for i in range(2)])
 
     port = _free_port()
     env = {

@@ -196,7 +196,10 @@ def import_checkpoint(
 
 def predict(
     inputs: Annotated[
-        Path, typer.Argument(help="An image, or a folder of .jpg/.png images (recursive).")
+        Path,
+        typer.Argument(
+            help="An image, or a folder of .jpg/.png images (recursive, symlinked folders too)."
+        ),
     ],
     model: Annotated[
         Path,
@@ -204,17 +207,27 @@ def predict(
             "--model", "-m", help="cts checkpoint, or an original Segmenter/CTS checkpoint."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Folder for the pictures: NAME_labels.png, ... per image NAME."
+        ),
+    ],
     num_tokens_shared: Annotated[
         int | None,
         typer.Option("--num-tokens-shared", "-k", help="K (default: the checkpoint's)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     short_side: Annotated[
-        int | None, typer.Option(help="Resize images to this short side (default: the crop).")
+        int | None,
+        typer.Option(
+            help="Resize images to this short side (default: the evaluation's, which the "
+            "checkpoint stores; the crop for one that does not)."
+        ),
     ] = None,
     stride: Annotated[
-        int | None, typer.Option(help="Sliding-window stride (default: the crop).")
+        int | None,
+        typer.Option(help="Sliding-window stride (default: the evaluation's, else the crop)."),
     ] = None,
     classes: Annotated[
         Path | None,
@@ -223,27 +236,30 @@ def predict(
             "file, one name per line (default: class 0, class 1, ...)."
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite pictures that exist in --out.")
+    ] = False,
     trust_checkpoint: TrustOption = False,
 ) -> None:
     """Segment images: label ids, colours, overlay and the shared superpatches per image."""
     try:
         from cts.data.info import read_class_names
         from cts.engine import resolve_device
-        from cts.import_checkpoint import load_model
-        from cts.predict import Predictor, find_images, predict_images
+        from cts.predict import load_predictor, plan_outputs, predict_images
 
-        find_images(inputs)  # a missing input fails before the model loads
+        plan_outputs(inputs, out, force)  # a missing input or a taken --out: before the model
         names = None if classes is None else read_class_names(classes)
-        target = resolve_device(device)
-        predictor = Predictor(
-            load_model(model, target, num_tokens_shared, trust=trust_checkpoint),
-            target,
+        predictor = load_predictor(
+            model,
+            resolve_device(device),
             num_tokens_shared,
             short_side,
             stride,
-            class_names=names,
+            names,
+            trust_checkpoint,
+            warn=lambda line: typer.secho(line, fg=typer.colors.YELLOW, err=True),
         )
-        report = predict_images(predictor, inputs, out)
+        report = predict_images(predictor, inputs, out, force=force)
     except KeyboardInterrupt as error:
         interrupted("predict", error)
     except Exception as error:
@@ -275,12 +291,16 @@ def export(
         bool, typer.Option(help="Add a second output: the class scores (B, n_cls, crop, crop).")
     ] = False,
 ) -> None:
-    """Export the whole inference (policy net to labels) as one ONNX graph at the crop size."""
-    try:
-        from cts.export import export_onnx
-        from cts.import_checkpoint import load_model
+    """Export the whole inference (policy net to labels) as one ONNX graph at the crop size.
 
-        segmenter = load_model(model, "cpu", num_tokens_shared)
+    The graph takes crop-sized images only: the resize to the evaluation's scale and the
+    sliding windows of `cts predict` are not in it (the command prints how to do them).
+    """
+    try:
+        from cts.export import export_onnx, tiling_hint
+        from cts.import_checkpoint import load_model_and_geometry
+
+        segmenter, geometry = load_model_and_geometry(model, "cpu", num_tokens_shared)
         written = export_onnx(segmenter, out, num_tokens_shared, opset, scores)
     except KeyboardInterrupt:
         fail("export interrupted")
@@ -292,6 +312,7 @@ def export(
         f"exported {segmenter.config.backbone} (K {k}, opset {opset}): images float32 "
         f"(B, 3, {crop}, {crop}) -> labels int64 (B, {crop}, {crop}): {written}"
     )
+    typer.echo(tiling_hint(crop, geometry))
 
 
 def register(app: typer.Typer) -> None:

@@ -115,7 +115,14 @@ def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
         return _read_classes(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a dataset folder or a file of class names)")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}): class names are "
+            "a text file, one name per line, or a dataset folder holding classes.txt"
+        ) from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not names:
         raise ValueError(f"{path}: no class names")
     return names
