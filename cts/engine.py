@@ -131,10 +131,15 @@ def split_batch(
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum over processes, differentiable: the backward sums the gradients over processes."""
-    from torch.distributed.nn.functional import all_reduce
+    """Sum over processes, differentiable: the backward sums the gradients over processes.
 
-    return all_reduce(tensor)
+    torch's functional collectives, which replace ``torch.distributed.nn.functional`` (its
+    ``all_reduce`` warns of its deprecation in every process): the same all-reduce of the
+    process group, its autograd registered by torch.
+    """
+    from torch.distributed import _functional_collectives as collectives
+
+    return collectives.all_reduce(tensor, "sum", dist.group.WORLD)
 
 
 class _GlobalBatchNorm:

@@ -7,8 +7,11 @@ backbone, crop and K applied, and for ADE20K ViT-L 640 its image size and slidin
 naming the row. ``sweep_tokens_shared`` is the file's unless the row's crop or K differ from
 the file's; then it is K x (0, 1/4, 1/2, 3/4, 1, 3/2, 2), at most the superpatch count.
 
-For ``dvc exp run``, :func:`dvc_args` gives the same params as ``-S key=value`` words, each
-one shell word that DVC's override parser (Hydra's) reads back as the value.
+For ``dvc exp run``, :func:`dvc_args` gives the same params as ``--set-param=key=value``
+arguments (``-S``'s long form, one argument each), each read back as the value by DVC's
+override parser (Hydra's). ``cts config NAME --dvc-args`` prints them one a line, for a shell
+to read into an array: words split by the shell would be glob patterns (a list value such as
+``[0.5,2.0]`` matches a file named ``train_scale_range=0``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +35,9 @@ SWEEP_FRACTIONS = (0, 0.25, 0.5, 0.75, 1, 1.5, 2)
 _LINE = re.compile(
     r"^(?P<key>[A-Za-z_]\w*):(?P<gap>[ \t]*)(?P<value>[^#\n]*?)(?P<comment>[ \t]+#.*)?$"
 )
-# A value that ``$(cts config NAME --dvc-args)`` passes on as it is, in one word: no whitespace,
-# quotes, ``$`` or other shell characters; brackets and commas only in a list (``[0.5,2.0]``, a
-# glob pattern that matches no file in practice). Strings: no ``,`` (a Hydra sweep) either.
+# A value that reads back the same wherever the argument goes (a line, a shell word quoted or
+# not, Hydra): no whitespace, quotes, ``$`` or other shell characters; brackets and commas only
+# in a list (``[0.5,2.0]``). Strings: no ``,`` (a Hydra sweep) either.
 _SHELL_WORD = re.compile(r"[A-Za-z0-9_./:@+\-\[\],]+")
 _HYDRA_STRING = re.compile(r"[A-Za-z0-9_./:@+\-]+")
 
@@ -183,9 +187,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def dvc_args(params: dict[str, Any]) -> list[str]:
-    """``-S key=value`` for every key, in the file's order: ``dvc exp run -S ...`` then sets
-    each param of the workspace's params.yaml (in the experiment, not the workspace) to this
-    value. Each override is checked against Hydra's own parser, the one DVC uses."""
+    """``--set-param=key=value`` for every key, in the file's order, one argument each:
+    ``dvc exp run`` with them sets each param of the workspace's params.yaml (in the
+    experiment, not the workspace) to this value. Each override is checked against Hydra's
+    own parser, the one DVC uses."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -200,7 +205,7 @@ def dvc_args(params: dict[str, Any]) -> list[str]:
             or not _same(override.value(), value)
         ):
             raise ParamError(f"{key}={value!r}: `dvc exp run -S {word}` would not set it")
-        words += ["-S", word]
+        words.append(f"--set-param={word}")
     return words
 
 
@@ -228,22 +233,37 @@ def listing() -> str:
 
 def write_config(path: str | os.PathLike, text: str, force: bool = False) -> Path:
     """Write ``text`` to ``path`` through a temporary file beside it, renamed into place; an
-    existing ``path`` is kept (FileExistsError) unless ``force``."""
-    from cts.data.io import temp_file, write_bytes_atomic
+    existing ``path`` is kept (FileExistsError) unless ``force``.
 
-    path = Path(path)
-    if force:
-        return write_bytes_atomic(path, text.encode())
-    if path.exists():
+    With ``force``, as the shell's ``>`` would: a symlink ``path`` stays a link and its target
+    gets the text, and a replaced file keeps its permissions (a 0640 file stays 0640).
+    Returns ``path`` as given.
+    """
+    from cts.data.io import disk_full_error, temp_file
+
+    path, data = Path(path), text.encode()
+    target = path.resolve() if force and path.is_symlink() else path
+    if not force and path.exists():
         raise FileExistsError(f"{path} exists: pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path)
+    mode = stat.S_IMODE(target.stat().st_mode) if force and target.exists() else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file(target)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(text.encode())
-        os.link(tmp, path)  # unlike a rename, fails if path appeared meanwhile
+            if mode is not None:  # before the rename: never readable by more than before
+                os.fchmod(f.fileno(), mode)
+            f.write(data)
+        if force:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)  # unlike a rename, fails if path appeared meanwhile
     except FileExistsError as error:
         raise FileExistsError(f"{path} exists: pass --force to replace it") from error
+    except OSError as error:
+        full = disk_full_error(target, len(data), error, tmp)
+        if full is not None:
+            raise full from error
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
@@ -280,7 +300,7 @@ def command_output(
     as_dvc_args: bool = False,
 ) -> str:
     """What ``cts config`` prints, each line ending in a newline: the listing, the params
-    file of setting ``name``, its ``-S key=value`` pairs one a line (``as_dvc_args``), or
+    file of setting ``name``, its ``dvc exp run`` arguments one a line (``as_dvc_args``), or
     where it wrote the file (``out``). A UsageError for options that do not go together or
     an unknown setting, before anything is written."""
     if _wants_listing(name, list_, out, force, as_dvc_args):
@@ -291,8 +311,7 @@ def command_output(
         raise UsageError(str(error)) from error
     text, params = render(name)
     if as_dvc_args:
-        words = dvc_args(params)
-        return "".join(f"{words[i]} {words[i + 1]}\n" for i in range(0, len(words), 2))
+        return "".join(f"{word}\n" for word in dvc_args(params))
     if out is not None:
         return f"written: {write_config(out, text, force)} ({name})\n"
     return text

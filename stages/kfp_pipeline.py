@@ -98,7 +98,11 @@ def _identifier(where: str, name: str) -> str:
 
 
 def _command(where: str, cmd: Any) -> tuple[str, ...]:
-    """The stage's command split into words; only a single `cts <command>`."""
+    """The stage's command split into words: a single `cts <stage>` with only the stage's
+    own flags (the task runs the words without a shell; the params are its own), checked
+    here, since on the cluster it would fail only once its task runs."""
+    from cts.cli.pipeline import stage_flags
+
     if isinstance(cmd, list) and len(cmd) == 1:
         cmd = cmd[0]
     argv = shlex.split(cmd) if isinstance(cmd, str) else []
@@ -106,10 +110,23 @@ def _command(where: str, cmd: Any) -> tuple[str, ...]:
         raise DvcYamlError(
             f"{where}: cmd {cmd!r} is not a `cts` command; a Kubeflow component runs `cts <stage>`"
         )
+    stages = stage_flags()
+    if argv[1] not in stages:
+        raise DvcYamlError(
+            f"{where}: cmd {cmd!r} is not a `cts` pipeline stage ({', '.join(stages)}); "
+            "a Kubeflow component runs `cts <stage>`"
+        )
     flags = [word for word in argv if word.split("=")[0] in _PARAMS_FLAGS]
     if flags:
         raise DvcYamlError(
             f"{where}: cmd {cmd!r} passes {flags[0]}; the Kubeflow task passes the params itself"
+        )
+    own = stages[argv[1]]
+    extra = [word for word in argv[2:] if word not in own]
+    if extra:
+        raise DvcYamlError(
+            f"{where}: cmd {cmd!r}: `cts {argv[1]}` takes no {extra[0]!r}; a Kubeflow component "
+            f"runs `cts <stage>` with only the stage's own flags ({', '.join(own) or 'none'})"
         )
     return tuple(argv)
 

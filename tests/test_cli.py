@@ -1,7 +1,8 @@
 """`cts --help` and every command's help: what they print, the command names and their aliases.
 
 Typer renders help with rich markup, where ``[word]`` is a style tag that disappears from the
-output; a help text that means the brackets must escape them (``\\[``).
+output; a help text that means the brackets must escape them (``\\[``). Help is read at 80
+columns, a terminal's usual width, where rich would cut a long option name with an ellipsis.
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ def _commands(command=None, path: tuple[str, ...] = ()):
         yield from _commands(sub, (*path, name))
 
 
+def _render(path: tuple[str, ...]) -> str:
+    """``cts PATH --help`` as an 80-column terminal shows it."""
+    env = {"COLUMNS": "80", "TERMINAL_WIDTH": None}
+    result = runner.invoke(app, [*path, "--help"], env=env, prog_name="cts")
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 def _help(path: tuple[str, ...]) -> str:
     """The help of ``cts PATH --help`` as one line: no box borders, single spaces."""
-    result = runner.invoke(app, [*path, "--help"])
-    assert result.exit_code == 0, result.output
-    return " ".join(result.output.replace("│", " ").split())
+    return " ".join(_render(path).replace("│", " ").split())
 
 
 @pytest.mark.parametrize("path", [(), ("kfp",)])
@@ -51,6 +58,18 @@ def test_help_shows_every_bracket_its_text_has(path):
     for text in texts:
         for bracketed in re.findall(r"\\?\[[^\]]*\]", text):
             assert bracketed.removeprefix("\\") in shown, (path, bracketed)
+
+
+@pytest.mark.parametrize("path", [path for path, _ in _commands()], ids=" ".join)
+def test_help_at_80_columns_shows_its_command_and_every_option_name_in_full(path):
+    command = dict(_commands())[path]
+    text = _render(path)
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert f"Usage: {' '.join(('cts', *path))} " in text
+    words = set(re.findall(r"[\w-]+", text))
+    names = [n for p in command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")]
+    assert [name for name in names if name not in words] == [], text
 
 
 def test_help_lists_the_underscore_names_only():

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import shlex
 import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from cts.cli import app
@@ -175,27 +182,122 @@ def test_out_writes_and_refuses_to_overwrite_without_force(tmp_path):
     ]  # no temporary file left
 
 
-@pytest.mark.parametrize("name", list(PAPER))
-def test_dvc_args_give_the_same_params_through_dvcs_own_parsing(name, tmp_path):
-    """`dvc exp run -S ...` on the repository's params.yaml (DVC's override grouping and
-    its Hydra + YAML rewrite of the file, the code `exp run` calls) ends at the row's params;
-    a later -S wins (the no-sharing baseline of the row)."""
+def test_force_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("mine: true\n")
+    path.chmod(0o640)
+    result = runner.invoke(app, ["config", "ade20k-vit-b", "--out", str(path), "--force"])
+    assert result.exit_code == 0, result.output
+    assert path.read_text() == render("ade20k-vit-b")[0]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_force_writes_through_a_symlink_to_its_target(tmp_path):
+    """As the shell's ``>`` does: the link stays a link, the file it names gets the params."""
+    target = tmp_path / "configs" / "mine.yaml"
+    target.parent.mkdir()
+    target.write_text("mine: true\n")
+    target.chmod(0o600)
+    link = tmp_path / "params.yaml"
+    link.symlink_to(Path("configs") / "mine.yaml")
+    result = runner.invoke(app, ["config", "ade20k-vit-b", "--out", str(link), "--force"])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.readlink() == Path("configs") / "mine.yaml"
+    assert target.read_text() == render("ade20k-vit-b")[0]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["configs", "mine.yaml", "params.yaml"]
+
+
+def _queued_params(set_params: list[str], tmp_path: Path) -> dict:
+    """The params of a `dvc exp run -S ...` experiment: the repository's params.yaml with
+    the overrides applied by DVC's own code (its grouping, its Hydra + YAML rewrite)."""
     from dvc.utils.cli_parse import to_path_overrides
     from dvc.utils.hydra import apply_overrides
 
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    overrides = to_path_overrides(set_params)
+    assert list(overrides) == ["params.yaml"]
+    apply_overrides(path, overrides["params.yaml"])
+    return load_params(path)
+
+
+def _dvc_exp_run(argv: list[str]) -> list[str]:
+    """The ``-S`` values of ``dvc exp run ARGV``, as DVC's command line parses them."""
+    from dvc.cli import parse_args
+
+    parsed = parse_args(["exp", "run", *argv])
+    assert parsed.queue
+    return parsed.set_param
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_dvc_args_give_the_same_params_through_dvcs_own_parsing(name, tmp_path):
+    """`dvc exp run -S ...` on the repository's params.yaml ends at the row's params; a
+    later -S wins (the no-sharing baseline of the row)."""
     result = runner.invoke(app, ["config", name, "--dvc-args"])
     assert result.exit_code == 0, result.output
-    words = result.stdout.split()  # what $(cts config NAME --dvc-args) passes on
-    assert words[0::2] == ["-S"] * len(CHECKS) and len(words) == 2 * len(CHECKS)
-    assert all(line.count(" ") == 1 for line in result.stdout.splitlines())
+    lines = result.stdout.splitlines()  # one argument a line
+    assert len(lines) == len(CHECKS) and all(line.startswith("--set-param=") for line in lines)
     expected = render(name)[1]
-    for extra, want in [([], expected), (["num_tokens_shared=0"], {"num_tokens_shared": 0})]:
-        path = tmp_path / "params.yaml"
-        shutil.copy(REPO / "params.yaml", path)
-        overrides = to_path_overrides(words[1::2] + extra)
-        assert list(overrides) == ["params.yaml"]
-        apply_overrides(path, overrides["params.yaml"])
-        assert load_params(path) == {**expected, **want}
+    for extra, want in [([], expected), (["-S", "num_tokens_shared=0"], {"num_tokens_shared": 0})]:
+        set_params = _dvc_exp_run(["--queue", *lines, *extra])
+        assert _queued_params(set_params, tmp_path) == {**expected, **want}
+
+
+def _recipe(shell: str) -> str:
+    """docs/paper.md's line that queues `cts config cityscapes-vit-s --dvc-args` in ``shell``."""
+    text = (REPO / "docs" / "paper.md").read_text()
+    for body in re.findall(rf"^```{shell}\n(.*?)^```", text, re.M | re.S):
+        for line in body.splitlines():
+            if "cts config cityscapes-vit-s --dvc-args" in line and "dvc exp run --queue" in line:
+                return line.split(" #")[0]
+    raise AssertionError(f"docs/paper.md: no {shell} line queues --dvc-args")
+
+
+def _run_recipe(shell: str, recipe: str, tmp_path: Path, files: list[str]) -> list[str] | None:
+    """Run ``recipe`` in a folder holding ``files``, with `cts` this repository's and a
+    stand-in `dvc` that records its arguments: those arguments (None: dvc did not run)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(parents=True)
+    for name, script in [
+        ("cts", f'exec {shlex.quote(sys.executable)} -m cts.cli "$@"'),
+        ("dvc", 'printf "%s\\0" "$@" > "$ARGV_FILE"'),
+    ]:
+        (bin_ / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_ / name).chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in files:
+        (work / name).touch()
+    argv_file = tmp_path / "argv"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "ARGV_FILE": str(argv_file)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    subprocess.run([shell, "-c", recipe], cwd=work, env=env, timeout=300, check=False)
+    return argv_file.read_bytes().decode().split("\0")[:-1] if argv_file.exists() else None
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_the_documented_queue_recipe_survives_files_named_like_a_glob_match(shell, tmp_path):
+    """A list value (``train_scale_range=[0.5,2.0]``) is a glob pattern: an unquoted
+    ``$args`` would become a file it matches (``train_scale_range=0``). The recipe passes
+    every param as it is, and queues nothing when `cts config` fails."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    recipe = _recipe(shell)
+    expected = render("cityscapes-vit-s")[1]
+    matches = [f"{key}={str(v[0])[0]}" for key, v in expected.items() if isinstance(v, list)]
+    assert "train_scale_range=0" in matches
+    argv = _run_recipe(shell, recipe, tmp_path, matches)
+    assert argv is not None and argv[:3] == ["exp", "run", "--queue"]
+    assert _queued_params(_dvc_exp_run(argv[2:]), tmp_path) == expected
+    failing = recipe.replace("cityscapes-vit-s", "no-such-row")
+    assert _run_recipe(shell, failing, tmp_path / "failing", []) is None
+    option = next(
+        p for p in typer.main.get_command(app).commands["config"].params if p.name == "dvc_args"
+    )
+    if shell == "bash":  # the option's help shows the same recipe
+        assert recipe.replace("cityscapes-vit-s", "NAME") in option.help.replace("\\[", "[")
 
 
 @pytest.mark.parametrize(

@@ -118,6 +118,25 @@ BAD_STAGES = {
         "cmd 'cts eval_ss --set device=cpu' passes --set; the Kubeflow task passes the params "
         "itself"
     ),
+    # It would fail only on the cluster: `cts` has no such command, or not as a stage.
+    **{
+        f"cts {name}": (
+            f"cmd 'cts {name}' is not a `cts` pipeline stage (download, preprocess, "
+            "train_policy, train_segmenter, eval_ss, eval_ms, benchmark, sweep); a Kubeflow "
+            "component runs `cts <stage>`"
+        )
+        for name in ("nosuchstage", "config --list")
+    },
+    # The task runs the words without a shell: `&&` would be an argument of `cts download`.
+    "cts download && rm -rf /": (
+        "cmd 'cts download && rm -rf /': `cts download` takes no '&&'; a Kubeflow component "
+        "runs `cts <stage>` with only the stage's own flags (none)"
+    ),
+    "cts train_segmenter --no-resume --resume=1": (
+        "cmd 'cts train_segmenter --no-resume --resume=1': `cts train_segmenter` takes no "
+        "'--resume=1'; a Kubeflow component runs `cts <stage>` with only the stage's own flags "
+        "(--no-resume, --resume)"
+    ),
 }
 
 
@@ -143,6 +162,14 @@ def test_a_stage_that_is_not_a_cts_command_is_one_line_before_any_work(tmp_path,
         f"error: kfp compile: {dvc_yaml}: stage 'eval_ss': {BAD_STAGES[cmd]}"
     ]
     assert not out.exists()
+
+
+def test_a_stage_with_its_own_flags_compiles(tmp_path):
+    stages = _dvc_stages()
+    stages["train_segmenter"]["cmd"] = "cts train_segmenter --no-resume"
+    _, out, result = _compile_dvc_yaml(tmp_path, stages)
+    assert result.exit_code == 0, result.output
+    assert "--no-resume" in out.read_text()
 
 
 def test_a_param_the_params_file_lacks_is_one_line(tmp_path):

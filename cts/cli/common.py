@@ -46,8 +46,17 @@ def interrupted(command: str, error: KeyboardInterrupt, hint: str = "") -> None:
     fail(f"{command} interrupted{hint}")
 
 
+def quiet_mlflow() -> None:
+    """No MLflow progress bar in this process and its workers: logging a model copies its
+    checkpoint through MLflow's artifact download, whose "Downloading artifacts" bar is noise
+    in a stage's log (each redraw a line in a file). MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true
+    in the environment keeps it."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def run_stage_command(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
     """Validate the stage's params before any work, then run it; errors are one line."""
+    quiet_mlflow()
     try:
         from stages.launch import first_process, run_stage
         from stages.params import load_params

@@ -53,13 +53,38 @@ def sweep(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
     run_stage_command("sweep", params, set_)
 
 
+# In dvc.yaml's order; each is registered under its function's name.
+STAGES = (
+    download,
+    preprocess,
+    train_policy,
+    train_segmenter,
+    eval_ss,
+    eval_ms,
+    benchmark,
+    sweep,
+)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    app.command("download")(download)
-    app.command("preprocess")(preprocess)
-    app.command("train_policy")(train_policy)
-    app.command("train_segmenter")(train_segmenter)
-    app.command("eval_ss")(eval_ss)
-    app.command("eval_ms")(eval_ms)
-    app.command("benchmark")(benchmark)
-    app.command("sweep")(sweep)
+    for command in STAGES:
+        app.command(command.__name__)(command)
+
+
+def stage_flags() -> dict[str, list[str]]:
+    """Each stage command's name -> the flags it takes beyond the params options, sorted
+    (``train_segmenter``: ``--no-resume``, ``--resume``): what a stage's own command line may
+    hold besides ``--params`` and ``--set``. Read from the commands as typer builds them."""
+    app = typer.Typer()
+    register(app)
+    commands = typer.main.get_command(app).commands
+    return {
+        name: sorted(
+            flag
+            for param in command.params
+            if getattr(param, "is_flag", False)
+            for flag in (*param.opts, *param.secondary_opts)
+        )
+        for name, command in commands.items()
+    }

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cts.cli.common import ParamsOption, SetOption, interrupted, report_error
+from cts.cli.common import ParamsOption, SetOption, interrupted, quiet_mlflow, report_error
 
 
 def ui(
@@ -33,6 +33,7 @@ def ui(
 
 def replay() -> None:
     """Log the MLflow records stages kept while their tracking server did not answer."""
+    quiet_mlflow()  # a kept model is logged as the stage would have
     try:
         from cts.tracking import kept_stage_runs, replay_spool
         from stages.mlflow_context import repo_root

@@ -10,6 +10,13 @@ import typer
 
 from cts.cli.common import TrustOption, fail, interrupted, report_error
 
+# One argument a line, read into an array: `$(...)` unquoted would split and glob them (a list
+# value, `[0.5,2.0]`, is a glob pattern). `\\[` keeps rich from reading `[@]` as markup.
+DVC_ARGS_BASH = (
+    'out=$(cts config NAME --dvc-args) && mapfile -t args <<< "$out" && '
+    'dvc exp run --queue "${args\\[@]}"'
+)
+
 
 def config(
     name: Annotated[
@@ -32,8 +39,8 @@ def config(
         bool,
         typer.Option(
             "--dvc-args",
-            help="Print `-S key=value` for every param instead, for `dvc exp run`: "
-            "args=$(cts config NAME --dvc-args) && dvc exp run --queue $args",
+            help="Print instead the `dvc exp run` arguments that set every param, one a "
+            "line (--set-param=key=value). In bash: " + DVC_ARGS_BASH + " (zsh: docs/paper.md).",
         ),
     ] = False,
 ) -> None:
