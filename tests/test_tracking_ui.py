@@ -13,6 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from helpers import MICRO as PIPELINE_MICRO
+from helpers import REPO, runs
 from mlflow.tracking import MlflowClient
 
 import cts  # noqa: F401  (applies the torchvision import fix)
@@ -27,10 +29,9 @@ from cts.tracking import (
     ui_url,
 )
 from stages.common import STAGE_METRICS, STAGE_SETTINGS, upstream_stage_metrics, upstream_stages
-from tests.test_pipeline import MICRO as PIPELINE_MICRO
-from tests.test_tracking import outside_dvc, runs  # noqa: F401 (autouse fixture)
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("outside_dvc")
+
 PARAMS = {"seed": 0, "num_tokens_shared": 103, "policy": "policy_net"}
 
 
@@ -245,6 +246,7 @@ def _run_stage(stage: str, repo: Path, overrides: tuple[str, ...] = ()) -> None:
     module.run(params)
 
 
+@pytest.mark.e2e
 def test_an_experiment_failing_midway_shows_only_its_own_numbers(store, tmp_path, monkeypatch):
     """`make run`, then `dvc exp run -S num_tokens_shared=0` whose training fails: the new
     parent holds the reused upstream results and nothing of the first execution's training,
