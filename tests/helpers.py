@@ -12,13 +12,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from cts.data.loader import SampleKey
+if TYPE_CHECKING:
+    from cts.data.loader import SampleKey
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
