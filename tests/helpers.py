@@ -50,6 +50,9 @@ MICRO = {
     "sweep_tokens_shared": [2, 0],
     "device": "cpu",
 }
+# Seconds a whole pipeline (`dvc repro`, the KFP local run) may take before it counts as hung:
+# minutes alone on 2 cores, many more beside other jobs.
+PIPELINE_TIMEOUT = 1800
 # What `dvc repro` copies of the repository: the code and the pipeline, nothing built.
 PIPELINE_FILES = ("cts", "stages", ".dvc", "dvc.yaml", "params.yaml", ".gitignore")
 
@@ -114,7 +117,7 @@ def build_pipeline(repo: Path, params: dict, env: dict[str, str]) -> Pipeline:
     run(["git", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "micro"], repo, env)
-    return Pipeline(repo, env, store, run(["dvc", "repro"], repo, env, timeout=900))
+    return Pipeline(repo, env, store, run(["dvc", "repro"], repo, env, timeout=PIPELINE_TIMEOUT))
 
 
 def copy_pipeline(pipeline: Pipeline, folder: Path, **env: str) -> Pipeline:

@@ -18,6 +18,7 @@ import torch
 import yaml
 from helpers import (
     BIN,
+    PIPELINE_TIMEOUT,
     REPO,
     Pipeline,
     base_env,
@@ -86,7 +87,7 @@ def repo(micro_pipeline, tmp_path_factory) -> Pipeline:
         micro_pipeline, tmp_path_factory.mktemp("distributed"), OMP_NUM_THREADS="1"
     )
     set_params(pipeline.repo, **TWO_PROCESSES)
-    output = run(["dvc", "repro"], pipeline.repo, pipeline.env, timeout=900)
+    output = run(["dvc", "repro"], pipeline.repo, pipeline.env, timeout=PIPELINE_TIMEOUT)
     return replace(pipeline, output=output)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import kfp
 import pytest
 import yaml
-from helpers import BIN, REPO, needs_dvc, run
+from helpers import BIN, PIPELINE_TIMEOUT, REPO, needs_dvc, run
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -259,7 +259,8 @@ def test_the_local_run_writes_what_dvc_repro_writes(micro_pipeline, tmp_path):
     out = tmp_path / "run" / "kfp"
     store = f"sqlite:///{tmp_path / 'kfp-mlruns.db'}"
     command = [str(BIN / "cts"), "kfp", "run-local", "--out", str(out)]
-    output = run([*command, "--set", f"mlflow_tracking_uri={store}"], repo, env, timeout=900)
+    command += ["--set", f"mlflow_tracking_uri={store}"]
+    output = run(command, repo, env, timeout=PIPELINE_TIMEOUT)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     stages = _dvc_stages(repo / "dvc.yaml")
     written = sum(len(_writes(spec)) for spec in stages.values())

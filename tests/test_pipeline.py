@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BIN, needs_dvc, run, set_params, stages_run
+from helpers import BIN, PIPELINE_TIMEOUT, needs_dvc, run, set_params, stages_run
 
 pytestmark = [needs_dvc, pytest.mark.e2e]
 
@@ -124,7 +124,7 @@ def test_changing_k_reruns_only_training_evaluation_and_benchmark(micro_pipeline
 
     repo, env, store = micro_pipeline_copy.repo, micro_pipeline_copy.env, micro_pipeline_copy.store
     set_params(repo, num_tokens_shared=2)
-    ran = stages_run(run(["dvc", "repro"], repo, env, timeout=900))
+    ran = stages_run(run(["dvc", "repro"], repo, env, timeout=PIPELINE_TIMEOUT))
     assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark", "sweep"}
     # The new parent holds every stage's results, those of the stages not rerun included.
     client = MlflowClient(f"sqlite:///{store}")
