@@ -368,10 +368,12 @@ def fake_slurm(tmp_path):
     log = tmp_path / "calls.log"
     tools = tmp_path / "bin"
     tools.mkdir()
+    # Its trap is set before it logs its call: the tests signal it once they read the call.
     (tools / "srun").write_text(
-        '#!/bin/bash\necho $$ > "$LOG.pid"\necho "srun $*" >> "$LOG"\n'
-        'trap \'echo "srun: TERM" >> "$LOG"; kill $sleeper; exit 143\' TERM\n'
-        "sleep 120 & sleeper=$!\nwait $sleeper\n"
+        "#!/bin/bash\n"
+        'trap \'echo "srun: TERM" >> "$LOG"; kill $! 2>/dev/null; exit 143\' TERM\n'
+        'echo $$ > "$LOG.pid"\necho "srun $*" >> "$LOG"\n'
+        "sleep 120 &\nwait $!\n"
     )
     (tools / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n')
     for tool in tools.iterdir():
