@@ -3,7 +3,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CLUSTER_STAMP := $(VENV)/.installed-cluster
 
-.PHONY: install install-cluster test lint run clean-run
+.PHONY: install install-cluster test test-fast lint run clean-run
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(CLUSTER_STAMP): $(STAMP)
 
 test: install-cluster
 	$(BIN)/python -m pytest -q
+
+# The suite without its end-to-end tests (marker e2e: dvc repro, the KFP local run,
+# multi-process trainings, cts stage commands): a minute or two instead of ten.
+test-fast: install-cluster
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 lint: install
 	$(BIN)/ruff check .

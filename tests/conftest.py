@@ -1,4 +1,6 @@
-"""Shared fixtures: a local HTTP file server (127.0.0.1 only) and a tiny synthetic dataset."""
+"""Shared fixtures: a local HTTP file server (127.0.0.1 only), a tiny synthetic dataset, MLflow
+stores, the micro pipeline after `dvc repro` (built once per session) and the weights two
+simulated nodes on loopback must train."""
 
 from __future__ import annotations
 
@@ -8,6 +10,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import LOOPBACK_PARAMS as LOOPBACK
+from helpers import (
+    MICRO,
+    REPO,
+    Pipeline,
+    build_pipeline,
+    copy_pipeline,
+    pipeline_env,
+    train_nodes,
+    trained_weights,
+)
 
 
 @dataclass
@@ -81,3 +95,54 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 def store(tmp_path_factory) -> str:
     """An MLflow sqlite store, one per test module: creating its schema takes seconds."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+
+
+@pytest.fixture
+def outside_dvc(monkeypatch) -> None:
+    """No DVC experiment, MLflow URI or pipeline run name from the environment the tests run
+    in (`dvc exp run` may be running them)."""
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI", "CTS_PIPELINE_RUN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory) -> Pipeline:
+    """A copy of the repository on the MICRO params after the real `dvc repro`, built once
+    per session (minutes). Read-only: a test that writes in it takes ``micro_pipeline_copy``."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    return build_pipeline(folder / "repo", MICRO, pipeline_env())
+
+
+@pytest.fixture
+def micro_pipeline_copy(micro_pipeline, tmp_path) -> Pipeline:
+    """A copy of the built micro pipeline (repository, DVC cache and MLflow store) of this
+    test's own."""
+    return copy_pipeline(micro_pipeline, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def loopback_job(tmp_path_factory, tiny_synthetic):
+    """A factory of job folders (the shared file system of simulated nodes), each with a
+    params file of the tiny loopback run on ``tiny_synthetic``; one MLflow store for all."""
+    store = tmp_path_factory.mktemp("loopback-mlflow") / "mlruns.db"
+
+    def make(name: str) -> Path:
+        folder = tmp_path_factory.mktemp(name)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params.update(
+            LOOPBACK, data_root=str(tiny_synthetic), mlflow_tracking_uri=f"sqlite:///{store}"
+        )
+        (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loopback_reference(loopback_job) -> dict:
+    """The weights of `nproc_per_node: 2` on one machine, which every two-node job on
+    loopback must train (to rounding)."""
+    folder = loopback_job("reference")
+    (result,) = train_nodes(folder, [{}], "--no-resume", "--set", "nproc_per_node=2")
+    assert result[0] == 0, (result[1] + result[2])[-3000:]
+    return trained_weights(folder)

@@ -11,13 +11,24 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from helpers import (
+    LOOPBACK_ITERATIONS,
+    PLACEMENT_VARIABLES,
+    REPO,
+    base_env,
+    finish,
+    free_port,
+    start_training,
+    train_nodes,
+    trained_by_rank_0_of_two,
+    trained_weights,
+    worst_difference,
+)
 
 from cts.cluster import (
     Placement,
@@ -31,42 +42,9 @@ from cts.cluster import (
 from stages.launch import first_process, launch_plan
 from stages.params import ParamError, load_params
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MANIFESTS = REPO / "cluster" / "kubeflow"
 SBATCH = REPO / "cluster" / "slurm" / "ade20k_vit_s.sbatch"
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
-ITERATIONS = 20
-# A tiny train_segmenter: 4 images, global batch 4 (2 per process), the oracle policy (no
-# policy training needed), fp32 and no random masks, so that runs agree to rounding.
-TINY = {
-    "device": "cpu",
-    "depth": 1,
-    "crop_size": 128,
-    "num_tokens_shared": 4,
-    "policy": "oracle",
-    "drop_path_rate": 0.0,
-    "train_precision": "fp32",
-    "loss_stride": 1,
-    "class_weight_power": 0.0,
-    "iterations": ITERATIONS,
-    "batch_size": 4,
-    "warmup_iterations": 1,
-    "eval_every": 0,  # the oracle policy needs labels, which validation does not pass
-    "checkpoint_every": 0,
-    "rendezvous_timeout": 120,
-}
-# What a scheduler or launcher may have left in this test's own environment.
-_PLACEMENT_VARIABLES = re.compile(
-    r"^(SLURM_\w+|PET_\w+|MASTER_ADDR|MASTER_PORT|WORLD_SIZE|RANK|LOCAL_RANK|"
-    r"LOCAL_WORLD_SIZE|GROUP_RANK|TORCHELASTIC_\w+)$"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _slurm_step(node: int, nodes: int = 2, tasks_per_node: int = 1, local: int = 0) -> dict:
@@ -347,7 +325,7 @@ def test_a_contradiction_or_an_unknown_host_is_one_line_before_any_work(override
 def test_only_the_first_process_of_the_job_cleans_up(monkeypatch, known_nodes):
     """Another node's live processes look dead from here: on a shared file system only the
     first cleans up after killed runs."""
-    for key in [key for key in os.environ if _PLACEMENT_VARIABLES.match(key)]:
+    for key in [key for key in os.environ if PLACEMENT_VARIABLES.match(key)]:
         monkeypatch.delenv(key)
     for name, value in _slurm_step(1).items():
         monkeypatch.setenv(name, value)
@@ -390,16 +368,18 @@ def fake_slurm(tmp_path):
     log = tmp_path / "calls.log"
     tools = tmp_path / "bin"
     tools.mkdir()
+    # Its trap is set before it logs its call: the tests signal it once they read the call.
     (tools / "srun").write_text(
-        '#!/bin/bash\necho $$ > "$LOG.pid"\necho "srun $*" >> "$LOG"\n'
-        'trap \'echo "srun: TERM" >> "$LOG"; kill $sleeper; exit 143\' TERM\n'
-        "sleep 120 & sleeper=$!\nwait $sleeper\n"
+        "#!/bin/bash\n"
+        'trap \'echo "srun: TERM" >> "$LOG"; kill $! 2>/dev/null; exit 143\' TERM\n'
+        'echo $$ > "$LOG.pid"\necho "srun $*" >> "$LOG"\n'
+        "sleep 120 &\nwait $!\n"
     )
     (tools / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n')
     for tool in tools.iterdir():
         tool.chmod(0o755)
     env = {
-        **_base_env(),
+        **base_env(),
         "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
         "LOG": str(log),
         "SLURM_JOB_ID": "77",
@@ -427,7 +407,6 @@ def fake_slurm(tmp_path):
 def test_near_the_time_limit_the_script_stops_the_step_and_requeues_the_job(fake_slurm):
     submit, log = fake_slurm
     script = submit()
-    time.sleep(0.3)  # the traps are set just after srun starts
     script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends
     output, _ = script.communicate(timeout=30)
     assert script.returncode == 143, output
@@ -445,7 +424,6 @@ def test_on_preemption_the_script_waits_for_the_step_and_leaves_the_requeue_to_s
 ):
     submit, log = fake_slurm
     script = submit()
-    time.sleep(0.3)
     # SLURM signals the batch script and the step's processes.
     script.send_signal(signal.SIGTERM)
     os.kill(int(Path(f"{log}.pid").read_text()), signal.SIGTERM)
@@ -498,95 +476,23 @@ def test_the_kubeflow_manifests_run_a_stage_with_the_params_they_mount(name):
 # --- two nodes on loopback -----------------------------------------------------------------
 
 
-def _base_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not _PLACEMENT_VARIABLES.match(k)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # One thread per process on a small machine; the runs compared use the same kernels.
-    env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}")
-    return env
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_synthetic):
-    """A factory of job folders (the shared file system of the simulated nodes), each with
-    a params file of the tiny run; one MLflow store for all."""
-    store = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
-
-    def make(name: str) -> Path:
-        folder = tmp_path_factory.mktemp(name)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params.update(TINY, data_root=str(tiny_synthetic), mlflow_tracking_uri=f"sqlite:///{store}")
-        (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        return folder
-
-    return make
-
-
-def _start(folder: Path, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "cts"), "train_segmenter", *args],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
-    outputs = [p.communicate(timeout=300) for p in processes]
-    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs, strict=True)]
-
-
-def _nodes(folder: Path, envs: list[dict], *args: str) -> list[tuple[int, str, str]]:
-    """``cts train_segmenter`` once per node environment (node 1 first: it waits)."""
-    processes = [_start(folder, {**_base_env(), **env}, *args) for env in reversed(envs)]
-    return _finish(processes)[::-1]
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / "checkpoints" / "segmenter.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
-
-
-def _worst(one: dict, two: dict) -> float:
-    assert one.keys() == two.keys()
-    return max((one[k].double() - two[k].double()).abs().max().item() for k in one)
-
-
-def _trained_by_rank_0_of_two(results: list[tuple[int, str, str]]) -> None:
-    """Both nodes ended well and only node 0 wrote the result: they trained as one job (alone,
-    each would have trained the same weights and reported them)."""
-    for code, out, err in results:
-        assert code == 0, (out + err)[-3000:]
-    (_, first, _), (_, second, _) = results
-    assert "segmenter: final loss" in first and "final loss" not in second
-
-
-@pytest.fixture(scope="module")
-def reference(job):
-    """The weights of `nproc_per_node: 2` on one machine."""
-    folder = job("reference")
-    (result,) = _nodes(folder, [{}], "--no-resume", "--set", "nproc_per_node=2")
-    assert result[0] == 0, (result[1] + result[2])[-3000:]
-    return _weights(folder)
-
-
+@pytest.mark.e2e
 def test_a_pytorchjob_with_two_replicas_on_loopback_trains_like_two_processes_on_one(
-    job, reference
+    loopback_job, loopback_reference
 ):
     """The master's and the worker's pod environments; each pod runs the stage as its one
     worker, the service name of the master mapped to 127.0.0.1 by the master_addr param."""
-    folder = job("pytorchjob")
-    port = _free_port()
+    folder = loopback_job("pytorchjob")
+    port = free_port()
     pods = [_pytorchjob_pod(rank, port=port) for rank in (0, 1)]
-    results = _nodes(folder, pods, "--no-resume", "--set", "master_addr=127.0.0.1")
-    _trained_by_rank_0_of_two(results)
-    assert _worst(_weights(folder), reference) < 1e-4
+    results = train_nodes(folder, pods, "--no-resume", "--set", "master_addr=127.0.0.1")
+    trained_by_rank_0_of_two(results)
+    assert worst_difference(trained_weights(folder), loopback_reference) < 1e-4
 
 
+@pytest.mark.e2e
 def test_two_slurm_nodes_on_loopback_preempted_and_requeued_train_like_two_processes_on_one(
-    job, reference
+    loopback_job, loopback_reference
 ):
     """``srun --nodes=2 --ntasks-per-node=1 cts train_segmenter`` over ``node[01-02]``, both
     nodes on this machine (node 0's name mapped to 127.0.0.1 by the master_addr param), the
@@ -595,11 +501,11 @@ def test_two_slurm_nodes_on_loopback_preempted_and_requeued_train_like_two_proce
     and the requeued job resumes from it; its 20 iterations end with the weights of
     ``nproc_per_node: 2`` on one machine (a resumed run's are those of an uninterrupted one:
     test_resume_distributed)."""
-    folder = job("slurm")
-    args = ["--set", "master_addr=127.0.0.1", "--set", f"master_port={_free_port()}"]
+    folder = loopback_job("slurm")
+    args = ["--set", "master_addr=127.0.0.1", "--set", f"master_port={free_port()}"]
     args += ["--set", "checkpoint_every=1"]
-    envs = [{**_base_env(), **_slurm_step(node)} for node in (0, 1)]
-    tasks = [_start(folder, env, *args) for env in reversed(envs)][::-1]
+    envs = [{**base_env(), **_slurm_step(node)} for node in (0, 1)]
+    tasks = [start_training(folder, env, *args) for env in reversed(envs)][::-1]
     resume_dir = folder / "checkpoints" / "resume"
     deadline = time.monotonic() + 240
     while not list(resume_dir.glob("segmenter-*.pt")) and all(t.poll() is None for t in tasks):
@@ -607,15 +513,15 @@ def test_two_slurm_nodes_on_loopback_preempted_and_requeued_train_like_two_proce
         time.sleep(0.05)
     for task in tasks:
         task.send_signal(signal.SIGTERM)
-    for code, out, err in _finish(tasks):
+    for code, out, err in finish(tasks):
         assert code == 143, (out + err)[-3000:]
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert errors == ["error: train_segmenter terminated (SIGTERM); run it again to resume"]
     assert list(resume_dir.glob("segmenter-*.pt"))
 
-    requeued = [_start(folder, env, *args) for env in reversed(envs)][::-1]
-    results = _finish(requeued)
-    _trained_by_rank_0_of_two(results)
+    requeued = [start_training(folder, env, *args) for env in reversed(envs)][::-1]
+    results = finish(requeued)
+    trained_by_rank_0_of_two(results)
     resumed = re.search(r"resuming segmenter training at iteration (\d+)", results[0][1])
-    assert resumed and 1 <= int(resumed.group(1)) < ITERATIONS
-    assert _worst(_weights(folder), reference) < 1e-4
+    assert resumed and 1 <= int(resumed.group(1)) < LOOPBACK_ITERATIONS
+    assert worst_difference(trained_weights(folder), loopback_reference) < 1e-4

@@ -9,53 +9,50 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import (
+    BIN,
+    PIPELINE_TIMEOUT,
+    REPO,
+    Pipeline,
+    base_env,
+    copy_pipeline,
+    finish,
+    free_port,
+    needs_dvc,
+    run,
+    set_params,
+    stages_run,
+    start_training,
+    trained_by_rank_0_of_two,
+    trained_weights,
+    worst_difference,
+)
 
 from cts.launch import LaunchSettings, prepare, resolve_nproc_per_node
 from cts.processes import process_group
+from stages.launch import DISTRIBUTED_STAGES
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = {
-    "synthetic_num_train": 8,
-    "synthetic_num_val": 3,  # odd: the two processes score 2 and 1 images
-    "synthetic_image_size": 128,
-    "crop_size": 128,
-    "num_tokens_shared": 4,
-    "sweep_tokens_shared": [4, 0],
-    "depth": 1,
+# On top of the micro pipeline's params (its 8 + 3 images: the two processes score 2 and 1).
+TWO_PROCESSES = {
     "policy_iterations": 2,
-    "policy_batch_size": 2,
-    "iterations": 4,
     "batch_size": 4,
     "drop_path_rate": 0.0,  # no random masks: 2 and 1 processes differ in summation order only
     # fp32 and the loss on every pixel: each process would draw its own subgrid offset, and
     # bf16 rounding would amplify the summation-order differences.
     "train_precision": "fp32",
     "loss_stride": 1,
-    "eval_every": 2,
-    "checkpoint_every": 2,
-    "warmup_iterations": 1,
     "ms_scales": [1.0],
-    "bench_batch_size": 1,
-    "bench_repeats": 1,
-    "device": "cpu",
+    # The sweep runs in one process whatever nproc_per_node (test_pipeline checks its table).
+    "sweep_tokens_shared": [],
     "nproc_per_node": 2,
 }
-
-needs_dvc = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="needs dvc")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cts(repo: Path, env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -67,79 +64,60 @@ def _cts(repo: Path, env: dict, *args: str, ok: bool = True) -> subprocess.Compl
     return result
 
 
-def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+def _stage_runs(store: Path) -> dict[str, list[str]]:
+    """Stage name -> the ids of its MLflow runs in ``store``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("cts")
+    found: dict[str, list[str]] = {}
+    for each in client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'stage'"):
+        found.setdefault(each.data.tags["cts.stage"], []).append(each.info.run_id)
+    return found
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A copy of the repository on the tiny settings, after `dvc repro` with 2 processes."""
-    root = tmp_path_factory.mktemp("distributed") / "repo"
-    root.mkdir()
-    for name in ("cts", "stages", ".dvc", "dvc.yaml", "params.yaml", ".gitignore"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(
-                source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
-            )
-        else:
-            shutil.copy(source, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    store = root.parent / "mlruns.db"
-    params.update(TINY, mlflow_tracking_uri=f"sqlite:///{store}")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        # Two processes on a small machine: one thread each keeps the test quick, and the
-        # one-process runs it is compared with use the same kernels.
-        "OMP_NUM_THREADS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "t"]):
-        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
-    if shutil.which("dvc", path=str(BIN)) is not None:
-        result = subprocess.run(
-            [str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True
-        )
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return root, env, store
+def repo(micro_pipeline, tmp_path_factory) -> Pipeline:
+    """A copy of the session's micro pipeline after `dvc repro` on TWO_PROCESSES: its data and
+    preprocessing are reused, the stages from train_policy on run again, those that split
+    their work (DISTRIBUTED_STAGES) on 2 processes. ``output``: what that repro printed."""
+    # Two processes on a small machine: one thread each keeps the test quick, and the
+    # one-process runs it is compared with use the same kernels.
+    pipeline = copy_pipeline(
+        micro_pipeline, tmp_path_factory.mktemp("distributed"), OMP_NUM_THREADS="1"
+    )
+    set_params(pipeline.repo, **TWO_PROCESSES)
+    output = run(["dvc", "repro"], pipeline.repo, pipeline.env, timeout=PIPELINE_TIMEOUT)
+    return replace(pipeline, output=output)
 
 
 @needs_dvc
-def test_dvc_repro_runs_the_stages_on_two_processes_with_one_mlflow_run_each(repo):
+@pytest.mark.e2e
+def test_dvc_repro_runs_the_stages_on_two_processes_with_one_mlflow_run_each(repo, micro_pipeline):
     from mlflow.tracking import MlflowClient
 
-    root, env, store = repo
-    for name in ("policy.json", "train.json", "eval_ss.json", "eval_ms.json", "benchmark.json"):
-        assert (root / "metrics" / name).is_file(), name
-    client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("cts")
-    stages = [
-        run.data.tags["cts.stage"]
-        for run in client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'stage'")
-    ]
+    ran = stages_run(repo.output)
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert sorted(stages) == sorted(pipeline)  # one run per stage, not one per process
-    (train,) = client.search_runs(
-        [experiment.experiment_id], "tags.`cts.stage` = 'train_segmenter'"
-    )
+    assert ran == set(pipeline) - {"download", "preprocess"}  # their outs are the micro's
+    assert set(DISTRIBUTED_STAGES) <= ran
+    for name in ("policy.json", "train.json", "eval_ss.json", "eval_ms.json", "benchmark.json"):
+        assert (repo.repo / "metrics" / name).is_file(), name
+    # The runs this repro added to the copied store: one per stage, not one per process.
+    before, after = _stage_runs(micro_pipeline.store), _stage_runs(repo.store)
+    added = {stage: set(ids) - set(before.get(stage, ())) for stage, ids in after.items()}
+    assert {stage: len(ids) for stage, ids in added.items() if ids} == dict.fromkeys(ran, 1)
+    (train,) = added["train_segmenter"]
     # One process logs: one value per step, the validation of both processes' shares summed.
-    history = client.get_metric_history(train.info.run_id, "val_mIoU")
+    history = MlflowClient(f"sqlite:///{repo.store}").get_metric_history(train, "val_mIoU")
     assert [m.step for m in history if m.step] == [2, 4]  # step 0: the final result
-    status = subprocess.run(
-        [str(BIN / "dvc"), "status"], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert "up to date" in status.stdout
+    status = run([str(BIN / "dvc"), "status"], repo.repo, repo.env)
+    assert "up to date" in status
 
 
 @needs_dvc
+@pytest.mark.e2e
 def test_evaluation_on_two_processes_gives_exactly_the_mIoU_of_one(repo):
-    root, env, _ = repo
+    root, env = repo.repo, repo.env
     two = json.loads((root / "metrics" / "eval_ss.json").read_text())
     two_table = (root / "metrics" / "per_class_iou_ss.csv").read_text()
     _cts(root, env, "eval_ss", "--set", "nproc_per_node=1")
@@ -149,10 +127,11 @@ def test_evaluation_on_two_processes_gives_exactly_the_mIoU_of_one(repo):
 
 
 @needs_dvc
+@pytest.mark.e2e
 def test_training_on_two_processes_matches_one_process(repo):
     """Same global batch (4 = 2 x 2 vs 1 x 4): the same samples, and the loss is normalised by
     the global count of valid pixels, so the gradients agree up to float summation order."""
-    root, env, _ = repo
+    root, env = repo.repo, repo.env
     checkpoint = root / "checkpoints" / "segmenter.pt"
     two = torch.load(checkpoint, map_location="cpu", weights_only=False)  # from `dvc repro`
     # Validation draws no random numbers: leaving it out changes no weight.
@@ -189,8 +168,9 @@ def _running(pid: int) -> bool:
 
 
 @needs_dvc
+@pytest.mark.e2e
 def test_a_killed_worker_ends_the_stage_with_one_line_and_the_rerun_resumes(repo):
-    root, env, _ = repo
+    root, env = repo.repo, repo.env
     settings = ["--set", "iterations=12", "--set", "checkpoint_every=1", "--set", "eval_every=0"]
     resume_dir = root / "checkpoints" / "resume"
     shutil.rmtree(resume_dir, ignore_errors=True)
@@ -248,13 +228,14 @@ def _gone_within(pgid: int, seconds: float) -> list[int]:
 
 
 @needs_dvc
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["launcher", "process_group"])
 def test_sigterm_with_two_processes_is_143_one_line_runs_killed_and_the_rerun_resumes(repo, target):
     """SLURM, Kubernetes and `dvc queue kill` send SIGTERM to the stage's process, or to every
     process of the job at once: both end like one process does."""
     from mlflow.tracking import MlflowClient
 
-    root, env, store = repo
+    root, env, store = repo.repo, repo.env, repo.store
     settings = ["--set", "iterations=12", "--set", "checkpoint_every=1", "--set", "eval_every=0"]
     resume_dir = root / "checkpoints" / "resume"
     shutil.rmtree(resume_dir, ignore_errors=True)
@@ -293,44 +274,20 @@ def test_sigterm_with_two_processes_is_143_one_line_runs_killed_and_the_rerun_re
     assert payload["history"][-1]["step"] == 12
 
 
-@needs_dvc
-def test_two_nodes_on_loopback_train_together(repo):
-    root, env, _ = repo
-    checkpoint = root / "checkpoints" / "segmenter.pt"
-    checkpoint.unlink(missing_ok=True)
-    common = [
-        "train_segmenter",
-        "--no-resume",
-        "--set",
-        "nnodes=2",
-        "--set",
-        "nproc_per_node=1",
-        "--set",
-        "master_addr=127.0.0.1",
-        "--set",
-        f"master_port={_free_port()}",
-        "--set",
-        "iterations=2",
-        "--set",
-        "rendezvous_timeout=120",
-    ]
+@pytest.mark.e2e
+def test_two_nodes_on_loopback_train_together(loopback_job, loopback_reference):
+    """nnodes and node_rank from the params, no scheduler: each node launches its process as
+    torchrun would, and together they train the weights of `nproc_per_node: 2` on one
+    machine."""
+    folder = loopback_job("two-nodes")
+    common = ["--no-resume", "--set", "nnodes=2", "--set", "nproc_per_node=1"]
+    common += ["--set", "master_addr=127.0.0.1", "--set", f"master_port={free_port()}"]
     # Node 1 first: it waits for the master.
     nodes = [
-        subprocess.Popen(
-            [str(BIN / "cts"), *common, "--set", f"node_rank={rank}"],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (1, 0)
+        start_training(folder, base_env(), *common, "--set", f"node_rank={rank}") for rank in (1, 0)
     ]
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    for node, (out, err) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, (out + err)[-3000:]
-    assert checkpoint.is_file()
-    assert "segmenter: final loss" in outputs[1][0] and "final loss" not in outputs[0][0]
+    trained_by_rank_0_of_two(finish(nodes)[::-1])
+    assert worst_difference(trained_weights(folder), loopback_reference) < 1e-4
 
 
 def test_a_batch_that_does_not_split_fails_before_any_worker(tiny_synthetic, tmp_path):
@@ -384,7 +341,7 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
 def test_an_unreachable_master_is_one_line_before_any_worker():
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"master 127\.0\.0\.1:\d+ unreachable after 1 s"):
-        prepare(LaunchSettings(1, nnodes=2, node_rank=1, master_port=_free_port(), timeout=1))
+        prepare(LaunchSettings(1, nnodes=2, node_rank=1, master_port=free_port(), timeout=1))
     assert time.monotonic() - started < 10
     with pytest.raises(ValueError, match="master_addr='no-such-host.invalid': unknown host"):
         prepare(LaunchSettings(1, nnodes=2, node_rank=1, master_addr="no-such-host.invalid"))
@@ -399,13 +356,14 @@ def test_an_unreachable_master_is_one_line_before_any_worker():
 
 
 @needs_dvc
+@pytest.mark.e2e
 def test_policy_training_on_two_processes_matches_one_process(repo):
     """The policy net's batch norm normalises by the statistics of the global batch (synced
     over processes), so 2 processes x 1 image compute the running statistics of 1 process x
     2 images. One iteration: both start from the same weights, so only the batch norm's
     statistics can differ (AdamW's later steps would turn rounding noise on gradients that
     are 0 in theory, a bias before a norm, into steps of +-lr, sync or not)."""
-    root, env, _ = repo
+    root, env = repo.repo, repo.env
     checkpoint = root / "checkpoints" / "policy.pt"
     kept = checkpoint.read_bytes()  # from `dvc repro`; the later stages were built on it
     runs = {}

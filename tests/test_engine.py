@@ -1,8 +1,9 @@
 import pytest
 import torch
+from helpers import Points, points_loop
 from torch import nn
 
-from cts.data.loader import SampleKey, build_loader
+from cts.data.loader import build_loader
 from cts.engine import (
     TrainLoop,
     TrainState,
@@ -18,61 +19,11 @@ from cts.engine import (
 )
 
 
-class Points(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 12
-
-    def __getitem__(self, key: SampleKey) -> dict:
-        generator = torch.Generator().manual_seed(key.index)
-        x = torch.randn(4, generator=generator)
-        return {"x": x, "y": (x.sum() > 0).long()}
-
-
-def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="sum")
-
-
-def _count(batch: dict) -> torch.Tensor:
-    return torch.tensor(len(batch["y"]))
-
-
-def _loop(tmp_path, iterations=6, fail_at=None, accum=1):
-    seed_everything(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(iterations, warmup=2))
-    loader = build_loader(Points(), 4 // accum, True, 0, seed=0, drop_last=True)
-    calls = {"n": 0}
-
-    def loss_fn(net, batch):
-        calls["n"] += 1
-        if fail_at is not None and calls["n"] == fail_at:
-            raise KeyboardInterrupt
-        return _loss(net, batch)
-
-    loop = TrainLoop(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        count_fn=_count,
-        iterations=iterations,
-        device=torch.device("cpu"),
-        grad_accum_steps=accum,
-        checkpoint_path=tmp_path / "last.pt",
-        checkpoint_every=2,
-        fingerprint="f",
-        log_every=1,
-    )
-    state = resume(tmp_path / "last.pt", model, optimizer, scheduler, "f") or TrainState()
-    return loop, state, loader, model
-
-
 def test_training_is_deterministic_on_cpu(tmp_path):
     runs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        loop, state, loader, model = _loop(tmp_path / name)
+        loop, state, loader, model = points_loop(tmp_path / name)
         state = loop.run(state, batches_from(loader, state.iteration))
         runs.append(([row["loss"] for row in state.history], model.state_dict()))
     assert runs[0][0] == runs[1][0]
@@ -82,14 +33,14 @@ def test_training_is_deterministic_on_cpu(tmp_path):
 
 def test_interrupted_training_resumes_to_the_same_result(tmp_path):
     (tmp_path / "full").mkdir()
-    loop, state, loader, reference = _loop(tmp_path / "full")
+    loop, state, loader, reference = points_loop(tmp_path / "full")
     loop.run(state, batches_from(loader))
 
     (tmp_path / "cut").mkdir()
-    loop, state, loader, _ = _loop(tmp_path / "cut", fail_at=5)  # dies in iteration 5
+    loop, state, loader, _ = points_loop(tmp_path / "cut", fail_at=5)  # dies in iteration 5
     with pytest.raises(KeyboardInterrupt):
         loop.run(state, batches_from(loader))
-    loop, state, loader, model = _loop(tmp_path / "cut")
+    loop, state, loader, model = points_loop(tmp_path / "cut")
     assert state.iteration == 4  # the checkpoint written every 2 iterations
     state = loop.run(state, batches_from(loader, state.iteration))
     assert state.iteration == 6
@@ -98,7 +49,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
 
 
 def test_resume_ignores_a_checkpoint_of_other_settings(tmp_path):
-    loop, state, loader, model = _loop(tmp_path)
+    loop, state, loader, model = points_loop(tmp_path)
     loop.run(state, batches_from(loader))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(6))
@@ -216,8 +167,8 @@ class FewPoints(Points):
 
 
 def _accum_loop(folder, iterations: int = 6, fail_at: int | None = None):
-    """``_loop`` with 2 accumulation steps of 2 points over :class:`FewPoints`."""
-    loop, state, _, model = _loop(folder, iterations=iterations, fail_at=fail_at, accum=2)
+    """``points_loop`` with 2 accumulation steps of 2 points over :class:`FewPoints`."""
+    loop, state, _, model = points_loop(folder, iterations=iterations, fail_at=fail_at, accum=2)
     loader = build_loader(FewPoints(), 2, True, 0, seed=0, drop_last=True)
     return loop, state, loader, model
 
@@ -258,7 +209,7 @@ def test_fp16_resume_restores_the_grad_scaler_and_is_bit_identical(tmp_path, mon
     )
 
     def fp16_loop(folder, fail_at=None):
-        loop, state, loader, model = _loop(folder, fail_at=fail_at)
+        loop, state, loader, model = points_loop(folder, fail_at=fail_at)
         loop.precision = "fp16"
         return loop, state, loader, model
 
@@ -293,7 +244,7 @@ def test_checkpoint_carries_the_cuda_rng_state_and_resume_restores_it(tmp_path, 
         torch.cuda, "set_rng_state", lambda state, device=None: restored.append(state)
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    loop, state, _, model = _loop(tmp_path)
+    loop, state, _, model = points_loop(tmp_path)
     loop.device = torch.device("cuda", 0)  # only the RNG calls see it
     loop._scaler = torch.amp.GradScaler("cpu", enabled=False)
     state.iteration = 2
@@ -301,5 +252,5 @@ def test_checkpoint_carries_the_cuda_rng_state_and_resume_restores_it(tmp_path, 
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     assert [t.tolist() for t in payload["cuda_rng_per_rank"]] == [saved_state.tolist()]
     assert payload["grad_scaler"] is None  # fp32: no scaler state
-    _loop(tmp_path)  # resumes from it
+    points_loop(tmp_path)  # resumes from it
     assert [t.tolist() for t in restored] == [saved_state.tolist()]

@@ -1,5 +1,5 @@
 """`cts kfp`: the Kubeflow pipeline built from dvc.yaml, compiled, and run with KFP's local
-subprocess runner against a `dvc repro` of the same params (test_pipeline's micro repository).
+subprocess runner against a `dvc repro` of the same params (the session's micro pipeline).
 
 kfp is the `cluster` extra, which `make test` installs: without it these tests fail to import
 rather than skip.
@@ -14,12 +14,12 @@ from pathlib import Path
 import kfp
 import pytest
 import yaml
+from helpers import BIN, PIPELINE_TIMEOUT, REPO, needs_dvc, run
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from cts.cli import app
 from stages.params import parse_override
-from tests.test_pipeline import BIN, REPO, _run, pipeline  # noqa: F401 (the fixture)
 
 # Measurements that differ between two runs of the same model; everything else must agree.
 TIMING = re.compile(r"per_sec|ms_per|seconds|speedup|policy_share")
@@ -217,6 +217,7 @@ class _Artifact:
         self.metrics[name] = value
 
 
+@pytest.mark.e2e  # a `cts` process, as the tasks run
 def test_a_task_whose_command_fails_fails_in_one_line_and_leaves_no_work_folder(
     tmp_path, monkeypatch
 ):
@@ -228,6 +229,7 @@ def test_a_task_whose_command_fails_fails_in_one_line_and_leaves_no_work_folder(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_a_task_links_its_inputs_moves_its_outs_and_names_a_missing_one(
     tiny_synthetic, tmp_path, monkeypatch
 ):
@@ -277,12 +279,15 @@ def _values(path: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if not TIMING.search(k)}
 
 
-def test_the_local_run_writes_what_dvc_repro_writes(pipeline, tmp_path):  # noqa: F811
-    repo, env, _, _ = pipeline
+@needs_dvc
+@pytest.mark.e2e
+def test_the_local_run_writes_what_dvc_repro_writes(micro_pipeline, tmp_path):
+    repo, env = micro_pipeline.repo, micro_pipeline.env
     out = tmp_path / "run" / "kfp"
     store = f"sqlite:///{tmp_path / 'kfp-mlruns.db'}"
     command = [str(BIN / "cts"), "kfp", "run_local", "--out", str(out)]
-    output = _run([*command, "--set", f"mlflow_tracking_uri={store}"], repo, env)
+    command += ["--set", f"mlflow_tracking_uri={store}"]
+    output = run(command, repo, env, timeout=PIPELINE_TIMEOUT)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     stages = _dvc_stages(repo / "dvc.yaml")
     written = sum(len(_writes(spec)) for spec in stages.values())

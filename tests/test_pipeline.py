@@ -1,94 +1,25 @@
-"""End to end: the real `dvc repro` on a micro configuration in a copy of the repository."""
+"""End to end: the real `dvc repro` on a micro configuration in a copy of the repository (the
+session's ``micro_pipeline``; a test that writes in it takes a copy of its own)."""
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import BIN, PIPELINE_TIMEOUT, needs_dvc, run, set_params, stages_run
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MICRO = {
-    "synthetic_num_train": 6,
-    "synthetic_num_val": 2,
-    "synthetic_image_size": 128,
-    "crop_size": 128,
-    "num_tokens_shared": 4,
-    "depth": 1,
-    "policy_iterations": 3,
-    "policy_batch_size": 2,
-    "iterations": 4,
-    "batch_size": 2,
-    "eval_every": 2,
-    "checkpoint_every": 2,
-    "warmup_iterations": 1,
-    "ms_scales": [1.0, 1.25],
-    "bench_batch_size": 1,
-    "bench_repeats": 1,
-    "sweep_tokens_shared": [2, 0],
-    "device": "cpu",
-}
-
-pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="needs dvc")
-
-
-def _run(args: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    return output
-
-
-def _set_params(repo: Path, **values) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params.update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    repo.mkdir()
-    for name in ("cts", "stages", ".dvc", "dvc.yaml", "params.yaml", ".gitignore"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(
-                source, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache")
-            )
-        else:
-            shutil.copy(source, repo / name)
-    store = repo.parent / "mlruns.db"
-    _set_params(repo, **MICRO, mlflow_tracking_uri=f"sqlite:///{store}")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "micro"], repo, env)
-    output = _run(["dvc", "repro"], repo, env)
-    return repo, env, store, output
+pytestmark = [needs_dvc, pytest.mark.e2e]
 
 
 def _metrics(repo: Path, name: str) -> dict:
     return json.loads((repo / "metrics" / name).read_text())
 
 
-def test_every_stage_writes_its_metrics(pipeline):
-    repo, _, _, _ = pipeline
+def test_every_stage_writes_its_metrics(micro_pipeline):
+    repo = micro_pipeline.repo
     assert {"accuracy", "precision_at_k"} <= set(_metrics(repo, "policy.json"))
     for name in ("eval_ss.json", "eval_ms.json"):
         metrics = _metrics(repo, name)
@@ -124,10 +55,10 @@ def test_every_stage_writes_its_metrics(pipeline):
     assert (repo / "dvc.lock").is_file()
 
 
-def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(pipeline):
+def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(micro_pipeline):
     import pandas as pd
 
-    repo, _, _, _ = pipeline
+    repo = micro_pipeline.repo
     table = pd.read_csv(repo / "plots" / "k_sweep.csv", float_precision="round_trip")
     assert list(table.columns) == ["num_tokens_shared", "tokens", "mIoU", "ims_per_sec", "gflops"]
     assert table["num_tokens_shared"].tolist() == [0, 2, 4]  # the swept K and the trained K
@@ -139,10 +70,10 @@ def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(pipeline
     assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_one_mlflow_parent_run_holds_every_stage(pipeline):
+def test_one_mlflow_parent_run_holds_every_stage(micro_pipeline):
     from mlflow.tracking import MlflowClient
 
-    _, _, store, _ = pipeline
+    store = micro_pipeline.store
     client = MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("cts")
     parents = client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'pipeline'")
@@ -188,13 +119,12 @@ def test_one_mlflow_parent_run_holds_every_stage(pipeline):
     assert parent.info.run_name.startswith("vit_tiny_patch16_384 d1 K=4 ")
 
 
-def test_changing_k_reruns_only_training_evaluation_and_benchmark(pipeline):
+def test_changing_k_reruns_only_training_evaluation_and_benchmark(micro_pipeline_copy):
     from mlflow.tracking import MlflowClient
 
-    repo, env, store, _ = pipeline
-    _set_params(repo, num_tokens_shared=2)
-    output = _run(["dvc", "repro"], repo, env)
-    ran = set(re.findall(r"Running stage '(\w+)'", output))
+    repo, env, store = micro_pipeline_copy.repo, micro_pipeline_copy.env, micro_pipeline_copy.store
+    set_params(repo, num_tokens_shared=2)
+    ran = stages_run(run(["dvc", "repro"], repo, env, timeout=PIPELINE_TIMEOUT))
     assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark", "sweep"}
     # The new parent holds every stage's results, those of the stages not rerun included.
     client = MlflowClient(f"sqlite:///{store}")
@@ -207,15 +137,15 @@ def test_changing_k_reruns_only_training_evaluation_and_benchmark(pipeline):
         assert any(m.startswith(f"{prefix}.") for m in parent.data.metrics), prefix
     assert parent.data.metrics["benchmark.tokens"] == 64 - 3 * 2
     assert _metrics(repo, "benchmark.json")["tokens"] == 64 - 3 * 2
-    status = _run(["dvc", "status"], repo, env)
+    status = run(["dvc", "status"], repo, env)
     assert "up to date" in status
 
 
-def test_training_runs_under_an_outer_torchrun_with_two_cpu_processes(pipeline):
-    repo, env, _, _ = pipeline
+def test_training_runs_under_an_outer_torchrun_with_two_cpu_processes(micro_pipeline_copy):
+    repo, env = micro_pipeline_copy.repo, micro_pipeline_copy.env
     checkpoint = repo / "checkpoints" / "segmenter.pt"
     checkpoint.unlink()
-    _run(
+    run(
         [
             str(BIN / "torchrun"),
             "--nproc-per-node",
@@ -234,9 +164,9 @@ def test_training_runs_under_an_outer_torchrun_with_two_cpu_processes(pipeline):
     assert checkpoint.is_file()
 
 
-def test_plots_page_loads_nothing_remote(pipeline):
-    repo, env, _, _ = pipeline
-    _run(["dvc", "plots", "show"], repo, env)
+def test_plots_page_loads_nothing_remote(micro_pipeline_copy):
+    repo, env = micro_pipeline_copy.repo, micro_pipeline_copy.env
+    run(["dvc", "plots", "show"], repo, env)
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert "vegaEmbed(" in page and 'var e="5.20.2"' in page  # plots, vega inlined
     # The only sources are files DVC writes beside the page (the K-sweep picture).
@@ -244,17 +174,6 @@ def test_plots_page_loads_nothing_remote(pipeline):
     assert not [s for s in sources if re.match(r"(?i)([a-z]+:|//)", s)], sources
     assert (repo / "dvc_plots" / "static" / "workspace_plots_k_sweep.png").is_file()
     assert "cdn.jsdelivr" not in page
-
-
-@pytest.fixture
-def repo_copy(pipeline, tmp_path):
-    """A copy of the trained micro repository with its own MLflow store."""
-    repo, env, store, _ = pipeline
-    copy = tmp_path / "repo"
-    shutil.copytree(repo, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(store, tmp_path / "mlruns.db")
-    _set_params(copy, mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    return copy, env, tmp_path / "mlruns.db"
 
 
 def _statuses(store: Path) -> set[str]:
@@ -265,12 +184,14 @@ def _statuses(store: Path) -> set[str]:
     return {run.info.status for run in client.search_runs(ids)}
 
 
-def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(repo_copy, monkeypatch):
+def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(
+    micro_pipeline_copy, monkeypatch
+):
     import stages.train_segmenter as stage
     from cts.checkpoint import load_checkpoint
     from stages.params import load_params
 
-    repo, _, _ = repo_copy
+    repo = micro_pipeline_copy.repo
     monkeypatch.chdir(repo)
     params = load_params(repo / "params.yaml", ["iterations=6"], keys=stage.PARAMS)
     write_json = stage.write_json
@@ -289,13 +210,13 @@ def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(repo_c
     assert not metrics.exists() or _metrics(repo, "train.json")["iterations"] == trained
 
 
-def test_each_training_step_shares_the_k_drawn_for_it(repo_copy, monkeypatch):
+def test_each_training_step_shares_the_k_drawn_for_it(micro_pipeline_copy, monkeypatch):
     import stages.train_segmenter as stage
     from cts.models.segmenter import Segmenter
     from cts.sharing import training_num_shared
     from stages.params import load_params
 
-    repo, _, _ = repo_copy
+    repo = micro_pipeline_copy.repo
     monkeypatch.chdir(repo)
     overrides = ["iterations=8", "eval_every=0", "train_unshared_fraction=0.5"]
     params = load_params(repo / "params.yaml", overrides, keys=stage.PARAMS)
@@ -309,13 +230,15 @@ def test_each_training_step_shares_the_k_drawn_for_it(repo_copy, monkeypatch):
 
     monkeypatch.setattr(Segmenter, "forward", spy)
     stage.run(params, resume_training=False)
-    k = params["num_tokens_shared"]  # an earlier test may have changed it in the repository
+    k = params["num_tokens_shared"]
     assert used == [training_num_shared(k, 0.5, params["seed"], step) for step in range(8)]
     assert set(used) == {0, k}  # both are drawn in these 8 steps
 
 
-def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_runs(repo_copy):
-    repo, env, store = repo_copy
+def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_runs(
+    micro_pipeline_copy,
+):
+    repo, env, store = micro_pipeline_copy.repo, micro_pipeline_copy.env, micro_pipeline_copy.store
     process = subprocess.Popen(
         ["cts", "train_segmenter", "--set", "iterations=5000", "--set", "checkpoint_every=1"],
         cwd=repo,
@@ -341,9 +264,9 @@ def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_run
     assert "RUNNING" not in _statuses(store) and "KILLED" in _statuses(store)
 
 
-def test_an_empty_sweep_list_skips_the_sweep(pipeline):
-    repo, env, _, _ = pipeline
-    output = _run([str(BIN / "cts"), "sweep", "--set", "sweep_tokens_shared=[]"], repo, env)
+def test_an_empty_sweep_list_skips_the_sweep(micro_pipeline_copy):
+    repo, env = micro_pipeline_copy.repo, micro_pipeline_copy.env
+    output = run([str(BIN / "cts"), "sweep", "--set", "sweep_tokens_shared=[]"], repo, env)
     assert "skipped" in output
     assert (repo / "plots" / "k_sweep.csv").read_text().strip() == (
         "num_tokens_shared,tokens,mIoU,ims_per_sec,gflops"

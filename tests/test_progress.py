@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 import torch
+from helpers import points_loop
 
 import cts.progress
 from cts.engine import batches_from
 from cts.inference import EvalGeometry, evaluate
 from cts.progress import LogProgress, progress_bar
-from tests.test_engine import _loop
 
 
 class Clock:
@@ -47,7 +47,7 @@ def test_not_a_terminal_gives_plain_lines(capsys):
 
 def test_training_and_evaluation_print_progress_lines_in_logs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cts.progress, "LOG_INTERVAL_SECONDS", 0.0)
-    loop, state, loader, _ = _loop(tmp_path, iterations=4)
+    loop, state, loader, _ = points_loop(tmp_path, iterations=4)
     loop.run(state, batches_from(loader))
     train = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train:")]
     assert {re.match(r"train: step (\d)/4 \(", line).group(1) for line in train} == set("1234")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import Points as EnginePoints
+from helpers import free_port, points_count, points_loss
 from torch import nn
 
 from cts.data.loader import build_loader
@@ -25,8 +26,8 @@ from cts.engine import (
     seed_everything,
     split_batch,
 )
-from tests.test_engine import Points as EnginePoints
-from tests.test_engine import _count, _loss
+
+pytestmark = pytest.mark.e2e
 
 ITERATIONS = 6
 ACCUM = 2
@@ -65,14 +66,14 @@ def _worker(rank: int, port: int, folder: str, kill_at: int | None) -> None:
             calls["n"] += 1
             if kill_at is not None and calls["n"] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return _loss(net, batch)
+            return points_loss(net, batch)
 
         loop = TrainLoop(
             model=ddp,
             optimizer=optimizer,
             scheduler=scheduler,
             loss_fn=loss_fn,
-            count_fn=_count,
+            count_fn=points_count,
             iterations=ITERATIONS,
             device=torch.device("cpu"),
             grad_accum_steps=ACCUM,
@@ -89,14 +90,8 @@ def _worker(rank: int, port: int, folder: str, kill_at: int | None) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _run(folder: Path, kill_at: int | None = None) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(folder), kill_at), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(folder), kill_at), nprocs=2, join=True)
 
 
 def test_two_processes_resume_after_sigkill_bit_identical(tmp_path):

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from stages.params import ParamError, load_params
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Runs parallel regions (an elementwise op on 2 threads) with idle gaps between them, as a
 # training step does between its ops and a job does while the other job has the cores, and

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import runs
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -38,21 +39,7 @@ BIN = Path(sys.executable).parent
 PARAMS = {"seed": 0, "sharing": {"num_tokens_shared": 103, "policy": "effnet"}}
 
 
-@pytest.fixture(autouse=True)
-def outside_dvc(monkeypatch):
-    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI", "CTS_PIPELINE_RUN"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def runs(store: str, experiment: str) -> tuple[list, list]:
-    """(parents, children) of an experiment, oldest first."""
-    client = MlflowClient(store)
-    found = client.search_runs(
-        [client.get_experiment_by_name(experiment).experiment_id],
-        order_by=["attributes.start_time ASC"],
-    )
-    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
-    return parents, [r for r in found if "mlflow.parentRunId" in r.data.tags]
+pytestmark = pytest.mark.usefixtures("outside_dvc")
 
 
 def test_repo_root_and_default_uri(tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import mlflow
 import pytest
 import yaml
+from helpers import MICRO as PIPELINE_MICRO
+from helpers import REPO, runs
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -31,10 +33,9 @@ from cts.tracking import (
 from stages.common import STAGE_METRICS, STAGE_SETTINGS
 from stages.dvc_file import upstream_stages
 from stages.mlflow_context import committed_params, pipeline_context, upstream_stage_metrics
-from tests.test_pipeline import MICRO as PIPELINE_MICRO
-from tests.test_tracking import outside_dvc, runs  # noqa: F401 (autouse fixture)
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("outside_dvc")
+
 PARAMS = {"seed": 0, "num_tokens_shared": 103, "policy": "policy_net"}
 
 
@@ -250,6 +251,7 @@ def _run_stage(stage: str, repo: Path, overrides: tuple[str, ...] = ()) -> None:
     module.run(params)
 
 
+@pytest.mark.e2e
 def test_an_experiment_failing_midway_shows_only_its_own_numbers(store, tmp_path, monkeypatch):
     """`make run`, then `dvc exp run -S num_tokens_shared=0` whose training fails: the new
     parent holds the reused upstream results and nothing of the first execution's training,
