@@ -2,6 +2,7 @@
 life, their names and headline, chart steps, settings as params, the registry's versions,
 the UI's address; and the validation curve DVC plots."""
 
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -415,5 +416,15 @@ def test_the_validation_curve_has_one_row_per_step():
     assert curve.to_dict("list") == {"step": [2, 4], "mIoU": [11.0, 20.0]}
 
 
-def test_mlflow_is_left_without_an_active_run():
+@pytest.mark.parametrize("ends", ["normally", "with an error", "interrupted"])
+def test_mlflow_is_left_without_an_active_run(ends, tmp_path):
+    """After a stage's run, whichever way its body ends, neither MLflow nor cts.tracking holds
+    a run that the next stage in the same process (a test, a notebook) would log into."""
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    raised = {"normally": None, "with an error": ValueError, "interrupted": KeyboardInterrupt}
+    with contextlib.suppress(ValueError, KeyboardInterrupt):
+        with stage_run("eval_ss", PARAMS, "left", store):
+            assert mlflow.active_run() is not None and cts.tracking.session._SESSION is not None
+            if raised[ends] is not None:
+                raise raised[ends]
     assert mlflow.active_run() is None and cts.tracking.session._SESSION is None
