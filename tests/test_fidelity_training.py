@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,6 @@ import yaml
 from cts.data.transforms import (
     PolicyTransform,
     TrainTransform,
-    crop_box,
     keep_ratio_size,
     photometric_distortion,
     random_crop,
@@ -378,20 +378,51 @@ def coordinate_image(height: int, width: int) -> np.ndarray:
     return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
 
 
+def mmseg_random_crop(label: np.ndarray, crop: int, rng, cat_max_ratio: float = 0.75):
+    """mmseg 0.14.1 RandomCrop.__call__ and get_crop_bbox, written out (np.random.randint
+    as Generator.integers): the window's top-left corner and how many tests it took."""
+
+    def bbox():
+        margin_h, margin_w = max(label.shape[0] - crop, 0), max(label.shape[1] - crop, 0)
+        return rng.integers(0, margin_h + 1), rng.integers(0, margin_w + 1)
+
+    top, left = bbox()
+    for tries in range(10):
+        labels, cnt = np.unique(label[top : top + crop, left : left + crop], return_counts=True)
+        cnt = cnt[labels != 255]
+        if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
+            return (top, left), tries
+        top, left = bbox()
+    return (top, left), 10  # the eleventh draw, untested
+
+
+def test_crop_is_mmsegs_random_crop_window_by_window():
+    """Windows pass or fail by the share of the largest class among the labelled pixels
+    (ignore left out, a one-class window failing, a share of exactly 3/4 failing): a 28 x 28
+    block of class 1, a 16 x 16 block of class 2 (3/4 of a window holding it and class 0
+    only) and ignore rows, so some windows pass at once, some after retries, some never."""
+    label = np.zeros((96, 96), np.uint8)
+    label[:28, :28] = 1
+    label[44:60, 44:60] = 2
+    label[76:] = 255
+    image = coordinate_image(96, 96)
+    tries = set()
+    for seed in range(60):
+        (top, left), tried = mmseg_random_crop(label, 32, rng(seed))
+        tries.add(tried)
+        window, crop = random_crop(image, label, 32, rng(seed))
+        assert (int(window[0, 0, 0]), int(window[0, 0, 1])) == (top, left), seed
+        assert np.array_equal(crop, label[top : top + 32, left : left + 32])
+    assert tries == set(range(11))  # the first window, every retry, the eleventh
+
+
 def test_crop_keeps_the_eleventh_draw_after_ten_failures():
-    # mmseg RandomCrop: draw, then 10 x (test; if it fails, draw again): after ten failed
-    # tests the eleventh window is used untested.
-    label = np.zeros((64, 64), np.uint8)  # one class: every test fails
+    # One class: every test fails; the window is the eleventh draw of mmseg's sequence.
+    label = np.zeros((64, 64), np.uint8)
+    (top, left), tried = mmseg_random_crop(label, 32, rng(3))
     image, crop = random_crop(coordinate_image(64, 64), label, 32, rng(3))
-    draws = [crop_box(label.shape, 32, r) for r in [rng(3)] for _ in range(11)]
-    assert (int(image[0, 0, 0]), int(image[0, 0, 1])) == draws[10]
+    assert tried == 10 and (int(image[0, 0, 0]), int(image[0, 0, 1])) == (top, left)
     assert crop.shape == (32, 32)
-
-
-def test_crop_keeps_the_first_window_that_passes():
-    label = (np.arange(64)[None] // 8 % 4).repeat(64, 0).astype(np.uint8)  # every crop passes
-    image, _ = random_crop(coordinate_image(64, 64), label, 32, rng(4))
-    assert (int(image[0, 0, 0]), int(image[0, 0, 1])) == crop_box(label.shape, 32, rng(4))
 
 
 class RecordingRng:
@@ -450,15 +481,17 @@ def test_policy_crop_recipe_resizes_the_short_side_then_crops():
     label = np.zeros((59, 100), np.uint8)
     out = transform(np.zeros((59, 100, 3), np.uint8), label, rng(2))
     assert out["image"].shape == (3, 64, 64) and out["target"].shape == (2, 2)
+    # By hand: bilinear resize to 162 x 96 (w, h), the crop at int(u * margin), the flip,
+    # then (x / 255 - 0.5) / 0.5.
     draws = rng(2)
     top, left = int(draws.random() * (96 - 64)), int(draws.random() * (162 - 64))
-    image = coordinate_image(59, 100)
-    expected = PolicyTransform(size=(96, 162), patch_size=1, flip=False, **HALF)(
-        image, label, rng()
-    )["image"][:, top : top + 64, left : left + 64]
+    image = np.random.default_rng(7).integers(0, 256, (59, 100, 3), dtype=np.uint8)
+    window = cv2.resize(image, (162, 96), interpolation=cv2.INTER_LINEAR)
+    window = window[top : top + 64, left : left + 64]
     if draws.random() < 0.5:
-        expected = expected.flip(-1)
-    assert torch.equal(transform(image, label, rng(2))["image"], expected)
+        window = window[:, ::-1]
+    expected = torch.from_numpy((window.transpose(2, 0, 1) / 255 - 0.5) / 0.5).float()
+    torch.testing.assert_close(transform(image, label, rng(2))["image"], expected)
 
 
 def test_policy_crop_recipe_without_resize_crops_the_full_image():
