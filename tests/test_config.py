@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from cts.cli import app
-from cts.models import Segmenter
 from cts.geometry import num_patches, paper_num_shared, tokens_kept
+from cts.models import Segmenter
 from cts.paper import PAPER_SETTINGS, PATCH_SIZE, paper_setting
 from stages.common import segmenter_config
 from stages.config import dvc_args, render
