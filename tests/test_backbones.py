@@ -153,8 +153,9 @@ def test_params_validation_refuses_a_hybrid_backbone():
 
 
 def test_a_rotary_backbone_compiles_to_one_graph_with_and_without_sharing():
-    """What cts throughput's CUDA graphs need (backend "eager": tracing only): the rotary
-    table of patches and centres traces too."""
+    """What cts throughput's CUDA graphs need: one whole graph per K, traced once and
+    reused (a backend that counts the graphs dynamo hands it; fullgraph: a graph break
+    raises), including the rotary table of patches and centres."""
     torch.manual_seed(0)
     model = build_segmenter(
         backbone="eva02_tiny_patch14_224",
@@ -166,12 +167,19 @@ def test_a_rotary_backbone_compiles_to_one_graph_with_and_without_sharing():
         policy_input_scale=0.5,
     ).eval()
     images = torch.randn(2, 3, 56, 56)
+    graphs = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
     torch.compiler.reset()
-    compiled = torch.compile(model.predict, backend="eager", fullgraph=True, dynamic=False)
+    compiled = torch.compile(model.predict, backend=counting, fullgraph=True, dynamic=False)
     with torch.inference_mode():
-        for k in (2, 0):
+        for k in (2, 0, 2, 0):
             assert torch.equal(compiled(images, k), model.predict(images, k))
     torch.compiler.reset()
+    assert len(graphs) == 2  # one per K, no recompilation on the second call
 
 
 # --- rotary positions -------------------------------------------------------------------------
