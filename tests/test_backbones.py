@@ -59,7 +59,8 @@ def _patch(name: str) -> int:
 
 def _encoder(name: str, depth: int = 1, **overrides) -> CTSViTEncoder:
     torch.manual_seed(0)
-    return CTSViTEncoder(create_vit(name, img_size=4 * _patch(name), depth=depth, **overrides))
+    overrides.setdefault("img_size", 4 * _patch(name))
+    return CTSViTEncoder(create_vit(name, depth=depth, **overrides))
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -152,8 +153,9 @@ def test_params_validation_refuses_a_hybrid_backbone():
 
 
 def test_a_rotary_backbone_compiles_to_one_graph_with_and_without_sharing():
-    """What cts throughput's CUDA graphs need (backend "eager": tracing only): the rotary
-    table of patches and centres traces too."""
+    """What cts throughput's CUDA graphs need: one whole graph per K, traced once and
+    reused (a backend that counts the graphs dynamo hands it; fullgraph: a graph break
+    raises), including the rotary table of patches and centres."""
     torch.manual_seed(0)
     model = build_segmenter(
         backbone="eva02_tiny_patch14_224",
@@ -165,12 +167,19 @@ def test_a_rotary_backbone_compiles_to_one_graph_with_and_without_sharing():
         policy_input_scale=0.5,
     ).eval()
     images = torch.randn(2, 3, 56, 56)
+    graphs = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
     torch.compiler.reset()
-    compiled = torch.compile(model.predict, backend="eager", fullgraph=True, dynamic=False)
+    compiled = torch.compile(model.predict, backend=counting, fullgraph=True, dynamic=False)
     with torch.inference_mode():
-        for k in (2, 0):
+        for k in (2, 0, 2, 0):
             assert torch.equal(compiled(images, k), model.predict(images, k))
     torch.compiler.reset()
+    assert len(graphs) == 2  # one per K, no recompilation on the second call
 
 
 # --- rotary positions -------------------------------------------------------------------------
@@ -181,6 +190,16 @@ ROPES = [
     "vit_small_patch16_rope_mixed_224",  # RotaryEmbeddingMixed, learned frequencies
     "vit_small_patch16_dinov3",  # RotaryEmbeddingDinoV3, centred normalised coordinates
 ]
+
+
+# Rotary embeddings whose coordinates timm rescales to a reference grid (EVA-02 and
+# vit_*_rope_*_gap_256: 16 x 16; DINOv3: [-1, 1]): on a 4 x 4 grid neighbouring patches'
+# angles differ by up to 4 rad, and a centre's angle cannot be read off its patches'.
+RESCALED_ROPES = (
+    "eva02_tiny_patch14_224",
+    "vit_medium_patch16_rope_reg1_gap_256",
+    "vit_small_patch16_dinov3",
+)
 
 
 def _angles(table: torch.Tensor) -> torch.Tensor:
@@ -232,34 +251,105 @@ def test_coordinate_augmentation_moves_patches_and_centres_by_one_draw():
     torch.testing.assert_close(cos, centres.cos(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_224"])
-def test_shared_sequence_is_timms_blocks_on_centre_rotated_tokens(name):
-    """The encoder with K > 0 against timm's blocks fed by hand: on an image that is constant
-    within each superpatch, a shared token's pixels are its patches', so its input is any of
-    its patches' embedding; kept patches rotate as timm rotates them, shared tokens at the
-    centre of their superpatch (angles from timm's own patch embedding)."""
-    encoder = _encoder(name, depth=2).eval()
-    vit, grid, n = encoder.vit, (4, 4), 16
-    images = torch.randn(2, 3, 2, 2).repeat_interleave(32, -1).repeat_interleave(32, -2)
-    layout = plan_layout(select_shared(torch.rand(2, 4), 2), grid)
+def _kept_and_shared(shared: list[int], grid: tuple[int, int]) -> list[int]:
+    """The spec's order (cts/sharing.py), by hand: the patches of no shared superpatch in
+    raster order, then the shared superpatches in the order given (their index in the
+    superpatch grid, offset by N to tell them apart)."""
+    h, w = grid
+    covered = {
+        (2 * (s // (w // 2)) + dy) * w + 2 * (s % (w // 2)) + dx
+        for s in shared
+        for dy in (0, 1)
+        for dx in (0, 1)
+    }
+    return [i for i in range(h * w) if i not in covered] + [h * w + s for s in shared]
+
+
+def _prefix_and_positions(vit) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """timm's prefix tokens ``(1, P, C)`` in its order (class, distillation, registers) with
+    their position where timm adds one, and the patches' positions ``(1, N, C)`` (0: none),
+    read off the parameters (the model's own grid: nothing resampled)."""
+    tokens = [getattr(vit, k, None) for k in ("cls_token", "dist_token", "reg_token")]
+    none = vit.patch_embed.proj.weight.new_zeros(1, 0, vit.embed_dim)
+    prefix = torch.cat([none, *(t for t in tokens if t is not None)], 1)
+    assert prefix.shape[1] == vit.num_prefix_tokens
+    if vit.pos_embed is None:
+        return prefix, 0
+    if vit.no_embed_class:
+        return prefix, vit.pos_embed
+    count = prefix.shape[1]
+    return prefix + vit.pos_embed[:, :count], vit.pos_embed[:, count:]
+
+
+def _position_sensitive(vit) -> None:
+    """Weights under which positions and prefix tokens show in the output: timm's init
+    leaves attention near uniform (logits of std ~0.15), so a rotation changes the output
+    by less than 1e-5, and layer scale (DINOv2: 1e-5) hides the blocks altogether. Layer
+    scale 1, queries and keys 4x: logits of std ~2."""
     with torch.no_grad():
-        out = encoder(images, layout)
-        patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        top_left = layout.shared_patches[:, ::4]
-        rows = torch.cat([layout.kept_patches, top_left], 1)
-        tokens = torch.stack([patches[b, rows[b]] for b in range(2)])
-        x = torch.cat([vit.cls_token.expand(2, -1, -1), tokens], 1)
-        patch_rope = vit.rope.get_embed(shape=grid)  # (N, D) or (depth, heads, N, D)
-        centres = _centre_angles(_angles(patch_rope), grid)
-        table = torch.cat([patch_rope, torch.cat([centres.sin(), centres.cos()], -1)], -2)
-        index = torch.cat([layout.kept_patches, n + layout.shared_superpatches], 1)
-        for i, block in enumerate(vit.blocks):
-            block_table = table[i] if table.dim() == 4 else table.unsqueeze(0)
-            rope = torch.stack([block_table[:, index[b]] for b in range(2)])
-            x = block(x, rope=rope)
-        expected = vit.norm(x)[:, 1:]
-    assert out.shape == (2, n - 3 * 2, encoder.embed_dim)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+        for name, param in vit.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("gamma"):
+                param.fill_(1.0)
+            elif name.endswith(("qkv.weight", "q_proj.weight", "k_proj.weight", "in_proj.weight")):
+                param.mul_(4.0)
+
+
+def _shared_reference(vit, images: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """The shared sequence built by hand and run through timm's own modules, ``(B, N - 3K,
+    C)``: a patch token is timm's patch embedding of its pixels plus its position; a shared
+    token is the embedding of its superpatch's pixels downsampled 2x (bilinear, as the
+    authors) plus the mean of its four patches' positions, and rotates at its centre."""
+    batch, grid = images.shape[0], tuple(vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
+    n = grid[0] * grid[1]
+    patches = vit.patch_embed(images).reshape(batch, n, -1)
+    half = F.interpolate(images, scale_factor=0.5, mode="bilinear", align_corners=False)
+    superpatches = vit.patch_embed(half).reshape(batch, n // 4, -1)
+    prefix, pos = _prefix_and_positions(vit)
+    if torch.is_tensor(pos):
+        quads = pos.reshape(1, grid[0] // 2, 2, grid[1] // 2, 2, -1)
+        superpatches = superpatches + quads.mean((2, 4)).flatten(1, 2)
+        patches = patches + pos
+    rows = [_kept_and_shared(shared[b].tolist(), grid) for b in range(batch)]
+    every = torch.cat([patches, superpatches], 1)
+    sequence = torch.stack([every[b, rows[b]] for b in range(batch)])
+    x = torch.cat([prefix.expand(batch, -1, -1), sequence], 1)
+    x = vit.norm_pre(x)
+    rope = getattr(vit, "rope", None)
+    if rope is None:
+        return vit.norm(vit.blocks(x))[:, prefix.shape[1] :]
+    patch_rope = rope.get_embed(shape=grid)  # (N, D) or (depth, heads, N, D)
+    centres = _centre_angles(_angles(patch_rope), grid)
+    table = torch.cat([patch_rope, torch.cat([centres.sin(), centres.cos()], -1)], -2)
+    for i, block in enumerate(vit.blocks):
+        block_table = table[i] if table.dim() == 4 else table.unsqueeze(0)
+        x = block(x, rope=torch.stack([block_table[:, rows[b]] for b in range(batch)]))
+    return vit.norm(x)[:, prefix.shape[1] :]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_shared_sequence_is_timms_modules_on_a_hand_built_sequence(name):
+    """K > 0 for every family against timm's own patch embedding, blocks and norms fed a
+    sequence built by hand from the spec (not from cts.sharing or the encoder's embedding):
+    a wrong shared position, a prefix token mishandled, a lost norm_pre or a token out of
+    order changes the output. The same reference with K = 0 is timm's forward_features.
+    The centres' rotary angles follow from timm's patches' (:func:`_centre_angles`), on a grid
+    where neighbouring patches' differ by less than pi (16 x 16 where timm rescales)."""
+    side = 16 if name in RESCALED_ROPES else 4
+    encoder = _encoder(name, depth=2, img_size=side * _patch(name)).eval()
+    _position_sensitive(encoder.vit)
+    grid, s = (side, side), side * side // 4
+    images = torch.randn(2, 3, side * _patch(name), side * _patch(name))
+    shared = torch.stack([torch.randperm(s)[: s // 2] for _ in range(2)])  # K = S / 2
+    with torch.no_grad():
+        out = encoder(images, plan_layout(shared, grid))
+        expected = _shared_reference(encoder.vit, images, shared)
+        plain = encoder.vit.forward_features(images)[:, encoder.num_prefix_tokens :]
+        torch.testing.assert_close(
+            _shared_reference(encoder.vit, images, shared[:, :0]), plain, rtol=0, atol=1e-5
+        )
+    assert out.shape == (2, side * side - 3 * (s // 2), encoder.embed_dim)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)  # outputs of std 1
 
 
 # --- the policy grid --------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import typer
 from typer.testing import CliRunner
 
 from cts.cli import app
+from cts.geometry import num_patches, paper_num_shared, tokens_kept
 from cts.models import Segmenter
-from cts.paper import PAPER_SETTINGS, PATCH_SIZE
+from cts.paper import PAPER_SETTINGS, PATCH_SIZE, paper_setting
 from stages.common import segmenter_config
 from stages.config import dvc_args, render
 from stages.params import CHECKS, ParamError, load_params
@@ -96,8 +97,16 @@ def test_row_builds_the_papers_model_on_the_meta_device(name, tmp_path):
     assert (params["crop_size"], params["num_tokens_shared"]) == (crop, k)
     assert params["depth"] is None and params["decoder"] == "mask_transformer"
     assert params["policy"] == "policy_net"
-    assert (crop // 16) ** 2 == n and n - 3 * k == tokens
-    assert round(100 * 3 * k / n) == percent
+    # The row as cts/paper.py and the token geometry compute it (what `cts config --list`
+    # prints and the pipeline uses), against the authors' numbers.
+    setting = paper_setting(name)
+    assert (setting.patch_tokens, setting.tokens, round(100 * setting.reduction)) == (
+        n,
+        tokens,
+        percent,
+    )
+    assert (num_patches(crop, PATCH_SIZE), tokens_kept(n, k)) == (n, tokens)
+    assert percent != 30 or paper_num_shared(crop, PATCH_SIZE) == k
     assert k in params["sweep_tokens_shared"] or not params["sweep_tokens_shared"]
 
     # The authors evaluate every row with a window of the crop, inside the short side.

@@ -32,7 +32,6 @@ from cts.visualize import (
     legend,
     legend_entries,
     outline_shared,
-    overlay,
     palette,
     titled_panels,
 )
@@ -226,22 +225,47 @@ def test_k_sweep_points_are_labelled_with_their_k():
     assert "num_tokens_shared" in pd.read_csv(REPO / "plots/k_sweep.csv").columns
 
 
-def test_sweep_subtitle_is_a_formula_of_k():
+def test_sweep_subtitle_is_a_formula_of_k(monkeypatch):
+    """The subtitle's N is worked back from a row with K > 0 (1024 patch tokens: 715 at
+    K = 103); the figure shows the sweep's points, each labelled with its K, and the
+    trained K starred (read off the figure plot_curve saves)."""
+    from matplotlib.figure import Figure
+
     from cts.throughput.sweep import plot_curve, token_formula
 
-    ks = np.array([0, 26, 103, 205])
+    ks = np.array([26, 103, 205])
     table = pd.DataFrame(
-        {"num_tokens_shared": ks, "tokens": 1024 - 3 * ks, "mIoU": [45.0, 45.5, 45.2, 37.0]}
+        {"num_tokens_shared": ks, "tokens": 1024 - 3 * ks, "mIoU": [45.5, 45.2, 37.0]}
     )
     table["ims_per_sec"], table["gflops"] = 20 + ks / 10, 3.5 - ks / 100
     formula = token_formula(table)
     match = re.match(r"tokens = (\d+) − 3·K\b", formula)
     assert match and int(match[1]) == 1024, formula
+
+    saved, savefig = [], Figure.savefig
+
+    def recording_savefig(figure, *args, **kwargs):
+        saved.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
     png = np.frombuffer(plot_curve(table, 103, "a title"), np.uint8)
     assert cv2.imdecode(png, cv2.IMREAD_COLOR).shape[2] == 3
+    (axes,) = saved[0].axes
+    assert axes.get_title() == f"a title\n{formula}"
+    curve, star = axes.get_lines()
+    assert list(curve.get_xdata()) == pytest.approx([22.6, 30.3, 40.5])
+    assert list(curve.get_ydata()) == [45.5, 45.2, 37.0]
+    assert list(star.get_xdata()) == pytest.approx([30.3]) and list(star.get_ydata()) == [45.2]
+    labels = {t.get_text(): t.xy for t in axes.texts}
+    assert sorted(labels) == ["K=103", "K=205", "K=26"]
+    assert labels["K=103"] == pytest.approx((30.3, 45.2))
 
 
 def test_eval_scene_legend_holds_prediction_and_ground_truth_classes():
+    """The panels by hand: the input, each class's colour blended half and half over it
+    (truncated to uint8), ignore as black blended; the shared superpatch framed black
+    outside, white inside; 8 white pixels between panels, titles above."""
     colours = palette(12)
     rgb = np.full((64, 64, 3), 128, np.uint8)
     prediction = np.full((64, 64), 2)
@@ -253,15 +277,26 @@ def test_eval_scene_legend_holds_prediction_and_ground_truth_classes():
     shared[1, 0] = True
     names = [f"c{i}" for i in range(12)]
     scene = eval_scene(rgb, prediction, truth, shared, 32, names, colours, "img_7")
-    panels = titled_panels(
-        [
-            ("input", rgb),
-            ("prediction", outline_shared(overlay(rgb, prediction, colours), shared, 32)),
-            ("ground truth", overlay(rgb, truth, colours)),
-        ]
-    )
-    assert np.array_equal(scene[: panels.shape[0], : panels.shape[1]], panels)
-    below = scene[panels.shape[0] :]
+
+    def blend(colour):
+        return np.floor(0.5 * 128 + 0.5 * np.asarray(colour, np.float64)).astype(np.uint8)
+
+    predicted = np.empty((64, 64, 3), np.uint8)
+    predicted[:, :40], predicted[:, 40:] = blend(colours[2]), blend(colours[5])
+    predicted[32:64, 0:32] = 0  # the frame: a black ring outside ...
+    predicted[33:63, 1:31] = 255  # ... a white one inside
+    predicted[34:62, 2:30] = blend(colours[2])
+    true = np.empty((64, 64, 3), np.uint8)
+    true[:], true[:16], true[-1] = blend(colours[2]), blend(colours[9]), blend((0, 0, 0))
+    top = next(y for y in range(scene.shape[0]) if (scene[y, :64] == 128).all())
+    assert top > 10 and (scene[:top, :64] < 128).any()  # the title's ink above
+    assert np.array_equal(scene[top : top + 64, :64], rgb)
+    assert np.array_equal(scene[top : top + 64, 72:136], predicted)
+    assert np.array_equal(scene[top : top + 64, 144:208], true)
+    assert (scene[: top + 64, 64:72] == 255).all() and (scene[: top + 64, 136:144] == 255).all()
+    for left in (72, 144):
+        assert (scene[:top, left : left + 64] < 128).any()
+    below = scene[top + 64 :]
     assert set(np.flatnonzero(colour_counts(below, colours) >= 100)) == {2, 5, 9}
     # ignore's swatch: a black square (the text's black strokes are thinner)
     black = (below == IGNORE_COLOUR).all(-1).astype(np.uint8)
