@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cts.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from cts.processes import DeferredStop
 from cts.progress import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -272,6 +273,9 @@ class TrainState:
     # The fp16 GradScaler's state (scale, growth tracker): a resumed run continues at the
     # scale it had reached instead of restarting at 65536 and skipping steps again.
     grad_scaler: dict[str, Any] | None = None
+    # The sum and count of the losses since the last logged row: a run stopped between two
+    # rows logs the next one as an uninterrupted run does.
+    unlogged: tuple[float, int] = (0.0, 0)
 
 
 def resume(
@@ -292,7 +296,10 @@ def resume(
     scheduler.load_state_dict(payload["scheduler"])
     _restore_rng(payload.get("torch_rng_per_rank") or [payload["torch_rng"]])
     _restore_cuda_rng(payload.get("cuda_rng_per_rank"))
-    return TrainState(payload["iteration"], payload["history"], payload.get("grad_scaler"))
+    unlogged = tuple(payload.get("unlogged", (0.0, 0)))
+    return TrainState(
+        payload["iteration"], payload["history"], payload.get("grad_scaler"), unlogged
+    )
 
 
 def _restore_cuda_rng(states: list[Tensor | None] | None) -> None:
@@ -373,6 +380,7 @@ class TrainLoop:
             torch_rng_per_rank=rng_states,
             cuda_rng_per_rank=[device for _, device in states] if cuda else None,
             grad_scaler=self._scaler.state_dict() if self._scaler.is_enabled() else None,
+            unlogged=state.unlogged,
         )
         save_checkpoint(self.checkpoint_path, payload)
 
@@ -424,13 +432,37 @@ class TrainLoop:
             )
         return value
 
+    def _stop_requested(self, stop: DeferredStop) -> bool:
+        """Whether a process of the run received SIGTERM or SIGUSR1: all of them ask after
+        every step and agree (the largest signal number), so all stop after the same one."""
+        if not self.context.enabled:
+            return bool(stop.signum)
+        flag = torch.tensor([stop.signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed:
+            stop.request(agreed)
+        return bool(agreed)
+
     def run(self, state: TrainState, batches: Iterator[dict]) -> TrainState:
+        """Train from ``state`` to ``iterations``; the last checkpoint holds the end state.
+
+        SIGTERM or SIGUSR1 ends the run after the step in progress (and its validation when
+        one is due): the resume checkpoint of that step is written, then the signal goes to
+        the handler the process had (a stage raises :class:`~cts.processes.Terminated`).
+        """
         # On the loop's device: a CUDA scaler on a CPU-only machine disables itself.
         self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if state.grad_scaler and self._scaler.is_enabled():
             self._scaler.load_state_dict(state.grad_scaler)
         self.model.train()
-        running, count = 0.0, 0
+        with DeferredStop() as stop:
+            self._train(state, batches, stop)
+            self._save(state)
+        return state
+
+    def _train(self, state: TrainState, batches: Iterator[dict], stop: DeferredStop) -> None:
+        running, count = state.unlogged
         with progress_bar() as bar:
             task = bar.add_task(
                 self.description,
@@ -449,6 +481,7 @@ class TrainLoop:
                     status = f"loss {running / count:.4f}"
                     bar.update(task, completed=state.iteration, status=status)
                     running, count = 0.0, 0
+                state.unlogged = (running, count)
                 if (
                     self.evaluate is not None
                     and self.eval_every
@@ -460,8 +493,8 @@ class TrainLoop:
                     # module (no DDP forward) and the metric is summed over processes.
                     self._log(state, self.evaluate(unwrap(self.model)))
                     self.model.train()
+                bar.update(task, completed=state.iteration)
+                if self._stop_requested(stop):
+                    return  # run() writes the checkpoint of this step
                 if self.checkpoint_every and state.iteration % self.checkpoint_every == 0:
                     self._save(state)
-                bar.update(task, completed=state.iteration)
-        self._save(state)
-        return state

@@ -12,18 +12,25 @@ Bad settings fail here, before any worker starts, with one line; a worker that d
 the launch with :class:`WorkerFailed`, whose message names its rank and the cause, after the
 elastic agent has stopped the other workers.
 
-SIGTERM or Ctrl-C, whether sent to the launcher alone or to every process of the job at once
-(as SLURM and Kubernetes do), end the launch as they end one process: every worker unwinds
-(its handler raises :class:`~cts.processes.Terminated` or KeyboardInterrupt once and ignores
-repeats), so rank 0 ends its MLflow runs KILLED and resume checkpoints stay; the workers exit
-with 128 + the signal, and the launcher raises the same interrupt.
+The rendezvous store (node 0) listens on ``master_addr`` alone: on one machine loopback, so
+that nothing else reaches it (it has no authentication); there gloo's connections between the
+workers are on loopback too.
+
+SIGTERM, SIGUSR1 or Ctrl-C, whether sent to the launcher alone or to every process of the job
+at once (as SLURM and Kubernetes do), end the launch as they end one process: every worker
+unwinds (its handler raises :class:`~cts.processes.Terminated` or KeyboardInterrupt once and
+ignores repeats; a training finishes its step and writes its resume checkpoint first), so
+rank 0 ends its MLflow runs KILLED; the workers exit with 128 + the signal (143 for SIGTERM
+and SIGUSR1), and the launcher raises the same interrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -31,10 +38,13 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cts.processes import STOP_SIGNALS, interrupt_for, stop_exit_code, stop_once, stopped_by
 
@@ -175,6 +185,115 @@ def prepare(settings: LaunchSettings) -> LaunchSettings:
     return dataclasses.replace(settings, master_port=port)
 
 
+def _listen_address(host: str, port: int) -> tuple[int, tuple]:
+    """The address family and socket address of ``host:port`` (IPv4 first)."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)
+    return family, address
+
+
+def _named_loopback(host: str, address: str) -> bool:
+    """Whether ``host`` is a name (not an address) that resolves to a loopback address."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return ipaddress.ip_address(address).is_loopback
+    return False
+
+
+def _bound(family: int, address: tuple) -> socket.socket:
+    """A TCP socket listening on ``address``; ``("::", port)``: every interface, IPv4 too."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address[0] == "::":
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _store_listener(host: str, port: int, nnodes: int) -> socket.socket:
+    """The store's socket: on ``host``'s address. On every interface instead, as torch's,
+    with a note, where the other nodes of a job could not reach it there (a name that means
+    loopback here: a hosts file may give the machine's own name Debian's 127.0.1.1) or where
+    ``host`` cannot be served here (a name not in DNS yet, a service's virtual address)."""
+    try:
+        family, address = _listen_address(host, port)
+        if not (nnodes > 1 and _named_loopback(host, address[0])):
+            return _bound(family, address)
+        why = f"is {address[0]} on this node (its hosts file?)"
+    except socket.gaierror:
+        why = "does not resolve here"
+    except OSError as error:
+        if error.errno != errno.EADDRNOTAVAIL:
+            raise
+        why = "is not an address of this node"
+    print(
+        f"note: master_addr={host!r} {why}: the rendezvous listens on every interface, so "
+        "that the other nodes reach it; set master_addr to this node's address to keep it "
+        "to one",
+        file=sys.stderr,
+    )
+    try:
+        return _bound(socket.AF_INET6, ("::", port))
+    except OSError:  # no IPv6 on this machine
+        return _bound(socket.AF_INET, ("0.0.0.0", port))
+
+
+def serve_store(host: str, port: int, nnodes: int, timeout: float) -> dist.TCPStore:
+    """The TCPStore server of a rendezvous at ``host:port``, listening on that address only
+    (but see :func:`_store_listener`).
+
+    torch's binds every interface whatever address it is given; made first, and
+    multi-tenant, this one is the server that torch's store of the same port then uses (the
+    elastic agent's, or ``env://``'s of rank 0). Keep it while the job runs.
+    """
+    listener = _store_listener(host, port, nnodes)
+    # The store owns the socket from here on and closes it when it is gone.
+    return dist.TCPStore(
+        host,
+        port,
+        None,
+        True,
+        timedelta(seconds=timeout),
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=listener.detach(),
+    )
+
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback network interface (Linux: ``lo``)."""
+    for flags in sorted(Path("/sys/class/net").glob("*/flags")):
+        with contextlib.suppress(OSError, ValueError):
+            if int(flags.read_text(), 16) & 0x8:  # IFF_LOOPBACK
+                return flags.parent.name
+    return "lo"
+
+
+@contextlib.contextmanager
+def _rendezvous_network(settings: LaunchSettings) -> Iterator[None]:
+    """On node 0 the rendezvous store, on ``master_addr`` only (:func:`serve_store`); on one
+    machine gloo's listeners on loopback too (GLOO_SOCKET_IFNAME, which the workers
+    inherit; unless set), instead of on the address of the machine's name."""
+    if settings.nnodes == 1:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+    if settings.node_rank != 0:
+        yield
+        return
+    store = serve_store(
+        settings.master_addr, settings.master_port, settings.nnodes, settings.timeout
+    )
+    try:
+        yield
+    finally:
+        del store
+
+
 def _describe(rank: int, failure) -> str:
     """One line from the elastic agent's record of a failed worker."""
     where = f"worker rank {rank} (pid {failure.pid})"
@@ -206,7 +325,10 @@ def launch(settings: LaunchSettings, fn: Callable[..., None], *args) -> None:
     threads = settings.threads or threads_per_process("auto", settings.nproc_per_node)
     # The workers inherit it: their OpenMP and MKL start with that many threads.
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.TemporaryDirectory(prefix="cts-launch-") as log_dir:
+    with (
+        _rendezvous_network(settings),
+        tempfile.TemporaryDirectory(prefix="cts-launch-") as log_dir,
+    ):
         config = LaunchConfig(
             min_nodes=settings.nnodes,
             max_nodes=settings.nnodes,

@@ -1,30 +1,80 @@
 """Which processes still run: what lets a later process clean up after a killed one (its
 temporary files, its MLflow runs) without touching the work of a live one; and how a process
-of ours ends when it is told to stop (SIGTERM, Ctrl-C)."""
+of ours ends when it is told to stop (SIGTERM, SIGUSR1, Ctrl-C), and how a training stops
+only between two steps (:class:`DeferredStop`)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import threading
 from collections.abc import MutableMapping
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 
 # The signals that stop a stage cleanly; a worker they stop exits with 128 + the signal, as a
 # shell reports it.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Of those, a scheduler's: SIGTERM (preemption, `scancel`, Kubernetes) and SIGUSR1 (SLURM's
+# warning before the time limit, `--signal=USR1@N`). A training finishes its step first.
+TERMINATE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, `timeout`, `docker stop`, DVC's queue): unwinds like Ctrl-C, so
-    resume checkpoints stay, temporary files go and MLflow runs end KILLED."""
+    """SIGTERM or SIGUSR1 (schedulers, `timeout`, `docker stop`, DVC's queue): unwinds like
+    Ctrl-C, so resume checkpoints stay, temporary files go and MLflow runs end KILLED."""
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM handler of a stage's own process: the first unwinds, a second ends it at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """SIGTERM and SIGUSR1 handler of a stage's own process: the first unwinds, a second
+    ends it at once."""
+    for each in TERMINATE_SIGNALS:
+        signal.signal(each, signal.SIG_DFL)
     raise Terminated()
+
+
+class DeferredStop:
+    """``with DeferredStop() as stop:`` (in the main thread): SIGTERM and SIGUSR1 interrupt
+    nothing inside; the first is kept in ``stop.signum`` (0: none; repeats are ignored) for
+    the code to act on where it can stop cleanly: a training loop finishes its step and
+    writes its resume checkpoint. Leaving the block without an exception, a kept signal goes
+    to the handler it replaced (a stage's raises :class:`Terminated`; Python's default ends
+    the process with the signal). A signal that was ignored stays ignored."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._replaced: dict[int, object] = {}
+
+    def __enter__(self) -> DeferredStop:
+        if threading.current_thread() is threading.main_thread():
+            for each in TERMINATE_SIGNALS:
+                handler = signal.getsignal(each)
+                if handler not in (signal.SIG_IGN, None):  # None: set outside Python
+                    self._replaced[each] = handler
+                    signal.signal(each, self._keep)
+        return self
+
+    def _keep(self, signum: int, frame: FrameType | None) -> None:
+        self.request(signum)
+
+    def request(self, signum: int) -> None:
+        """Stop as if ``signum`` had arrived (another process of the job received it)."""
+        self.signum = self.signum or signum
+
+    def __exit__(
+        self, kind: type | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        for each, handler in self._replaced.items():
+            signal.signal(each, handler)
+        if kind is None and self.signum:
+            handler = self._replaced.get(self.signum)
+            if callable(handler):
+                handler(self.signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(self.signum)
+            # A handler that let the process go on: the work it stopped is not done.
+            raise interrupt_for(self.signum)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
@@ -33,11 +83,11 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 
 
 def stop_once(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM and SIGINT handler of a worker process: the first raises Terminated (SIGTERM)
-    or KeyboardInterrupt (SIGINT), later ones are ignored. A scheduler signals every process
-    of the job and then the launcher passes the signal on: the second must not cut short the
-    worker's cleanup (ending its MLflow runs KILLED). The launcher SIGKILLs a worker that
-    has not ended within its shutdown timeout."""
+    """SIGTERM, SIGUSR1 and SIGINT handler of a worker process: the first raises Terminated
+    (SIGTERM, SIGUSR1) or KeyboardInterrupt (SIGINT), later ones are ignored. A scheduler
+    signals every process of the job and then the launcher passes the signal on: the second
+    must not cut short the worker's cleanup (ending its MLflow runs KILLED). The launcher
+    SIGKILLs a worker that has not ended within its shutdown timeout."""
     for each in STOP_SIGNALS:
         signal.signal(each, _ignore)
     raise interrupt_for(signum)
@@ -59,7 +109,7 @@ def stopped_by(exitcode: int) -> signal.Signals | None:
 
 def interrupt_for(signum: int) -> KeyboardInterrupt:
     """What a stop signal raises in the process that handles it."""
-    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    return Terminated() if signum in TERMINATE_SIGNALS else KeyboardInterrupt()
 
 
 # libgomp, PyTorch's OpenMP runtime on Linux, lets a thread that waits for work spin 300,000

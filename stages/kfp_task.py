@@ -9,19 +9,26 @@ metrics and plots file of the stage to its output artifact. Nothing here imports
 artifacts are the objects the KFP executor hands to the component function (``.path``,
 and ``.log_metric`` on metrics).
 
+A training stage's resume checkpoints (`checkpoints/resume/`) are linked out of the work
+folder, which a retry of the task does not see, to :func:`resume_folder`: a retried task
+resumes the training where the stopped one left it.
+
 `stages/kfp_pipeline.py` writes the component functions that call :func:`run_task`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,6 +40,8 @@ from stages.mlflow_context import PIPELINE_RUN_ENV
 from stages.params import ParamError, parse_override
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
+# A folder on a volume that every try of a task mounts, for the training's resume state.
+RESUME_ENV = "CTS_RESUME_DIR"
 
 
 def template_variables(template: str) -> list[str]:
@@ -66,6 +75,51 @@ def parse_values(texts: Mapping[str, str]) -> dict[str, Any]:
     return dict(parse_override(f"{key}={text}") for key, text in texts.items())
 
 
+def resume_folder(stage: str, outputs: Mapping[str, Any], pipeline_run: str = "") -> Path | None:
+    """Where the task of ``stage`` keeps its resume checkpoints, which its retries find.
+
+    ``$CTS_RESUME_DIR/<pipeline_run>/<stage>`` where the variable is set (a volume the pods
+    of the task mount); else ``.cts-resume`` beside the task's first output artifact, which
+    outlives the try where the pipeline root is a folder that stays (KFP's local runner, a
+    bucket mounted as a folder such as Vertex AI's ``/gcs/``). None: a task with no output.
+    """
+    if root := os.environ.get(RESUME_ENV):
+        run = re.sub(r"[^\w.-]", "_", pipeline_run) or "default"
+        return Path(root) / run / stage
+    if not outputs:
+        return None
+    return Path(next(iter(outputs.values())).path).parent / ".cts-resume"
+
+
+def _link_resume_folder(work: Path, folder: Path | None) -> None:
+    """The work folder's ``checkpoints/resume`` as a link to ``folder`` (made if absent)."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (work / "checkpoints").mkdir(exist_ok=True)
+    (work / "checkpoints" / "resume").symlink_to(folder.resolve(), target_is_directory=True)
+
+
+def _run_passing_signals(cli: list[str], cwd: Path, env: dict[str, str] | None) -> int:
+    """Run ``cli``; SIGTERM and SIGUSR1 to this process (Kubernetes stops a pod by
+    signalling its first process only) go on to the stage, which stops cleanly after its
+    step. Returns the exit status."""
+    child = subprocess.Popen(cli, cwd=cwd, env=env)
+    passed = (signal.SIGTERM, signal.SIGUSR1)
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {each: signal.getsignal(each) for each in passed} if main else {}
+    try:
+        for each in handlers:
+            signal.signal(each, lambda signum, frame: child.send_signal(signum))
+        return child.wait()
+    finally:
+        for each, handler in handlers.items():
+            signal.signal(each, handler)
+        if child.poll() is None:  # this process is unwinding: the stage goes with it
+            child.kill()
+            child.wait()
+
+
 def run_task(
     argv: Sequence[str],
     params: Mapping[str, str],
@@ -92,7 +146,9 @@ def run_task(
     written = {template: resolve_path(template, values) for template in [*outputs, *metrics]}
     command = " ".join(argv)
     work = Path(tempfile.mkdtemp(prefix="cts-task-"))
+    resume = resume_folder(argv[1], outputs, pipeline_run)
     try:
+        _link_resume_folder(work, resume)
         for template, artifact in inputs.items():
             link = work / placed[template]
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +156,7 @@ def run_task(
         (work / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
         cli = [sys.executable, "-m", "cts.cli", *argv[1:], "--params", "params.yaml"]
         env = {**os.environ, PIPELINE_RUN_ENV: pipeline_run} if pipeline_run else None
-        status = subprocess.run(cli, cwd=work, env=env).returncode
+        status = _run_passing_signals(cli, work, env)
         if status != 0:
             raise RuntimeError(f"`{command}` failed with exit status {status}")
         for template, artifact in {**outputs, **metrics}.items():
@@ -119,3 +175,6 @@ def run_task(
             shutil.move(result, artifact.path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if resume is not None:
+            with contextlib.suppress(OSError):
+                resume.rmdir()  # a finished training left it empty

@@ -10,6 +10,7 @@ job: :mod:`cts.cluster`), ``auto`` in `nnodes`, `node_rank` and `master_addr` (a
 rendezvous address and port, and must agree with the scheduler for the node count and index.
 A process that is its node's only worker (one task per GPU, or one process per node) runs the
 stage itself as that worker; otherwise it launches the node's workers, as torchrun would.
+A stage that is not distributed runs on the job's first process only: the others skip it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +33,7 @@ from cts.launch import (
     launched_externally,
     resolve_host,
     resolve_nproc_per_node,
+    serve_store,
     threads_per_process,
 )
 from cts.processes import STOP_SIGNALS, stop_once
@@ -136,20 +139,55 @@ def launch_plan(
     return settings, None
 
 
+def other_process(env: Mapping[str, str] = os.environ) -> str | None:
+    """Where this process is in its job (``SLURM node 1 of 2``), unless it is the job's first
+    process (node 0, task or rank 0) or alone: None."""
+    if all(key in env for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # under torchrun
+        rank = int(env["RANK"])
+        return f"rank {rank} of torchrun's {env['WORLD_SIZE']}" if rank else None
+    placement = scheduler_placement(env)
+    if placement is None:
+        return None
+    task = placement.tasks.rank if placement.tasks is not None else 0
+    if placement.node_rank == 0 and task == 0:
+        return None
+    where = f"{placement.scheduler} node {placement.node_rank} of {placement.nnodes}"
+    return where + (f", task {task}" if placement.tasks is not None else "")
+
+
 def first_process(stage: str, params: dict[str, Any]) -> bool:
     """Whether this process is the job's first (rank 0, or node 0 before it launches): the
-    one that cleans up after killed runs. Another node's live processes look dead from here,
-    so on a file system the nodes share only one may."""
+    one that cleans up after killed runs, and the one that runs a stage that is not
+    distributed. Another node's live processes look dead from here, so on a file system the
+    nodes share only one may clean up."""
     if stage not in DISTRIBUTED_STAGES or launched_externally():
-        return int(os.environ.get("RANK", 0)) == 0
+        return other_process() is None
     settings, worker = launch_plan(params)
     return (worker.rank if worker is not None else settings.node_rank) == 0
+
+
+def _outside_step_note(stage: str, settings: LaunchSettings, env: Mapping[str, str]) -> None:
+    """One line when a distributed stage runs on one node of a SLURM job of several outside
+    a job step (the batch script itself, an salloc shell): srun would run it on all."""
+    nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or ""
+    stepless = "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env
+    if settings.nnodes == 1 and stepless and nodes.isdigit() and int(nodes) > 1:
+        print(
+            f"note: {stage} runs on this node only: SLURM job {env.get('SLURM_JOB_ID', '?')} "
+            f"has {nodes} nodes, but this is no job step (SLURM_STEP_ID is not set); start "
+            "it with srun to use them all",
+            file=sys.stderr,
+        )
 
 
 def run_stage(stage: str, params: dict[str, Any], **kwargs: Any) -> None:
     """Runs the stage here, or launches its workers when the params ask for more than one."""
     module = importlib.import_module(f"stages.{stage}")
     if stage not in DISTRIBUTED_STAGES:
+        # Once per job: on every node it would do the same work and race on the outputs.
+        if (where := other_process()) is not None:
+            print(f"{stage}: runs on the job's first process only; this is {where}: skipped")
+            return
         module.run(params, **kwargs)
         return
     if launched_externally():  # a worker of an outer torchrun, one of LOCAL_WORLD_SIZE
@@ -158,6 +196,7 @@ def run_stage(stage: str, params: dict[str, Any], **kwargs: Any) -> None:
         module.run(params, **kwargs)
         return
     settings, worker = launch_plan(params)
+    _outside_step_note(stage, settings, os.environ)
     if worker is not None and worker.world_size > 1:
         _run_as_worker(module, params, settings, worker, kwargs)
         return
@@ -191,9 +230,15 @@ def _run_as_worker(
     # second must not cut short the first's cleanup (the MLflow runs ended KILLED).
     for each in STOP_SIGNALS:
         signal.signal(each, stop_once)
+    # Rank 0's env:// rendezvous would serve its store on every interface.
+    store = None
+    if worker.rank == 0:
+        port = int(os.environ["MASTER_PORT"])
+        store = serve_store(settings.master_addr, port, settings.nnodes, settings.timeout)
     module.run(params, **kwargs)
     if dist.is_initialized():
         dist.destroy_process_group()
+    del store
 
 
 def _worker(stage: str, params: dict[str, Any], kwargs: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import sys
 import typer
 
 from cts.cli import kfp, pipeline, runs, tools
-from cts.processes import raise_terminated
+from cts.processes import TERMINATE_SIGNALS, raise_terminated
 
 app = typer.Typer(
     help="Content-aware Token Sharing for Segmenter: the pipeline's stages.",
@@ -33,7 +33,8 @@ runs.register(app)
 def main() -> None:
     # The pipeline layer lives next to params.yaml; make it importable from the repository.
     sys.path.insert(0, os.getcwd())
-    signal.signal(signal.SIGTERM, raise_terminated)
+    for each in TERMINATE_SIGNALS:  # SIGTERM, and SLURM's SIGUSR1 before the time limit
+        signal.signal(each, raise_terminated)
     app()
 
 
