@@ -237,8 +237,10 @@ def _check_geometry(params: dict[str, Any], keys: set[str], patch_size: int) -> 
         f"allowed 0..{superpatches} for crop_size {crop} "
         f"({superpatches} superpatches of {superpatch}x{superpatch} px)"
     )
-    named = [(f"num_tokens_shared={params['num_tokens_shared']}", params["num_tokens_shared"])]
-    named = named if "num_tokens_shared" in keys else []
+    named = []
+    if "num_tokens_shared" in keys:  # a Kubeflow task's params hold only its stage's keys
+        k = params["num_tokens_shared"]
+        named.append((f"num_tokens_shared={k}", k))
     sweep = params["sweep_tokens_shared"] if "sweep_tokens_shared" in keys else ()
     named += [(f"sweep_tokens_shared: K={k} is out of range", k) for k in sweep]
     for what, k in named:

@@ -239,3 +239,19 @@ def test_missing_folder_dataset_says_what_to_put_there(params_file, tmp_path, mo
     assert result.exit_code == 1
     assert "images/{train,val}" in result.output and "classes.txt" in result.output
     assert "run `cts download`" not in result.output and "'mine'" not in result.output
+
+
+def test_a_stage_that_does_not_read_k_validates_params_without_it(tmp_path):
+    """A Kubeflow task's params hold only its stage's keys: the sweep's have no
+    num_tokens_shared, and the geometry check looked it up all the same (KeyError)."""
+    import importlib
+
+    from stages.params import load_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = importlib.import_module("stages.sweep").PARAMS
+    own = {key: value for key, value in params.items() if key in keys}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(own))
+    loaded = load_params(path, (), keys=keys, stage="sweep")
+    assert "num_tokens_shared" not in keys and loaded["crop_size"] == params["crop_size"]
