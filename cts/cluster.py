@@ -16,7 +16,7 @@ Two schedulers start the processes of a distributed job themselves:
   the ``PET_*`` variables only.
 
 :func:`scheduler_placement` reads either into a :class:`Placement`; the stages
-(``stages.launch``) combine it with the launch params, which win where they are set.
+(``cts_stages.launch``) combine it with the launch params, which win where they are set.
 Environment variables are read from a mapping passed in, so the functions are pure.
 """
 

@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time per page")
     options = parser.parse_args()
 
-    from stages.mlflow_context import project_tracking_uri
+    from cts_stages.mlflow_context import project_tracking_uri
 
     store = project_tracking_uri(options.store)
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():

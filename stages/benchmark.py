@@ -15,14 +15,14 @@ from cts.throughput.devices import runtime
 from cts.throughput.inputs import validation_batch
 from cts.throughput.measure import measure_model
 from cts.tracking import log_metrics_file
-from stages.common import (
+from cts_stages.common import (
     METRICS,
     SEGMENTER_CHECKPOINT,
     STAGE_SETTINGS,
     require,
     write_json,
 )
-from stages.mlflow_context import stage_run
+from cts_stages.mlflow_context import stage_run
 
 PARAMS = (
     "data_root",

@@ -14,7 +14,7 @@ from cts.data.info import DatasetInfo, load_dataset_info
 from cts.data.io import remove_leftovers, write_bytes_atomic
 from cts.inference import EvalGeometry
 from cts.models import Segmenter, SegmenterConfig
-from stages.params import ParamError
+from cts_stages.params import ParamError
 
 PREPROCESSED = Path("preprocessed")
 POLICY_TARGETS = PREPROCESSED / "policy_targets.npz"

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from cts.paper import PAPER_SETTINGS, PaperSetting, paper_setting
-from stages.params import CHECKS, ParamError, _Loader, validate
+from cts_stages.params import CHECKS, ParamError, _Loader, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SWEEP_FRACTIONS = (0, 0.25, 0.5, 0.75, 1, 1.5, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cts.data import prepare_dataset
-from stages.mlflow_context import stage_run
+from cts_stages.mlflow_context import stage_run
 
 PARAMS = (
     "dataset",

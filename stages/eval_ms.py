@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.evaluation import run_evaluation
-from stages.launch import LAUNCH_PARAMS
+from cts_stages.evaluation import run_evaluation
+from cts_stages.launch import LAUNCH_PARAMS
 
 PARAMS = (
     "data_root",

@@ -19,7 +19,7 @@ from cts.metrics import SegmentationMetric, per_class_table
 from cts.models import Segmenter
 from cts.tracking import active_run, log_artifact, log_metrics_file
 from cts.visualize import confusion_matrix_image, denormalize, eval_scene, palette
-from stages.common import (
+from cts_stages.common import (
     METRICS,
     REPORTS,
     SEGMENTER_CHECKPOINT,
@@ -30,7 +30,7 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.mlflow_context import stage_run
+from cts_stages.mlflow_context import stage_run
 
 NUM_PICTURES = 4
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from stages.launch import LAUNCH_PARAMS
+from cts_stages.launch import LAUNCH_PARAMS
 
 # Settings that do not change what is computed.
 _IRRELEVANT = {

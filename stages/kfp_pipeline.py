@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from stages.dvc_file import DvcYamlError, read_dvc_yaml
-from stages.kfp_task import interpolate, resolve_path, template_variables
-from stages.params import load_params
+from cts_stages.dvc_file import DvcYamlError, read_dvc_yaml
+from cts_stages.kfp_task import interpolate, resolve_path, template_variables
+from cts_stages.params import load_params
 
 PIPELINE_NAME = "cts"
 IMAGE = "cts:latest"  # an image with the project and its `cluster` extra installed
@@ -246,7 +246,7 @@ def _function_source(plan: Plan, stage: Stage, function_name: str) -> str:
         [
             f"def {function_name}({', '.join(arguments)}):",
             f"    {description!r}",
-            "    from stages.kfp_task import run_task",
+            "    from cts_stages.kfp_task import run_task",
             "",
             "    run_task(",
             f"        {list(stage.argv)!r},",

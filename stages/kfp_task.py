@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 
 from cts.tracking import scalar_metrics
-from stages.mlflow_context import PIPELINE_RUN_ENV
-from stages.params import ParamError, parse_override
+from cts_stages.mlflow_context import PIPELINE_RUN_ENV
+from cts_stages.params import ParamError, parse_override
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 # A folder on a volume that every try of a task mounts, for the training's resume state.

@@ -37,7 +37,7 @@ from cts.launch import (
     threads_per_process,
 )
 from cts.processes import STOP_SIGNALS, stop_once
-from stages.params import ParamError
+from cts_stages.params import ParamError
 
 LAUNCH_PARAMS = (
     "nproc_per_node",
@@ -182,7 +182,7 @@ def _outside_step_note(stage: str, settings: LaunchSettings, env: Mapping[str, s
 
 def run_stage(stage: str, params: dict[str, Any], **kwargs: Any) -> None:
     """Runs the stage here, or launches its workers when the params ask for more than one."""
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(f"cts_stages.{stage}")
     if stage not in DISTRIBUTED_STAGES:
         # Once per job: on every node it would do the same work and race on the outputs.
         if (where := other_process()) is not None:
@@ -242,6 +242,6 @@ def _run_as_worker(
 
 
 def _worker(stage: str, params: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    importlib.import_module(f"stages.{stage}").run(params, **kwargs)
+    importlib.import_module(f"cts_stages.{stage}").run(params, **kwargs)
     if dist.is_initialized():
         dist.destroy_process_group()

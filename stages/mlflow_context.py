@@ -28,8 +28,8 @@ import mlflow
 import yaml
 
 from cts import tracking
-from stages.common import STAGE_METRICS, STAGE_SETTINGS
-from stages.dvc_file import DVC_YAML, upstream_stages
+from cts_stages.common import STAGE_METRICS, STAGE_SETTINGS
+from cts_stages.dvc_file import DVC_YAML, upstream_stages
 
 # Set by an orchestrator that runs the stages (Kubeflow Pipelines tasks): its run's name.
 PIPELINE_RUN_ENV = "CTS_PIPELINE_RUN"

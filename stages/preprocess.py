@@ -17,7 +17,7 @@ from cts.data.validate import split_statistics, validate_split
 from cts.models.vit import backbone_patch_size
 from cts.sharing import policy_targets
 from cts.tracking import log_metrics_file
-from stages.common import (
+from cts_stages.common import (
     METRICS,
     POLICY_TARGETS,
     PREPROCESSED,
@@ -26,7 +26,7 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.mlflow_context import stage_run
+from cts_stages.mlflow_context import stage_run
 
 PARAMS = ("data_root", "backbone", "crop_size", "mlflow_tracking_uri")
 

@@ -18,14 +18,14 @@ from cts.throughput.inputs import validation_batch
 from cts.throughput.measure import measure_sweep
 from cts.throughput.sweep import plot_curve, sweep_ks
 from cts.tracking import active_run, log_artifact, log_json_metrics
-from stages.common import (
+from cts_stages.common import (
     PLOTS,
     SEGMENTER_CHECKPOINT,
     require,
     write_csv,
 )
-from stages.evaluation import evaluate_model, validation_set
-from stages.mlflow_context import stage_run
+from cts_stages.evaluation import evaluate_model, validation_set
+from cts_stages.mlflow_context import stage_run
 
 PARAMS = (
     "data_root",

@@ -28,7 +28,7 @@ from cts.policy_training import (
     precision_curve_ks,
 )
 from cts.tracking import log_metrics_file, log_training_row
-from stages.common import (
+from cts_stages.common import (
     METRICS,
     PLOTS,
     POLICY_CHECKPOINT,
@@ -40,8 +40,8 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.launch import LAUNCH_PARAMS
-from stages.training import Session, start_training, train
+from cts_stages.launch import LAUNCH_PARAMS
+from cts_stages.training import Session, start_training, train
 
 PARAMS = (
     "data_root",

@@ -27,7 +27,7 @@ from cts.segmenter_training import (
     segmenter_validation,
 )
 from cts.tracking import log_metrics_file, log_training_row
-from stages.common import (
+from cts_stages.common import (
     METRICS,
     PLOTS,
     PREPROCESSED,
@@ -42,8 +42,8 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.launch import LAUNCH_PARAMS
-from stages.training import Session, start_training, train
+from cts_stages.launch import LAUNCH_PARAMS
+from cts_stages.training import Session, start_training, train
 
 PARAMS = (
     "data_root",

@@ -27,9 +27,9 @@ from cts.engine import (
     seed_everything,
     wrap_distributed,
 )
-from stages.common import RESUME_DIR, remove_resume_checkpoints
-from stages.fingerprint import fingerprint
-from stages.mlflow_context import stage_run
+from cts_stages.common import RESUME_DIR, remove_resume_checkpoints
+from cts_stages.fingerprint import fingerprint
+from cts_stages.mlflow_context import stage_run
 
 
 @dataclass(frozen=True)

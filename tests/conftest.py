@@ -23,6 +23,12 @@ from helpers import (
     trained_weights,
 )
 
+from cts.cli.common import use_checkout_stages
+
+# In-process tests run this checkout's stages (cts_stages), whichever checkout the venv's
+# editable install points at.
+use_checkout_stages(REPO)
+
 
 @dataclass
 class FileServer:

@@ -24,7 +24,25 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Import name -> its folder in the repository (pyproject.toml's package-dir): the pipeline
+# layer keeps the top-level stages/ folder and installs as `cts_stages`.
+PACKAGE_FOLDERS = {"cts": "cts", "cts_stages": "stages"}
 needs_dvc = pytest.mark.skipif(shutil.which("dvc", path=str(BIN)) is None, reason="needs dvc")
+
+
+def module_path(name: str, root: Path = REPO) -> Path:
+    """``cts_stages.launch`` -> ``root/stages/launch`` (no suffix: a module or a package)."""
+    top, *rest = name.split(".")
+    return root.joinpath(PACKAGE_FOLDERS[top], *rest)
+
+
+def module_name(path: Path, root: Path = REPO) -> str:
+    """``stages/launch.py`` -> ``cts_stages.launch``; a package's ``__init__.py`` -> the
+    package."""
+    folder, *parts = path.relative_to(root).with_suffix("").parts
+    top = {f: name for name, f in PACKAGE_FOLDERS.items()}[folder]
+    return ".".join([top, *(parts[:-1] if parts and parts[-1] == "__init__" else parts)])
+
 
 # --- the micro pipeline --------------------------------------------------------------------
 

@@ -144,7 +144,7 @@ def test_unservable_families_are_refused_in_one_line_before_any_work(name, reaso
 
 
 def test_params_validation_refuses_a_hybrid_backbone():
-    from stages.params import ParamError, load_params
+    from cts_stages.params import ParamError, load_params
 
     with pytest.raises(ParamError, match="--set backbone: .*vit_base_r50_s16_384.*hybrid ViT"):
         load_params(
@@ -470,8 +470,8 @@ def test_eva02_and_dinov3_weights_load_from_their_original_layouts(tmp_path):
 
 
 def test_dinov2_config_shares_30_percent_of_its_tokens_on_the_superpatch_grid():
-    from stages.common import segmenter_config
-    from stages.params import CHECKS, load_params
+    from cts_stages.common import segmenter_config
+    from cts_stages.params import CHECKS, load_params
 
     params = load_params(REPO / "configs" / "ade20k_dinov2_s14.yaml")
     assert set(params) == set(CHECKS)

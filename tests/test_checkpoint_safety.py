@@ -83,7 +83,7 @@ def test_load_model_refuses_unless_trusted(evil):
 
 
 def test_eval_stage_refuses_a_pickle_with_code(evil, tmp_path, monkeypatch):
-    from stages.evaluation import run_evaluation
+    from cts_stages.evaluation import run_evaluation
 
     path, marker = evil
     monkeypatch.chdir(tmp_path)

@@ -39,8 +39,8 @@ from cts.cluster import (
     slurm_hostnames,
     slurm_placement,
 )
-from stages.launch import first_process, launch_plan
-from stages.params import ParamError, load_params
+from cts_stages.launch import first_process, launch_plan
+from cts_stages.params import ParamError, load_params
 
 MANIFESTS = REPO / "cluster" / "kubeflow"
 SBATCH = REPO / "cluster" / "slurm" / "ade20k_vit_s.sbatch"
@@ -435,7 +435,7 @@ def test_on_preemption_the_script_waits_for_the_step_and_leaves_the_requeue_to_s
 @pytest.mark.parametrize("name", ["pytorchjob.yaml", "trainjob.yaml"])
 def test_the_kubeflow_manifests_run_a_stage_with_the_params_they_mount(name):
     from cts.cli import app
-    from stages.config import render
+    from cts_stages.config import render
 
     text = (MANIFESTS / name).read_text()
     (job,) = yaml.safe_load_all(text)

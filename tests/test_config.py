@@ -21,9 +21,9 @@ from cts.cli import app
 from cts.geometry import num_patches, paper_num_shared, tokens_kept
 from cts.models import Segmenter
 from cts.paper import PAPER_SETTINGS, PATCH_SIZE, paper_setting
-from stages.common import segmenter_config
-from stages.config import dvc_args, render
-from stages.params import CHECKS, ParamError, load_params
+from cts_stages.common import segmenter_config
+from cts_stages.config import dvc_args, render
+from cts_stages.params import CHECKS, ParamError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

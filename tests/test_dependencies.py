@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PACKAGE_FOLDERS, REPO
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+; 3.10 has no TOML reader
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cts", "stages")
 # Extras and the files that may import what only they declare (each import guarded with a
 # message naming the extra): the rest of the code must run without them.
 EXTRA_USERS = {"cluster": {"stages/kfp_pipeline.py"}}
@@ -57,7 +56,7 @@ def third_party_imports(files: list[Path]) -> dict[str, set[str]]:
             else:
                 continue
             for top in {name.split(".")[0] for name in names}:
-                if top not in sys.stdlib_module_names and top not in PACKAGES:
+                if top not in sys.stdlib_module_names and top not in PACKAGE_FOLDERS:
                     found.setdefault(top, set()).add(path.relative_to(REPO).as_posix())
     return found
 
@@ -82,7 +81,9 @@ def undeclared(imports: dict[str, set[str]], groups: dict[str, set[str]]) -> lis
 
 
 def _code_files() -> list[Path]:
-    return sorted(path for package in PACKAGES for path in (REPO / package).rglob("*.py"))
+    return sorted(
+        path for folder in PACKAGE_FOLDERS.values() for path in (REPO / folder).rglob("*.py")
+    )
 
 
 def test_every_imported_distribution_is_declared():

@@ -37,7 +37,7 @@ from helpers import (
 
 from cts.launch import LaunchSettings, prepare, resolve_nproc_per_node
 from cts.processes import process_group
-from stages.launch import DISTRIBUTED_STAGES
+from cts_stages.launch import DISTRIBUTED_STAGES
 
 # On top of the micro pipeline's params (its 8 + 3 images: the two processes score 2 and 1).
 TWO_PROCESSES = {
@@ -319,7 +319,7 @@ def test_a_batch_that_does_not_split_fails_before_any_worker(tiny_synthetic, tmp
 
 
 def test_node_rank_must_be_below_nnodes():
-    from stages.params import ParamError, load_params
+    from cts_stages.params import ParamError, load_params
 
     with pytest.raises(ParamError, match=r"node_rank=2: allowed 0\.\.1 for nnodes=2"):
         load_params(REPO / "params.yaml", ["nnodes=2", "node_rank=2"])

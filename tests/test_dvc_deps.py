@@ -3,10 +3,10 @@
 A stage whose deps miss a module it runs stays "up to date" in `dvc repro` after that module
 changes, with outputs the new code would not write (cts/losses.py for train_segmenter,
 cts/checkpoint.py for every stage were missing). The modules a stage runs are derived from
-the code, not kept by hand: what `cts <stage>` imports (the cts/cli package, then stages.launch,
-stages.params, stages.common and stages.<stage>), followed through every import statement
-of the project's modules, module-level and inside functions (train_segmenter imports
-cts.serving when it logs the model).
+the code, not kept by hand: what `cts <stage>` imports (the cts/cli package, then
+cts_stages.launch, .params, .common and .<stage>; stages/ installs as cts_stages), followed
+through every import statement of the project's modules, module-level and inside functions
+(train_segmenter imports cts.serving when it logs the model).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import PACKAGE_FOLDERS, REPO, module_name, module_path
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cts", "stages")
 # What cts/cli's `run_stage_command` imports before it runs a stage (the stage module itself aside).
-COMMAND_ENTRY = ("cts.cli", "stages.launch", "stages.params", "stages.common")
+COMMAND_ENTRY = ("cts.cli", "cts_stages.launch", "cts_stages.params", "cts_stages.common")
 # Modules whose code only reports on a stage and never computes what it writes: a change to
 # them must not rerun the pipeline. An entry ending in "/" is a package: each of its modules.
 REPORTING_ONLY = {
@@ -42,7 +41,7 @@ NOT_STAGE_CODE = {
 
 def _module_file(name: str) -> Path | None:
     """The file of a project module (a package's __init__.py), None if there is none."""
-    path = REPO.joinpath(*name.split("."))
+    path = module_path(name)
     if (path / "__init__.py").is_file():
         return path / "__init__.py"
     if path.with_suffix(".py").is_file():
@@ -63,7 +62,7 @@ def _imports(path: Path) -> set[str]:
     relative = path.relative_to(REPO).as_posix()
     nodes = tree.body if relative in NOT_STAGE_CODE else list(ast.walk(tree))
     found: set[str] = set()
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    package = module_name(path.parent / "__init__.py")
     for node in nodes:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -76,7 +75,7 @@ def _imports(path: Path) -> set[str]:
         else:
             continue
         for name in names:
-            if name.split(".")[0] in PACKAGES:
+            if name.split(".")[0] in PACKAGE_FOLDERS:
                 found.update(n for n in _with_parents(name) if _module_file(n))
     return found
 
@@ -88,7 +87,7 @@ def _reporting_only(path: str) -> bool:
 def stage_modules(stage: str, through_reports: bool = False) -> set[str]:
     """Files (relative, posix) of every project module `cts <stage>` can run; with
     `through_reports`, also those only a reporting module imports."""
-    entries = (*COMMAND_ENTRY, f"stages.{stage}")
+    entries = (*COMMAND_ENTRY, f"cts_stages.{stage}")
     pending = [name for entry in entries for name in _with_parents(entry)]
     seen: set[str] = set()
     while pending:
@@ -127,7 +126,7 @@ def test_each_stage_lists_the_code_its_command_runs(stage):
         if not _reporting_only(path) and _holds_code(Path(path)) and not _covered(path, deps)
     )
     assert not missing, f"dvc.yaml stage {stage} runs but does not list: {missing}"
-    code = [dep for dep in deps if dep.split("/")[0] in PACKAGES]
+    code = [dep for dep in deps if dep.split("/")[0] in PACKAGE_FOLDERS.values()]
     assert [dep for dep in code if not (REPO / dep).exists()] == []
 
 
@@ -136,7 +135,7 @@ def test_the_derivation_sees_what_a_stage_really_imports():
     loaded once it has imported the stage and logged its model (cts.serving, lazily)."""
     script = (
         "import importlib, json, sys\n"
-        f"for name in {[*COMMAND_ENTRY, 'stages.train_segmenter', 'cts.serving']!r}:\n"
+        f"for name in {[*COMMAND_ENTRY, 'cts_stages.train_segmenter', 'cts.serving']!r}:\n"
         "    importlib.import_module(name)\n"
         "ours = [m for m in sys.modules if m.split('.')[0] in ('cts', 'stages')]\n"
         "print(json.dumps(ours))\n"

@@ -141,7 +141,7 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(tmp_path):
 
 
 def test_resume_checkpoints_of_earlier_runs_go_when_training_completes(tmp_path, monkeypatch):
-    from stages import common
+    from cts_stages import common
 
     monkeypatch.chdir(tmp_path)
     common.RESUME_DIR.mkdir(parents=True)

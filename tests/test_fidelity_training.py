@@ -34,7 +34,7 @@ from cts.segmenter_training import (
     weight_decay_groups,
 )
 from cts.sharing import policy_targets
-from stages.common import segmenter_config
+from cts_stages.common import segmenter_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("ade20k", "pascal_context", "cityscapes")
@@ -335,8 +335,8 @@ def test_dataset_long_side_caps_are_the_authors():
 
 
 def test_train_segmenter_gives_the_transform_the_datasets_long_side_cap(tmp_path, monkeypatch):
-    import stages.train_segmenter as stage
-    from stages.params import load_params
+    import cts_stages.train_segmenter as stage
+    from cts_stages.params import load_params
 
     (tmp_path / "classes.txt").write_text("a\nb\n")
     (tmp_path / "dataset.yaml").write_text("name: mine\nbase_size: 64\nmax_ratio: 8\n")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.launch import DISTRIBUTED_STAGES, first_process, run_stage
-from stages.params import load_params
+from cts_stages.launch import DISTRIBUTED_STAGES, first_process, run_stage
+from cts_stages.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -80,7 +80,7 @@ def test_a_stage_that_is_not_distributed_is_skipped_on_the_jobs_other_processes(
     for key, value in env.items():
         clean_env.setenv(key, value)
     ran = []
-    clean_env.setattr(f"stages.{stage}.run", lambda params, **kwargs: ran.append(params))
+    clean_env.setattr(f"cts_stages.{stage}.run", lambda params, **kwargs: ran.append(params))
     params = load_params(REPO / "params.yaml")
     assert not first_process(stage, params)
     run_stage(stage, params)
@@ -96,7 +96,7 @@ def test_the_first_process_runs_it(clean_env, capsys, env):
     for key, value in env.items():
         clean_env.setenv(key, value)
     ran = []
-    clean_env.setattr("stages.benchmark.run", lambda params, **kwargs: ran.append(params))
+    clean_env.setattr("cts_stages.benchmark.run", lambda params, **kwargs: ran.append(params))
     params = load_params(REPO / "params.yaml")
     assert first_process("benchmark", params)
     run_stage("benchmark", params)
@@ -109,7 +109,7 @@ def test_a_distributed_stage_outside_a_job_step_says_it_runs_on_one_node(clean_e
     for key in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
         clean_env.setenv(key, step[key])
     ran = []
-    clean_env.setattr("stages.eval_ss.run", lambda params, **kwargs: ran.append(params))
+    clean_env.setattr("cts_stages.eval_ss.run", lambda params, **kwargs: ran.append(params))
     run_stage("eval_ss", load_params(REPO / "params.yaml", ["device=cpu"]))
     assert len(ran) == 1
     (line,) = capsys.readouterr().err.splitlines()

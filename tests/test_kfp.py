@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from cts.cli import app
-from stages.params import parse_override
+from cts_stages.params import parse_override
 
 # Measurements that differ between two runs of the same model; everything else must agree.
 TIMING = re.compile(r"per_sec|ms_per|seconds|speedup|policy_share")
@@ -221,7 +221,7 @@ class _Artifact:
 def test_a_task_whose_command_fails_fails_in_one_line_and_leaves_no_work_folder(
     tmp_path, monkeypatch
 ):
-    from stages.kfp_task import run_task
+    from cts_stages.kfp_task import run_task
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the work folder goes
     with pytest.raises(RuntimeError, match=r"^`cts config --list` failed with exit status 2$"):
@@ -233,7 +233,7 @@ def test_a_task_whose_command_fails_fails_in_one_line_and_leaves_no_work_folder(
 def test_a_task_links_its_inputs_moves_its_outs_and_names_a_missing_one(
     tiny_synthetic, tmp_path, monkeypatch
 ):
-    from stages.kfp_task import run_task
+    from cts_stages.kfp_task import run_task
 
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()

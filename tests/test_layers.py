@@ -13,20 +13,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cts", "stages")
+from helpers import PACKAGE_FOLDERS, REPO, module_name
+
 # The one library package that may import the stages: the CLI binds commands to them.
 STAGE_IMPORTERS = {"cts.cli"}
 
 
 def _may_import_stages(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in STAGE_IMPORTERS)
-
-
-def module_name(path: Path, root: Path = REPO) -> str:
-    """``cts/data/io.py`` -> ``cts.data.io``; a package's ``__init__.py`` -> the package."""
-    parts = path.relative_to(root).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _nearest(name: str, modules: set[str]) -> str:
@@ -60,7 +54,11 @@ def imported_modules(path: Path, name: str, modules: set[str]) -> set[str]:
 
 def import_graph(root: Path = REPO) -> dict[str, set[str]]:
     """Project module -> the project modules it imports."""
-    files = {module_name(p, root): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+    files = {
+        module_name(p, root): p
+        for folder in PACKAGE_FOLDERS.values()
+        for p in (root / folder).rglob("*.py")
+    }
     return {name: imported_modules(path, name, set(files)) for name, path in files.items()}
 
 
@@ -97,7 +95,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def library_stage_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
     """``cts`` modules (but :data:`STAGE_IMPORTERS`) -> the ``stages`` modules they import."""
     found = {
-        name: sorted(t for t in targets if t.split(".")[0] == "stages")
+        name: sorted(t for t in targets if t.split(".")[0] == "cts_stages")
         for name, targets in graph.items()
         if name.split(".")[0] == "cts" and not _may_import_stages(name)
     }
@@ -125,13 +123,13 @@ def test_the_walk_sees_lazy_and_relative_imports_and_finds_cycles(tmp_path):
     (package / "__init__.py").write_text("from cts.a import f\n")
     (package / "a.py").write_text("def f():\n    from cts import b\n")
     (package / "b.py").write_text("from .c import g\n")
-    (package / "c.py").write_text("import cts.a\n\ndef g():\n    from stages.x import y\n")
-    (package / "cli.py").write_text("import stages.x\n")
+    (package / "c.py").write_text("import cts.a\n\ndef g():\n    from cts_stages.x import y\n")
+    (package / "cli.py").write_text("import cts_stages.x\n")
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "__init__.py").write_text("")
     (tmp_path / "stages" / "x.py").write_text("y = 1\n")
     graph = import_graph(tmp_path)
     assert graph["cts"] == {"cts.a"} and graph["cts.a"] == {"cts.b"}
-    assert graph["cts.b"] == {"cts.c"} and graph["cts.c"] == {"cts.a", "stages.x"}
+    assert graph["cts.b"] == {"cts.c"} and graph["cts.c"] == {"cts.a", "cts_stages.x"}
     assert cycles(graph) == [["cts.a", "cts.b", "cts.c"]]
-    assert library_stage_imports(graph) == {"cts.c": ["stages.x"]}  # cts.cli may
+    assert library_stage_imports(graph) == {"cts.c": ["cts_stages.x"]}  # cts.cli may

@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cts.cli import app
-from stages.params import CHECKS, ParamError, load_params
+from cts_stages.params import CHECKS, ParamError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [
@@ -171,7 +171,7 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads():
     import importlib
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    from stages.launch import LAUNCH_PARAMS
+    from cts_stages.launch import LAUNCH_PARAMS
 
     runtime_only = {
         "num_workers",
@@ -182,7 +182,7 @@ def test_dvc_yaml_lists_exactly_the_params_each_stage_reads():
     }
     assert list(dvc["stages"]) == STAGES
     for stage in STAGES:
-        reads = set(importlib.import_module(f"stages.{stage}").PARAMS) - runtime_only
+        reads = set(importlib.import_module(f"cts_stages.{stage}").PARAMS) - runtime_only
         assert set(dvc["stages"][stage]["params"]) == reads, stage
         assert dvc["stages"][stage]["cmd"] == f"cts {stage}"
     downstream = {s for s in STAGES if "num_tokens_shared" in dvc["stages"][s]["params"]}
@@ -246,10 +246,10 @@ def test_a_stage_that_does_not_read_k_validates_params_without_it(tmp_path):
     num_tokens_shared, and the geometry check looked it up all the same (KeyError)."""
     import importlib
 
-    from stages.params import load_params
+    from cts_stages.params import load_params
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    keys = importlib.import_module("stages.sweep").PARAMS
+    keys = importlib.import_module("cts_stages.sweep").PARAMS
     own = {key: value for key, value in params.items() if key in keys}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(own))

@@ -187,9 +187,9 @@ def _statuses(store: Path) -> set[str]:
 def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(
     micro_pipeline_copy, monkeypatch
 ):
-    import stages.train_segmenter as stage
+    import cts_stages.train_segmenter as stage
     from cts.checkpoint import load_checkpoint
-    from stages.params import load_params
+    from cts_stages.params import load_params
 
     repo = micro_pipeline_copy.repo
     monkeypatch.chdir(repo)
@@ -211,10 +211,10 @@ def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(
 
 
 def test_each_training_step_shares_the_k_drawn_for_it(micro_pipeline_copy, monkeypatch):
-    import stages.train_segmenter as stage
+    import cts_stages.train_segmenter as stage
     from cts.models.segmenter import Segmenter
     from cts.sharing import training_num_shared
-    from stages.params import load_params
+    from cts_stages.params import load_params
 
     repo = micro_pipeline_copy.repo
     monkeypatch.chdir(repo)

@@ -290,8 +290,8 @@ def test_train_segmenter_stores_the_evaluation_geometry(tmp_path, monkeypatch):
     from cts.checkpoint import load_checkpoint, stored_eval_geometry
     from cts.data.info import DatasetInfo, write_dataset_info
     from cts.engine import TrainState
-    from stages.common import SEGMENTER_CHECKPOINT
-    from stages.train_segmenter import write_results
+    from cts_stages.common import SEGMENTER_CHECKPOINT
+    from cts_stages.train_segmenter import write_results
 
     monkeypatch.chdir(tmp_path)
     names = tuple(f"c{i}" for i in range(CLASSES))

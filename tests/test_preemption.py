@@ -383,7 +383,7 @@ _KFP_DRIVER = """
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from stages.kfp_task import run_task
+from cts_stages.kfp_task import run_task
 
 root = Path(sys.argv[1])
 output = root / "outputs" / "train_segmenter" / "checkpoints_segmenter_pt"

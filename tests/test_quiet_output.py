@@ -52,7 +52,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-import stages.launch
+import cts_stages.launch
 from cts.checkpoint import save_checkpoint, segmenter_payload
 from cts.cli import main
 from cts.models import build_segmenter
@@ -72,7 +72,7 @@ def run_stage(stage, params, **kwargs):
     print("logged")
 
 
-stages.launch.run_stage = run_stage
+cts_stages.launch.run_stage = run_stage
 sys.argv = ["cts", "train_segmenter", "--params", sys.argv[1]]
 main()
 """

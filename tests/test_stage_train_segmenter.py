@@ -5,7 +5,7 @@ import warnings
 import pandas as pd
 import torch
 
-from stages.train_segmenter import class_frequencies
+from cts_stages.train_segmenter import class_frequencies
 
 
 def test_class_frequencies_reads_the_csv_without_a_non_writable_array_warning(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from stages.params import ParamError, load_params
+from cts_stages.params import ParamError, load_params
 
 # Runs parallel regions (an elementwise op on 2 threads) with idle gaps between them, as a
 # training step does between its ops and a job does while the other job has the cores, and
@@ -135,9 +135,9 @@ def test_threads_per_process(monkeypatch):
 def test_num_threads_sets_the_threads_a_stage_computes_with(stage, threads, monkeypatch):
     import importlib
 
-    from stages.launch import run_stage
+    from cts_stages.launch import run_stage
 
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(f"cts_stages.{stage}")
     overrides = [f"num_threads={threads}", "device=cpu"]
     params = load_params(REPO / "params.yaml", overrides, keys=module.PARAMS)
     seen: list[int] = []

@@ -155,7 +155,7 @@ def test_bf16_without_device_support_falls_back_only_when_allowed(monkeypatch):
 
 
 def test_compile_modes_match_the_pipeline_param_choices():
-    from stages.params import CHECKS
+    from cts_stages.params import CHECKS
 
     assert CHECKS["bench_compile"]("max-autotune-no-cudagraphs") is None
     for mode in COMPILE_MODES:

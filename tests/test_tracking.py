@@ -30,8 +30,13 @@ from cts.tracking import (
     stage_run,
     tracking_uri,
 )
-from stages import mlflow_context
-from stages.mlflow_context import pipeline_context, pipeline_name, project_tracking_uri, repo_root
+from cts_stages import mlflow_context
+from cts_stages.mlflow_context import (
+    pipeline_context,
+    pipeline_name,
+    project_tracking_uri,
+    repo_root,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -372,9 +377,9 @@ MICRO = [
 
 
 def _run_stage(stage: str, uri: str) -> dict:
-    from stages.params import load_params
+    from cts_stages.params import load_params
 
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(f"cts_stages.{stage}")
     overrides = [*MICRO, f"mlflow_tracking_uri={uri}"]
     params = load_params(REPO / "params.yaml", overrides, keys=module.PARAMS, stage=stage)
     module.run(params)
@@ -384,8 +389,8 @@ def _run_stage(stage: str, uri: str) -> dict:
 def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
     server, tmp_path, monkeypatch, capsys
 ):
-    import stages.evaluation
-    import stages.train_segmenter
+    import cts_stages.evaluation
+    import cts_stages.train_segmenter
 
     repo = tmp_path / "repo"
     (repo / ".dvc").mkdir(parents=True)
@@ -396,14 +401,14 @@ def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
     capsys.readouterr()
 
     # The server dies at the first validation of training (step 2 of 4), before it is logged.
-    logged = stages.train_segmenter.log_training_row
+    logged = cts_stages.train_segmenter.log_training_row
 
     def killed_at_step_2(step, row):
         if step == 2 and server.up:
             server.kill()
         logged(step, row)
 
-    monkeypatch.setattr(stages.train_segmenter, "log_training_row", killed_at_step_2)
+    monkeypatch.setattr(cts_stages.train_segmenter, "log_training_row", killed_at_step_2)
     started = time.monotonic()
     _run_stage("train_segmenter", server.uri)
     training_seconds = time.monotonic() - started
@@ -412,13 +417,13 @@ def test_a_server_lost_mid_run_loses_no_work_and_each_record_is_logged_once(
 
     # eval_ss starts without its server, which comes back before its results are logged.
     monkeypatch.setattr(cts.tracking.session, "REPROBE_SECONDS", 0.0)
-    log_results = stages.evaluation.log_metrics_file
+    log_results = cts_stages.evaluation.log_metrics_file
 
     def server_back_first(path, settings=()):
         server.start()
         log_results(path, settings)
 
-    monkeypatch.setattr(stages.evaluation, "log_metrics_file", server_back_first)
+    monkeypatch.setattr(cts_stages.evaluation, "log_metrics_file", server_back_first)
     _run_stage("eval_ss", server.uri)
     lines = _mlflow_lines(capsys.readouterr().err)
     assert (repo / "metrics" / "eval_ss.json").is_file()

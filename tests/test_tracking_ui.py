@@ -31,9 +31,9 @@ from cts.tracking import (
     stage_run,
     ui_url,
 )
-from stages.common import STAGE_METRICS, STAGE_SETTINGS
-from stages.dvc_file import upstream_stages
-from stages.mlflow_context import committed_params, pipeline_context, upstream_stage_metrics
+from cts_stages.common import STAGE_METRICS, STAGE_SETTINGS
+from cts_stages.dvc_file import upstream_stages
+from cts_stages.mlflow_context import committed_params, pipeline_context, upstream_stage_metrics
 
 pytestmark = pytest.mark.usefixtures("outside_dvc")
 
@@ -245,9 +245,9 @@ MICRO = {**PIPELINE_MICRO, "num_workers": 0, "mlflow_registered_model": "cts-ui-
 
 
 def _run_stage(stage: str, repo: Path, overrides: tuple[str, ...] = ()) -> None:
-    from stages.params import load_params
+    from cts_stages.params import load_params
 
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(f"cts_stages.{stage}")
     params = load_params(repo / "params.yaml", overrides, keys=module.PARAMS, stage=stage)
     module.run(params)
 
@@ -257,7 +257,7 @@ def test_an_experiment_failing_midway_shows_only_its_own_numbers(store, tmp_path
     """`make run`, then `dvc exp run -S num_tokens_shared=0` whose training fails: the new
     parent holds the reused upstream results and nothing of the first execution's training,
     evaluation or benchmark; the registry's version tells what it is."""
-    import stages.train_segmenter
+    import cts_stages.train_segmenter
 
     repo = tmp_path / "repo"
     (repo / ".dvc").mkdir(parents=True)
@@ -279,7 +279,7 @@ def test_an_experiment_failing_midway_shows_only_its_own_numbers(store, tmp_path
 
     monkeypatch.setenv("DVC_EXP_NAME", "dusky-sick")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
-    monkeypatch.setattr(stages.train_segmenter, "log_training_row", fails_at_step_2)
+    monkeypatch.setattr(cts_stages.train_segmenter, "log_training_row", fails_at_step_2)
     with pytest.raises(RuntimeError, match="out of memory"):
         _run_stage("train_segmenter", repo, ("num_tokens_shared=0",))
 
@@ -403,7 +403,7 @@ def test_the_ui_address_opens_a_view_that_shows_the_headline_figures(store):
 
 # ------------------------------------------------------------------ the curve DVC plots draws
 def test_the_validation_curve_has_one_row_per_step():
-    from stages.train_segmenter import validation_curve
+    from cts_stages.train_segmenter import validation_curve
 
     history = [
         {"step": 2, "loss": 1.0},

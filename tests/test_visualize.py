@@ -307,7 +307,7 @@ def test_eval_scene_legend_holds_prediction_and_ground_truth_classes():
 def test_eval_stage_writes_a_scene_per_picture(tiny_synthetic, tmp_path):
     from cts.data.transforms import ValTransform
     from cts.models import build_segmenter
-    from stages.evaluation import write_pictures
+    from cts_stages.evaluation import write_pictures
 
     torch.manual_seed(0)
     model = build_segmenter(

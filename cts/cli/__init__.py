@@ -9,13 +9,13 @@ tools around the pipeline. Each module binds one group of commands and holds no 
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
+from pathlib import Path
 
 import typer
 
 from cts.cli import kfp, pipeline, runs, tools
+from cts.cli.common import use_checkout_stages
 from cts.processes import TERMINATE_SIGNALS, raise_terminated
 
 app = typer.Typer(
@@ -31,8 +31,7 @@ runs.register(app)
 
 
 def main() -> None:
-    # The pipeline layer lives next to params.yaml; make it importable from the repository.
-    sys.path.insert(0, os.getcwd())
+    use_checkout_stages(Path.cwd())
     for each in TERMINATE_SIGNALS:  # SIGTERM, and SLURM's SIGUSR1 before the time limit
         signal.signal(each, raise_terminated)
     app()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -54,17 +56,35 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def use_checkout_stages(root: Path) -> None:
+    """Run the stages of the cts checkout in ``root`` when it is one: a DVC experiment's
+    temporary copy or a Kubeflow task's copy runs its own stages/ (as ``cts_stages``), not
+    those of the checkout `cts` was installed from. A folder that is not a cts checkout (a DVC
+    project with a stages/ folder of its own) is left alone."""
+    init = root / "stages" / "__init__.py"
+    if "cts_stages" in sys.modules or not (root / "cts" / "__init__.py").is_file():
+        return
+    if not init.is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "cts_stages", init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cts_stages"] = module
+    spec.loader.exec_module(module)
+
+
 def run_stage_command(stage: str, params_file: Path, overrides: list[str] | None, **kwargs) -> None:
     """Validate the stage's params before any work, then run it; errors are one line."""
     quiet_mlflow()
     try:
-        from stages.launch import first_process, run_stage
-        from stages.params import load_params
+        from cts_stages.launch import first_process, run_stage
+        from cts_stages.params import load_params
 
-        module = importlib.import_module(f"stages.{stage}")
+        module = importlib.import_module(f"cts_stages.{stage}")
         params = load_params(params_file, overrides or (), keys=module.PARAMS, stage=stage)
         if first_process(stage, params):
-            from stages.common import clean_leftovers
+            from cts_stages.common import clean_leftovers
 
             clean_leftovers(params)
         run_stage(stage, params, **kwargs)

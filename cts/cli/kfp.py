@@ -38,7 +38,7 @@ def kfp_compile(
 ) -> None:
     """Write the Kubeflow pipeline (IR YAML) of dvc.yaml; the params give its defaults."""
     try:
-        from stages.kfp_pipeline import compile_pipeline
+        from cts_stages.kfp_pipeline import compile_pipeline
 
         plan = compile_pipeline(dvc_yaml, params, out, set_ or (), image, accelerator, gpus)
     except KeyboardInterrupt as error:
@@ -61,7 +61,7 @@ def kfp_run_local(
 ) -> None:
     """Run the Kubeflow pipeline here with KFP's local subprocess runner (no cluster)."""
     try:
-        from stages.kfp_pipeline import run_local
+        from cts_stages.kfp_pipeline import run_local
 
         placed = run_local(dvc_yaml, params, out, set_ or ())
     except KeyboardInterrupt as error:

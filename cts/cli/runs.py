@@ -21,8 +21,8 @@ def ui(
     """Print the MLflow UI address of the runs table of the store the stages log to."""
     try:
         from cts.tracking import ui_url
-        from stages.mlflow_context import project_tracking_uri
-        from stages.params import load_params
+        from cts_stages.mlflow_context import project_tracking_uri
+        from cts_stages.params import load_params
 
         values = load_params(params, set_ or (), keys=("mlflow_tracking_uri",), stage="ui")
         url = ui_url(base, experiment, project_tracking_uri(values["mlflow_tracking_uri"]))
@@ -36,7 +36,7 @@ def replay() -> None:
     quiet_mlflow()  # a kept model is logged as the stage would have
     try:
         from cts.tracking import kept_stage_runs, replay_spool
-        from stages.mlflow_context import repo_root
+        from cts_stages.mlflow_context import repo_root
 
         root = repo_root()
         logged = replay_spool(root=root)

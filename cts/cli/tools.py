@@ -45,7 +45,7 @@ def config(
     ] = False,
 ) -> None:
     """The params file of one of the paper's six settings (stdout, --out FILE or --dvc-args)."""
-    from stages import config as config_stage
+    from cts_stages import config as config_stage
 
     try:
         text = config_stage.command_output(name, list_, out, force, dvc_args)

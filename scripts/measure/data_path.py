@@ -23,8 +23,8 @@ from cts.data.loader import build_loader
 from cts.data.transforms import TrainTransform
 from cts.engine import TrainLoop, TrainState, resolve_device
 from cts.models import Segmenter, backbone_normalization
-from stages.common import dataset_info, segmenter_config
-from stages.params import load_params
+from cts_stages.common import dataset_info, segmenter_config
+from cts_stages.params import load_params
 
 
 def train_set(params: dict) -> SegmentationFolder:
