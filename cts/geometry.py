@@ -4,7 +4,8 @@ Patch size ``p``, image ``H x W`` (a crop ``C x C``), superpatch ``2p x 2p`` pix
 
 - patch tokens ``N = (H/p) * (W/p)``; superpatches ``S = N / 4``, the most that can share;
 - with ``K`` shared superpatches the encoder sees ``N - 3K`` tokens (one token, not four);
-- the paper's K removes about 30% of the tokens: ``ceil(N / 10)``.
+- the paper's K removes about 30% of the tokens: ``ceil(N / 10)``;
+- in threshold mode an image's K is a multiple of ``S / 16``.
 
 A backbone's patch size comes from the backbone itself
 (:func:`cts.models.vit.backbone_patch_size`), never from its name.
@@ -53,6 +54,12 @@ def paper_num_shared(crop_size: int, patch_size: int) -> int:
     """K of the paper's 30% token reduction: ``ceil(N / 10)`` (103 at 512/16, 90 at 480,
     160 at 640)."""
     return math.ceil(num_patches(crop_size, patch_size) / 10)
+
+
+def threshold_step(num_superpatches: int) -> int:
+    """Granularity of a per-image K in threshold mode: ``S / 16`` superpatches (16 at a
+    512 crop with /16 patches), so a batch holds at most 17 token counts (kernel shapes)."""
+    return max(1, num_superpatches // 16)
 
 
 def check_num_shared(num_tokens_shared: int, num_superpatches: int, what: str = "") -> None:

@@ -63,7 +63,7 @@ def lr_schedule(optimizer: str, iterations: int, lr: float, warmup: int) -> Call
 
 
 def segmenter_loss(
-    num_tokens_shared: int,
+    num_tokens_shared: int | tuple[int, int],
     unshared_fraction: float,
     seed: int,
     loss_stride: int,
@@ -80,7 +80,8 @@ def segmenter_loss(
     ``loss_stride`` 1 and no weight that is ``F.cross_entropy(F.interpolate(logits, crop),
     labels, ignore_index=255)``, the authors' ``CrossEntropyLoss(ignore_index=255)`` on
     ``model.forward(im)``. ``step()`` is the optimizer step the sharing K is drawn for
-    (:func:`cts.sharing.training_num_shared` with ``unshared_fraction`` and ``seed``).
+    (:func:`cts.sharing.training_num_shared` with ``unshared_fraction`` and ``seed``): the
+    model's K, or one from a ``(low, high)`` range.
     """
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:

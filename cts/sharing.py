@@ -26,16 +26,24 @@ IGNORE_INDEX = 255
 
 
 def training_num_shared(
-    num_tokens_shared: int, unshared_fraction: float, seed: int, step: int
+    num_tokens_shared: int | tuple[int, int], unshared_fraction: float, seed: int, step: int
 ) -> int:
     """K for one training step: 0 (no sharing) with probability ``unshared_fraction``, else
-    ``num_tokens_shared`` (``unshared_fraction`` 0: always K, as the paper trains).
+    ``num_tokens_shared``, or with a ``(low, high)`` range an integer drawn uniformly from
+    ``low..high`` (one model for every K in it); ``unshared_fraction`` 0 and a single K: always
+    K, as the paper trains.
 
     The draw depends on ``(seed, step)`` alone, so every process of a distributed run and a
-    resumed run use the same K at the same step. Two token counts, not a range of them, keep
-    the kernel shapes to tune and cache to two.
+    resumed run use the same K at the same step. A single K keeps the kernel shapes to tune
+    and cache to two; a range costs one shape per K drawn (compiled: one dynamic graph).
     """
-    return 0 if random.Random(f"{seed}:{step}").random() < unshared_fraction else num_tokens_shared
+    draw = random.Random(f"{seed}:{step}")
+    if draw.random() < unshared_fraction:
+        return 0
+    if isinstance(num_tokens_shared, int):
+        return num_tokens_shared
+    low, high = num_tokens_shared
+    return draw.randint(low, high)
 
 
 def policy_targets(
@@ -92,6 +100,20 @@ def select_shared(scores: Tensor, num_shared: int) -> Tensor:
     """Indices of the ``K`` superpatches with the highest score, ``(B, S) -> (B, K)``."""
     check_num_shared(num_shared, scores.shape[1])
     return scores.topk(num_shared, dim=1, sorted=False).indices
+
+
+def threshold_num_shared(scores: Tensor, threshold: float, step: int = 1) -> Tensor:
+    """Per-image K, ``(B, S) -> (B,)`` int64: how many superpatches score at least
+    ``threshold``, rounded down to a multiple of ``step``. Each image's K depends on its own
+    scores only, never on the rest of its batch."""
+    sure = (scores >= threshold).sum(dim=1)
+    return torch.div(sure, step, rounding_mode="floor") * step
+
+
+def check_threshold(threshold: float) -> None:
+    """Raise a ValueError unless ``0 < threshold < 1`` (a probability that decides)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"share_threshold={threshold}: allowed a number in (0, 1)")
 
 
 def shared_mask(shared_idx: Tensor, grid: tuple[int, int]) -> Tensor:

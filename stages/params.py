@@ -140,6 +140,17 @@ def _scale_range(value: Any) -> str | None:
     return "allowed: [low, high] with 0 < low <= high, e.g. [0.5, 2.0]"
 
 
+def _k_range(value: Any) -> str | None:
+    if value is None or (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 0 <= value[0] <= value[1]
+    ):
+        return None
+    return "allowed: null or [low, high] integers with 0 <= low <= high, e.g. [0, 205]"
+
+
 DATASETS = ("synthetic", "ade20k", "cityscapes", "pascal_context", "folder")
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -172,6 +183,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "class_weight_power": _number(0.0, 1.0),
     "train_scale_range": _scale_range,
     "train_unshared_fraction": _number(0.0, 1.0),
+    "train_tokens_shared_range": _k_range,
     "photometric": _boolean,
     "iterations": _integer(1),
     "batch_size": _integer(1),
@@ -243,6 +255,8 @@ def _check_geometry(params: dict[str, Any], keys: set[str], patch_size: int) -> 
         named.append((f"num_tokens_shared={k}", k))
     sweep = params["sweep_tokens_shared"] if "sweep_tokens_shared" in keys else ()
     named += [(f"sweep_tokens_shared: K={k} is out of range", k) for k in sweep]
+    k_range = params["train_tokens_shared_range"] if "train_tokens_shared_range" in keys else None
+    named += [(f"train_tokens_shared_range={k_range}: K={k}", k) for k in k_range or ()]
     for what, k in named:
         try:
             check_num_shared(k, superpatches)
@@ -333,7 +347,8 @@ def validate(
     # The backbone is built once, on the meta device: it is valid and has this patch size.
     if "backbone" in keys:
         patch_size = _backbone_patch_size(params, origins, source)
-        if "crop_size" in keys and {"num_tokens_shared", "sweep_tokens_shared"} & set(keys):
+        geometry = {"num_tokens_shared", "sweep_tokens_shared", "train_tokens_shared_range"}
+        if "crop_size" in keys and geometry & set(keys):
             _check_geometry(params, set(keys), patch_size)
     window, stride = params.get("eval_window"), params.get("eval_stride")
     if {"eval_window", "eval_stride"} <= set(keys) and window and stride and stride > window:

@@ -64,6 +64,7 @@ PARAMS = (
     "class_weight_power",
     "train_scale_range",
     "train_unshared_fraction",
+    "train_tokens_shared_range",
     "photometric",
     "iterations",
     "batch_size",
@@ -179,8 +180,9 @@ def run(params: dict[str, Any], resume_training: bool = True) -> None:
     optimizer = build_optimizer(segmenter, name, lr, params["weight_decay"])
     schedule = lr_schedule(name, iterations, lr, params["warmup_iterations"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    k_range = params["train_tokens_shared_range"]
     loss_fn, count_fn = segmenter_loss(
-        segmenter.num_tokens_shared,
+        tuple(k_range) if k_range else segmenter.num_tokens_shared,
         params["train_unshared_fraction"],
         params["seed"],
         params["loss_stride"],

@@ -152,3 +152,20 @@ def loopback_reference(loopback_job) -> dict:
     (result,) = train_nodes(folder, [{}], "--no-resume", "--set", "nproc_per_node=2")
     assert result[0] == 0, (result[1] + result[2])[-3000:]
     return trained_weights(folder)
+
+
+# Tests run on two xdist workers (`make test`); a session fixture is built once per worker,
+# so the tests sharing one of these run on the same worker (`--dist loadgroup`).
+SHARED_SESSION_FIXTURES = {
+    "micro_pipeline": "micro_pipeline",
+    "micro_pipeline_copy": "micro_pipeline",
+    "loopback_job": "loopback",
+    "loopback_reference": "loopback",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = {SHARED_SESSION_FIXTURES.get(name) for name in item.fixturenames} - {None}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))

@@ -63,6 +63,12 @@ def test_repository_params_are_valid_and_complete(params_file):
         ),
         ("train_unshared_fraction=1.5", r"train_unshared_fraction=1.5: allowed: a finite number"),
         ("train_unshared_fraction=[0.5]", r"train_unshared_fraction=\[0.5\]: allowed: a finite"),
+        ("train_tokens_shared_range=[205, 52]", r"range=\[205, 52\]: allowed: null or \[low, h"),
+        ("train_tokens_shared_range=103", r"train_tokens_shared_range=103: allowed: null or"),
+        (
+            "train_tokens_shared_range=[0, 300]",
+            r"train_tokens_shared_range=\[0, 300\]: K=300: allowed 0\.\.256 for crop_size 512",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(params_file, override, message):

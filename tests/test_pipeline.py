@@ -210,7 +210,8 @@ def test_a_kill_between_checkpoint_and_metrics_leaves_no_disagreeing_pair(
     assert not metrics.exists() or _metrics(repo, "train.json")["iterations"] == trained
 
 
-def test_each_training_step_shares_the_k_drawn_for_it(micro_pipeline_copy, monkeypatch):
+@pytest.mark.parametrize("k_range", [None, [1, 16]])
+def test_each_training_step_shares_the_k_drawn_for_it(micro_pipeline_copy, monkeypatch, k_range):
     import cts_stages.train_segmenter as stage
     from cts.models.segmenter import Segmenter
     from cts.sharing import training_num_shared
@@ -219,6 +220,7 @@ def test_each_training_step_shares_the_k_drawn_for_it(micro_pipeline_copy, monke
     repo = micro_pipeline_copy.repo
     monkeypatch.chdir(repo)
     overrides = ["iterations=8", "eval_every=0", "train_unshared_fraction=0.5"]
+    overrides.append(f"train_tokens_shared_range={k_range}".replace("None", "null"))
     params = load_params(repo / "params.yaml", overrides, keys=stage.PARAMS)
     used = []
     forward = Segmenter.forward
@@ -230,9 +232,12 @@ def test_each_training_step_shares_the_k_drawn_for_it(micro_pipeline_copy, monke
 
     monkeypatch.setattr(Segmenter, "forward", spy)
     stage.run(params, resume_training=False)
-    k = params["num_tokens_shared"]
+    k = tuple(k_range) if k_range else params["num_tokens_shared"]
     assert used == [training_num_shared(k, 0.5, params["seed"], step) for step in range(8)]
-    assert set(used) == {0, k}  # both are drawn in these 8 steps
+    if k_range:  # one model for every K: several are drawn in these 8 steps
+        assert 0 in used and len(set(used)) > 2 and all(0 <= x <= 16 for x in used)
+    else:
+        assert set(used) == {0, k}  # both are drawn in these 8 steps
 
 
 def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_runs(

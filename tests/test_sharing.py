@@ -143,3 +143,12 @@ def test_training_k_is_zero_or_k_drawn_by_seed_and_step_alone():
     assert draws != [training_num_shared(103, 0.25, 1, step) for step in range(400)]
     assert {training_num_shared(103, 0.0, 0, step) for step in range(50)} == {103}
     assert {training_num_shared(103, 1.0, 0, step) for step in range(50)} == {0}
+
+
+def test_a_k_range_draws_every_k_in_it_by_seed_and_step_and_keeps_the_unshared_steps():
+    draws = [training_num_shared((52, 205), 0.25, 0, step) for step in range(3000)]
+    assert draws == [training_num_shared((52, 205), 0.25, 0, step) for step in range(3000)]
+    assert set(draws) == {0, *range(52, 206)}
+    fixed = [training_num_shared(103, 0.25, 0, step) for step in range(3000)]
+    assert [k == 0 for k in draws] == [k == 0 for k in fixed]  # the same steps go unshared
+    assert {training_num_shared((7, 7), 0.0, 3, step) for step in range(50)} == {7}

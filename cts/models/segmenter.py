@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cts.geometry import check_num_shared, num_superpatches, superpatch_grid, superpatch_size
+from cts.geometry import (
+    check_num_shared,
+    num_superpatches,
+    superpatch_grid,
+    superpatch_size,
+    threshold_step,
+)
 from cts.models.decoder import MaskTransformer, build_decoder
 from cts.models.policy import BACKBONE as POLICY_BACKBONE
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
@@ -18,10 +24,12 @@ from cts.models.upsample import upsample_argmax
 from cts.models.vit import CTSViTEncoder, create_vit
 from cts.sharing import (
     IGNORE_INDEX,
+    check_threshold,
     oracle_scores,
     plan_layout,
     select_shared,
     shared_mask,
+    threshold_num_shared,
     unshare_tokens,
 )
 
@@ -43,6 +51,8 @@ class SegmenterConfig:
     ``decoder_layers`` (mask transformer blocks, default 2) and ``policy_input_norm``
     (``imagenet``: re-normalise the images to ImageNet statistics for the policy net, the
     default; ``none``: feed them as the segmenter gets them, as the CTS authors' code does).
+    ``share_threshold`` (None: every image shares ``num_tokens_shared``): K per image, the
+    superpatches whose sharing score reaches it (rounded down to a multiple of S / 16).
     """
 
     backbone: str = "vit_small_patch16_384"
@@ -61,6 +71,7 @@ class SegmenterConfig:
     policy_feature_stride: int = 32
     policy_input_scale: float = 1.0
     ignore_index: int = IGNORE_INDEX
+    share_threshold: float | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     extra: dict = field(default_factory=dict)
@@ -72,11 +83,11 @@ class SegmenterConfig:
 class SegmenterOutput(NamedTuple):
     """logits: ``(B, n_cls, H, W)`` (patch-grid scores with ``upsample=False``); shared:
     ``(B, hs, ws)`` bool superpatch map; num_tokens: patch-level tokens the encoder processed
-    (``N - 3K``)."""
+    per image (``N - 3K``; the batch's mean with a threshold)."""
 
     logits: Tensor
     shared: Tensor
-    num_tokens: int
+    num_tokens: float
 
 
 def _check_pretrained(config: SegmenterConfig) -> None:
@@ -139,6 +150,8 @@ class Segmenter(nn.Module):
             k, where = config.num_tokens_shared, f"crop_size {config.crop_size}"
             check_num_shared(k, superpatches, where)
             self.num_tokens_shared = k
+            if config.share_threshold is not None:
+                check_threshold(config.share_threshold)
         decoder_layers = config.extra.get("decoder_layers")
         if config.decoder == "mask_transformer" and decoder_layers is not None:
             self.decoder = MaskTransformer(
@@ -186,15 +199,43 @@ class Segmenter(nn.Module):
             return oracle_scores(labels, self.patch_size, self.config.ignore_index)
         return torch.rand(images.shape[0], grid[0] * grid[1], device=images.device)
 
+    def _decode(self, images: Tensor, shared_idx: Tensor, grid: tuple[int, int]) -> Tensor:
+        """``(B, n_cls, h, w)`` class scores on the patch grid with the ``(B, K)`` shared
+        superpatches (K = 0: the plain Segmenter, no gather or scatter)."""
+        layout = plan_layout(shared_idx, grid) if shared_idx.shape[1] else None
+        scores = self.decoder(self.encoder(images, layout))
+        if layout is not None:
+            scores = unshare_tokens(scores, layout)
+        return scores.transpose(1, 2).reshape(images.shape[0], -1, *grid)
+
+    def _decode_per_image_k(
+        self, images: Tensor, share: Tensor, num_shared: Tensor, grid: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Scores ``(B, n_cls, h, w)`` and shared map ``(B, S)`` with K per image, ``(B,)``:
+        one forward per distinct K, so an image's result never depends on its batch."""
+        scores, shared = None, torch.zeros_like(share, dtype=torch.bool)
+        for k in num_shared.unique().tolist():
+            rows = (num_shared == k).nonzero().squeeze(1)
+            idx = select_shared(share[rows], k)
+            part = self._decode(images[rows], idx, grid)
+            scores = part.new_empty(images.shape[0], *part.shape[1:]) if scores is None else scores
+            scores[rows] = part
+            shared[rows] = shared.new_zeros(len(rows), share.shape[1]).scatter_(1, idx, True)
+        return scores, shared
+
     def _token_scores(
-        self, images: Tensor, labels: Tensor | None, num_tokens_shared: int | None
-    ) -> tuple[Tensor, Tensor, int, tuple[int, int]]:
+        self,
+        images: Tensor,
+        labels: Tensor | None,
+        num_tokens_shared: int | None,
+        share_threshold: float | None = None,
+    ) -> tuple[Tensor, Tensor, float, tuple[int, int]]:
         """Class scores on the patch grid, before upsampling.
 
         Returns:
             scores ``(B, n_cls, h, w)`` on the (padded) patch grid, in the compute dtype;
-            shared superpatch indices ``(B, K)``; tokens the encoder processed; the padded
-            image size ``(H', W')``.
+            shared superpatch map ``(B, hs, ws)``; tokens the encoder processed per image
+            (mean over the batch); the padded image size ``(H', W')``.
         """
         height, width = images.shape[-2:]
         superpatch = superpatch_size(self.patch_size)
@@ -205,25 +246,38 @@ class Segmenter(nn.Module):
                 labels = F.pad(labels, (0, pad_w, 0, pad_h), value=self.config.ignore_index)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         super_grid = superpatch_grid(images.shape[-2], images.shape[-1], self.patch_size)
+        padded = (images.shape[-2], images.shape[-1])
+        num_superpatches = super_grid[0] * super_grid[1]
+
+        threshold = self._threshold(num_tokens_shared, share_threshold)
+        if threshold is not None:
+            share = self._share_scores(images, labels, super_grid)
+            num_shared = threshold_num_shared(share, threshold, threshold_step(num_superpatches))
+            scores, shared = self._decode_per_image_k(images, share, num_shared, grid)
+            num_tokens = grid[0] * grid[1] - 3 * num_shared.double().mean().item()
+            return scores, shared.view(-1, *super_grid), num_tokens, padded
 
         k = self.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
         if self.config.policy == "none":
             k = 0
-        check_num_shared(k, super_grid[0] * super_grid[1], f"image size {height}x{width}")
-
-        # K = 0 is the plain Segmenter: no policy net, no gather or scatter.
-        layout = None
+        check_num_shared(k, num_superpatches, f"image size {height}x{width}")
         shared_idx = images.new_zeros(images.shape[0], 0, dtype=torch.long)
         if k > 0:
             shared_idx = select_shared(self._share_scores(images, labels, super_grid), k)
-            layout = plan_layout(shared_idx, grid)
-        tokens = self.encoder(images, layout)
+        scores = self._decode(images, shared_idx, grid)
+        num_tokens = grid[0] * grid[1] - 3 * k
+        return scores, shared_mask(shared_idx, super_grid), num_tokens, padded
 
-        scores = self.decoder(tokens)
-        if layout is not None:
-            scores = unshare_tokens(scores, layout)
-        scores = scores.transpose(1, 2).reshape(images.shape[0], -1, *grid)
-        return scores, shared_idx, tokens.shape[1], (images.shape[-2], images.shape[-1])
+    def _threshold(
+        self, num_tokens_shared: int | None, share_threshold: float | None
+    ) -> float | None:
+        """The threshold of this call: an explicit K means fixed K; policy none never shares."""
+        if self.config.policy == "none" or num_tokens_shared is not None:
+            return None
+        threshold = self.config.share_threshold if share_threshold is None else share_threshold
+        if threshold is not None:
+            check_threshold(threshold)
+        return threshold
 
     def forward(
         self,
@@ -231,29 +285,36 @@ class Segmenter(nn.Module):
         labels: Tensor | None = None,
         num_tokens_shared: int | None = None,
         upsample: bool = True,
+        share_threshold: float | None = None,
     ) -> SegmenterOutput:
         """Segment images.
 
         Args:
             images: ``(B, 3, H, W)`` normalised; any size (padded to multiples of 2p inside).
             labels: ``(B, H, W)`` label maps, needed by the ``oracle`` policy only.
-            num_tokens_shared: K for this call (default: the configured K; 0 with policy none).
+            num_tokens_shared: K for this call (default: the configured K, or the configured
+                threshold; 0 with policy none).
             upsample: False returns the class scores on the patch grid of the padded image,
                 ``(B, n_cls, H' / p, W' / p)``, for a loss that upsamples only the pixels it
                 needs (:func:`cts.losses.subgrid_cross_entropy`).
+            share_threshold: K per image for this call: the superpatches scoring at least
+                this (in (0, 1)), rounded down to a multiple of S / 16.
         """
         height, width = images.shape[-2:]
-        scores, shared_idx, num_tokens, padded = self._token_scores(
-            images, labels, num_tokens_shared
+        scores, shared, num_tokens, padded = self._token_scores(
+            images, labels, num_tokens_shared, share_threshold
         )
-        super_grid = superpatch_grid(*padded, self.patch_size)
-        shared = shared_mask(shared_idx, super_grid)
         if not upsample:
             return SegmenterOutput(scores, shared, num_tokens)
         logits = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)
         return SegmenterOutput(logits[..., :height, :width], shared, num_tokens)
 
-    def predict(self, images: Tensor, num_tokens_shared: int | None = None) -> Tensor:
+    def predict(
+        self,
+        images: Tensor,
+        num_tokens_shared: int | None = None,
+        share_threshold: float | None = None,
+    ) -> Tensor:
         """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images: the argmax
         of ``forward``'s logits (up to ties).
 
@@ -263,7 +324,7 @@ class Segmenter(nn.Module):
         pixels of cells of the patch grid where several classes can win are interpolated.
         """
         height, width = images.shape[-2:]
-        scores, _, _, padded = self._token_scores(images, None, num_tokens_shared)
+        scores, _, _, padded = self._token_scores(images, None, num_tokens_shared, share_threshold)
         return upsample_argmax(scores, padded, (height, width))
 
 
