@@ -19,13 +19,17 @@ $(CLUSTER_STAMP): $(STAMP)
 		|| $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[test,cluster]"
 	touch $(CLUSTER_STAMP)
 
+# Two pytest workers (xdist): while one waits on a subprocess's imports or a server, the other
+# computes. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: install-cluster
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The suite without its end-to-end tests (marker e2e: dvc repro, the KFP local run,
 # multi-process trainings, cts stage commands): a minute or two instead of ten.
 test-fast: install-cluster
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not e2e"
 
 lint: install
 	$(BIN)/ruff check .

@@ -154,18 +154,13 @@ def loopback_reference(loopback_job) -> dict:
     return trained_weights(folder)
 
 
-# Tests run on two xdist workers (`make test`); a session fixture is built once per worker,
-# so the tests sharing one of these run on the same worker (`--dist loadgroup`).
-SHARED_SESSION_FIXTURES = {
-    "micro_pipeline": "micro_pipeline",
-    "micro_pipeline_copy": "micro_pipeline",
-    "loopback_job": "loopback",
-    "loopback_reference": "loopback",
-}
-
-
+# `make test` runs two xdist workers with `--dist loadgroup`. A module-scoped fixture is built
+# once per worker that needs it, so a module's tests that use one (a pipeline run, a trained
+# reference) are one group, on one worker; the rest go wherever a worker is free. A session
+# fixture (the micro pipeline) is built at most once per worker.
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        groups = {SHARED_SESSION_FIXTURES.get(name) for name in item.fixturenames} - {None}
-        if groups:
-            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = info.name2fixturedefs.values() if info else ()
+        if any(defs and defs[-1].scope == "module" for defs in fixtures):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
