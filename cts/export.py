@@ -58,6 +58,11 @@ class ExportedSegmenter(nn.Module):
 def export_k(model: Segmenter, num_tokens_shared: int | None) -> int:
     """The K the graph is built with (checked against the crop's superpatch grid)."""
     config = model.config
+    if num_tokens_shared is None and config.share_threshold is not None:
+        raise ValueError(
+            f"the model shares by threshold (share_threshold={config.share_threshold}: K per "
+            "image), which no graph of fixed shapes holds: export with --num-tokens-shared K"
+        )
     k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
     superpatches = num_superpatches(config.crop_size, model.patch_size)
     check_num_shared(k, superpatches, f"crop_size {config.crop_size}")

@@ -84,9 +84,11 @@ def evaluate_model(
     num_tokens_shared: int | None = None,
     distributed: bool = False,
     progress: bool = True,
+    share_threshold: float | None = None,
 ) -> SegmentationMetric:
     """The evaluation of the `eval_*` stages (and of the K sweep): sliding windows over the
-    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's).
+    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's), or K
+    per window from ``share_threshold``.
 
     ``distributed``: this process scores every W-th image and the confusion matrices of all
     processes are summed, so every image counts once.
@@ -105,7 +107,9 @@ def evaluate_model(
     )
     with autocast(device, params["precision"]):
         return evaluate(
-            lambda images: model(images, num_tokens_shared=num_tokens_shared).logits,
+            lambda images: model(
+                images, num_tokens_shared=num_tokens_shared, share_threshold=share_threshold
+            ).logits,
             loader,
             info.num_classes,
             eval_geometry(params, info),

@@ -121,6 +121,12 @@ def _integers(value: Any) -> str | None:
     return "allowed: a list of integers (may be empty), e.g. [0, 52, 103]"
 
 
+def _thresholds(value: Any) -> str | None:
+    if isinstance(value, list) and all(_finite(v) and 0 < v < 1 for v in value):
+        return None
+    return "allowed: a list of numbers in (0, 1) (may be empty), e.g. [0.5, 0.9]"
+
+
 def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
     def auto_or(value: Any) -> str | None:
         problem = None if value == "auto" else check(value)
@@ -198,6 +204,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_window": _integer(1, optional=True),
     "eval_stride": _integer(1, optional=True),
     "sweep_tokens_shared": _integers,
+    "sweep_share_thresholds": _thresholds,
     "bench_batch_size": _integer(1),
     "bench_repeats": _integer(1),
     "bench_compile": _choice(

@@ -1,8 +1,10 @@
-"""Stage `sweep`: the trained model's accuracy-vs-speed curve over K, without retraining.
+"""Stage `sweep`: the trained model's accuracy-vs-speed curves, without retraining.
 
 At every K of ``sweep_tokens_shared`` (plus the model's own K): single-scale val mIoU by the
 evaluation of `eval_ss` (so the model's own K gives eval_ss's mIoU), and im/s, GFLOPs and
-tokens timed and counted as the `benchmark` stage does (all K in turns, one process).
+tokens timed and counted as the `benchmark` stage does (all K in turns, one process). At
+every threshold of ``sweep_share_thresholds``, the same with K per image (eager, mean tokens
+and GFLOPs per image).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from cts.checkpoint import load_segmenter
 from cts.data.io import write_bytes_atomic
 from cts.engine import resolve_device
 from cts.throughput.inputs import validation_batch
-from cts.throughput.measure import measure_sweep
-from cts.throughput.sweep import plot_curve, sweep_ks
+from cts.throughput.measure import measure_sweep, measure_thresholds
+from cts.throughput.sweep import check_thresholds, plot_curve, sweep_ks
 from cts.tracking import active_run, log_artifact, log_json_metrics
 from cts_stages.common import (
     PLOTS,
@@ -32,6 +34,7 @@ PARAMS = (
     "backbone",
     "crop_size",
     "sweep_tokens_shared",
+    "sweep_share_thresholds",
     "base_size",
     "eval_window",
     "eval_stride",
@@ -43,9 +46,43 @@ PARAMS = (
     "num_workers",
     "mlflow_tracking_uri",
 )
-COLUMNS = ("num_tokens_shared", "tokens", "mIoU", "ims_per_sec", "gflops")
+COLUMNS = ("num_tokens_shared", "share_threshold", "tokens", "mIoU", "ims_per_sec", "gflops")
 CSV = PLOTS / "k_sweep.csv"
 PICTURE = PLOTS / "k_sweep.png"
+
+
+def _measure(params: dict[str, Any], model, ks: list[int], thresholds: list[float]) -> list:
+    """Speed and cost records: one per K, then one per threshold (the same batch)."""
+    images = validation_batch(params["data_root"], model, params["bench_batch_size"])
+    images = images.to(next(model.parameters()).device)
+    records = []
+    if ks:
+        records = measure_sweep(
+            model,
+            images,
+            ks,
+            precision=params["precision"],
+            compile_mode=params["bench_compile"],
+            warmup=2,
+            repeats=params["bench_repeats"],
+            what=f"{model.config.backbone} (bench_batch_size {images.shape[0]})",
+            batch_option="bench_batch_size",
+            compile_option="bench_compile",
+        )
+    return records + measure_thresholds(
+        model, images, thresholds, params["precision"], 2, params["bench_repeats"]
+    )
+
+
+def _log(record: dict[str, Any]) -> None:
+    """MLflow: a fixed-K row's metrics stepped by K, a threshold row's by 100 x threshold."""
+    values = {key: record[key] for key in COLUMNS[2:]}
+    threshold = record.get("share_threshold")
+    if threshold is None:
+        log_json_metrics(values, step=record["num_tokens_shared"])
+    else:
+        values = {f"threshold_{key}": value for key, value in values.items()}
+        log_json_metrics(values, step=round(100 * threshold))
 
 
 def run(params: dict[str, Any]) -> None:
@@ -53,32 +90,19 @@ def run(params: dict[str, Any]) -> None:
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
     own_k = model.num_tokens_shared
     ks = sweep_ks(params["sweep_tokens_shared"], model)  # the trained crop decides, first
+    policy = model.config.policy != "none"
+    thresholds = check_thresholds(params["sweep_share_thresholds"]) if policy else []
     with stage_run("sweep", params):
-        records = []
-        if ks:
-            batch = validation_batch(params["data_root"], model, params["bench_batch_size"])
-            images = batch.to(device)
-            records = measure_sweep(
-                model,
-                images,
-                ks,
-                precision=params["precision"],
-                compile_mode=params["bench_compile"],
-                warmup=2,
-                repeats=params["bench_repeats"],
-                what=f"{model.config.backbone} (bench_batch_size {images.shape[0]})",
-                batch_option="bench_batch_size",
-                compile_option="bench_compile",
+        records = _measure(params, model, ks, thresholds) if ks or thresholds else []
+        dataset = validation_set(params, model) if records else None
+        for record in records:
+            k, threshold = record["num_tokens_shared"], record.get("share_threshold")
+            fixed_k = None if threshold is not None else k
+            metric = evaluate_model(
+                params, model, dataset, (1.0,), False, fixed_k, share_threshold=threshold
             )
-            dataset = validation_set(params, model)
-            for record in records:
-                metric = evaluate_model(
-                    params, model, dataset, (1.0,), False, record["num_tokens_shared"]
-                )
-                record["mIoU"] = metric.compute()["mIoU"]
-                log_json_metrics(
-                    {key: record[key] for key in COLUMNS[1:]}, step=record["num_tokens_shared"]
-                )
+            record["mIoU"] = metric.compute()["mIoU"]
+            _log(record)
         table = pd.DataFrame(records, columns=list(COLUMNS))
         write_csv(CSV, table)
         title = (
@@ -89,11 +113,14 @@ def run(params: dict[str, Any]) -> None:
         if active_run() is not None:
             log_artifact(str(CSV))
             log_artifact(str(PICTURE))
-    if not ks:
-        print("sweep: skipped (sweep_tokens_shared is empty)")
+    if not records:
+        print("sweep: skipped (sweep_tokens_shared and sweep_share_thresholds are empty)")
         return
     for row in table.itertuples():
+        setting = f"K={int(row.num_tokens_shared):>4}"
+        if row.share_threshold == row.share_threshold:  # not NaN: a threshold row
+            setting = f"t={row.share_threshold:g} (mean K {row.num_tokens_shared:.1f})"
         print(
-            f"sweep K={row.num_tokens_shared:>4} ({row.tokens} tokens): mIoU {row.mIoU:.2f}  "
+            f"sweep {setting} ({row.tokens:.0f} tokens): mIoU {row.mIoU:.2f}  "
             f"{row.ims_per_sec:.2f} im/s  {row.gflops:.2f} GFLOPs"
         )

@@ -66,6 +66,7 @@ MICRO = {
     "bench_batch_size": 1,
     "bench_repeats": 1,
     "sweep_tokens_shared": [2, 0],
+    "sweep_share_thresholds": [0.5],
     "device": "cpu",
 }
 # Seconds a whole pipeline (`dvc repro`, the KFP local run) may take before it counts as hung:

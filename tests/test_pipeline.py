@@ -60,9 +60,16 @@ def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(micro_pi
 
     repo = micro_pipeline.repo
     table = pd.read_csv(repo / "plots" / "k_sweep.csv", float_precision="round_trip")
-    assert list(table.columns) == ["num_tokens_shared", "tokens", "mIoU", "ims_per_sec", "gflops"]
+    columns = ["num_tokens_shared", "share_threshold", "tokens", "mIoU", "ims_per_sec", "gflops"]
+    assert list(table.columns) == columns
+    by_threshold = table[table["share_threshold"].notna()]
+    table = table[table["share_threshold"].isna()]
     assert table["num_tokens_shared"].tolist() == [0, 2, 4]  # the swept K and the trained K
     assert table["tokens"].tolist() == [64, 64 - 3 * 2, 64 - 3 * 4]
+    (threshold,) = by_threshold.itertuples()  # K per image: its mean, on the same batch
+    assert threshold.share_threshold == 0.5 and 0 <= threshold.num_tokens_shared <= 16
+    assert threshold.tokens == 64 - 3 * threshold.num_tokens_shared
+    assert 0 <= threshold.mIoU <= 100 and threshold.ims_per_sec > 0 and threshold.gflops > 0
     trained = table.set_index("num_tokens_shared").loc[4]
     assert trained["mIoU"] == _metrics(repo, "eval_ss.json")["mIoU"]
     assert (table["ims_per_sec"] > 0).all() and (table["gflops"] > 0).all()
@@ -271,9 +278,10 @@ def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_run
 
 def test_an_empty_sweep_list_skips_the_sweep(micro_pipeline_copy):
     repo, env = micro_pipeline_copy.repo, micro_pipeline_copy.env
-    output = run([str(BIN / "cts"), "sweep", "--set", "sweep_tokens_shared=[]"], repo, env)
+    empty = ["--set", "sweep_tokens_shared=[]", "--set", "sweep_share_thresholds=[]"]
+    output = run([str(BIN / "cts"), "sweep", *empty], repo, env)
     assert "skipped" in output
     assert (repo / "plots" / "k_sweep.csv").read_text().strip() == (
-        "num_tokens_shared,tokens,mIoU,ims_per_sec,gflops"
+        "num_tokens_shared,share_threshold,tokens,mIoU,ims_per_sec,gflops"
     )
     assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")

@@ -70,3 +70,14 @@ def test_a_threshold_outside_0_1_is_refused_in_one_line(threshold):
         model(
             torch.randn(1, 3, 128, 128), torch.zeros(1, 128, 128).long(), share_threshold=threshold
         )
+
+
+def test_onnx_export_of_a_threshold_model_needs_a_fixed_k():
+    from cts.export import export_k
+
+    model = build_segmenter(
+        **TINY, crop_size=128, policy="policy_net", num_tokens_shared=4, share_threshold=0.8
+    )
+    with pytest.raises(ValueError, match="K per image.*export with --num-tokens-shared K"):
+        export_k(model, None)
+    assert export_k(model, 2) == 2

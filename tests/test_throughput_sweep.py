@@ -1,11 +1,15 @@
-"""The K of the sweep stage: the swept values and the trained K, checked against the
-trained crop; one K for a model without a policy."""
+"""The settings of the sweep stage: the swept K and the trained K, checked against the
+trained crop (one K for a model without a policy); the sharing thresholds, each image with
+its own K; the picture of both curves."""
 
+import pandas as pd
 import pytest
 import torch
 
 from cts.models import build_segmenter
-from cts.throughput.sweep import sweep_ks
+from cts.throughput.cost import forward_cost
+from cts.throughput.measure import measure_thresholds
+from cts.throughput.sweep import check_thresholds, plot_curve, sweep_ks
 
 
 def _model(policy: str, k: int):
@@ -33,3 +37,39 @@ def test_sweep_refuses_a_k_beyond_the_trained_crop_before_any_work():
 
 def test_without_a_policy_every_k_is_the_plain_segmenter():
     assert sweep_ks([0, 1, 4], _model("none", 0)) == [0]
+
+
+def test_a_threshold_row_counts_each_images_own_k_and_its_cost():
+    """Two images whose policy is sure of 4 and of 0 superpatches: mean K 2, mean tokens
+    16 - 6, GFLOPs the mean of the K=4 and the K=0 forwards."""
+    model = _model("policy_net", 2).eval()
+    images = torch.randn(2, 3, 64, 64)
+    sure = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    model._share_scores = lambda images, labels, grid: sure[: images.shape[0]]
+    (record,) = measure_thresholds(model, images, [0.5], "fp32", warmup=0, repeats=1)
+    assert record["share_threshold"] == 0.5 and record["num_tokens_shared"] == 2
+    assert record["tokens"] == 16 - 3 * 2
+    costs = [forward_cost(model, 64, k).gmacs for k in (4, 0)]
+    assert record["gflops"] == pytest.approx(sum(costs) / 2)
+    assert record["ims_per_sec"] > 0
+
+
+def test_thresholds_outside_0_1_are_refused_and_the_rest_sorted():
+    assert check_thresholds([0.9, 0.5, 0.9]) == [0.5, 0.9]
+    with pytest.raises(ValueError, match="share_threshold=1.0: allowed a number in"):
+        check_thresholds([0.5, 1.0])
+
+
+def test_the_picture_draws_the_fixed_k_and_the_threshold_curves():
+    table = pd.DataFrame(
+        {
+            "num_tokens_shared": [0, 2, 1.5],
+            "share_threshold": [None, None, 0.8],
+            "tokens": [16, 10, 11.5],
+            "mIoU": [40.0, 38.0, 39.5],
+            "ims_per_sec": [10.0, 12.0, 11.0],
+            "gflops": [1.0, 0.8, 0.9],
+        }
+    )
+    assert plot_curve(table, 2, "t").startswith(b"\x89PNG")
+    assert plot_curve(table.iloc[:2], 2, "t").startswith(b"\x89PNG")

@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from cts.engine import autocast
+from cts.geometry import num_patches, tokens_kept
 from cts.models import Segmenter
 from cts.throughput.compilation import resolve_compile_mode
 from cts.throughput.cost import forward_cost
 from cts.throughput.devices import bf16_supported
 from cts.throughput.memory import ensure_batch_fits, out_of_memory_as_error
-from cts.throughput.timing import POLICY, time_inference
+from cts.throughput.timing import POLICY, median_seconds_interleaved, time_inference
 
 
 def measure_sharing(
@@ -182,6 +183,43 @@ def measure_sweep(
                 "gflops": cost.gmacs,
                 "ims_per_sec": images.shape[0] / seconds[k],
                 "ms_per_batch": seconds[k] * 1e3,
+            }
+        )
+    return records
+
+
+def measure_thresholds(
+    model: Segmenter,
+    images: Tensor,
+    thresholds: Sequence[float],
+    precision: str,
+    warmup: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """One record per sharing threshold of the same weights on one batch, eager (an image's
+    K depends on its content, so there is no graph of static shapes to compile), timed in
+    turns: ``share_threshold``, ``num_tokens_shared`` and ``tokens`` (means per image),
+    ``gflops`` (the mean of each image's forward), ``ims_per_sec``, ``ms_per_batch``."""
+    device = images.device
+    model.eval()
+    calls = {t: (lambda t=t: model.predict(images, share_threshold=t)) for t in thresholds}
+    with torch.inference_mode(), autocast(device, precision):
+        seconds = median_seconds_interleaved(calls, device, warmup, repeats)
+        shared = {t: model(images, share_threshold=t).shared.flatten(1).sum(1) for t in calls}
+    costs: dict[int, float] = {}
+    records = []
+    for t, ks in shared.items():
+        for k in ks.tolist():
+            costs.setdefault(k, forward_cost(model, images.shape[-1], k).gmacs)
+        mean_k = ks.double().mean().item()
+        records.append(
+            {
+                "share_threshold": t,
+                "num_tokens_shared": mean_k,
+                "tokens": tokens_kept(num_patches(images.shape[-1], model.patch_size), mean_k),
+                "gflops": sum(costs[k] for k in ks.tolist()) / len(ks),
+                "ims_per_sec": images.shape[0] / seconds[t],
+                "ms_per_batch": seconds[t] * 1e3,
             }
         )
     return records

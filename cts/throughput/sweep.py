@@ -1,4 +1,5 @@
-"""The accuracy-vs-speed sweep over K of one trained model: which K, and its picture."""
+"""The accuracy-vs-speed sweep of one trained model over K and over sharing thresholds:
+which settings, and its picture."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 
 from cts.geometry import check_num_shared, num_superpatches, tokens_kept
 from cts.models import Segmenter
+from cts.sharing import check_threshold
 
 
 def sweep_ks(values: Sequence[int], model: Segmenter) -> list[int]:
@@ -36,11 +38,43 @@ def token_formula(table: pd.DataFrame) -> str:
     )
 
 
-def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
-    """PNG of mIoU against im/s, each point labelled with its K (the model's own K marked).
+def check_thresholds(values: Sequence[float]) -> list[float]:
+    """The sharing thresholds to measure, ascending, each in (0, 1)."""
+    for value in values:
+        check_threshold(value)
+    return sorted(set(values))
 
-    ``table``: one row per K with ``num_tokens_shared``, ``tokens``, ``mIoU`` and
-    ``ims_per_sec`` (empty: a picture that says there was no sweep).
+
+def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fixed-K rows and the threshold rows (``share_threshold`` set) of a sweep table."""
+    thresholds = table["share_threshold"].notna() if "share_threshold" in table else None
+    if thresholds is None:
+        return table, table.iloc[0:0]
+    return table[~thresholds], table[thresholds]
+
+
+def _label(axes, row, text: str) -> None:
+    # Short labels centred above their points: neighbouring K can sit less than an im/s
+    # apart, where two-line labels beside the points overprinted each other.
+    axes.annotate(
+        text,
+        (row.ims_per_sec, row.mIoU),
+        textcoords="offset points",
+        xytext=(0, 8),
+        ha="center",
+        va="bottom",
+        fontsize=7,
+    )
+
+
+def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
+    """PNG of mIoU against im/s: one curve over K (each point labelled with its K, the
+    model's own K marked) and one over sharing thresholds (K per image, labelled with the
+    threshold and the mean tokens), on the same axes.
+
+    ``table``: one row per setting with ``num_tokens_shared``, ``tokens``, ``mIoU`` and
+    ``ims_per_sec``, and ``share_threshold`` (empty on fixed-K rows); an empty table gives
+    a picture that says there was no sweep.
     """
     import matplotlib
 
@@ -48,24 +82,23 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    if len(table):
-        axes.plot(table["ims_per_sec"], table["mIoU"], "o-", color="tab:blue")
-        # Short labels centred above their points: neighbouring K can sit less than an im/s
-        # apart, where two-line labels beside the points overprinted each other.
-        for row in table.itertuples():
-            axes.annotate(
-                f"K={row.num_tokens_shared}",
-                (row.ims_per_sec, row.mIoU),
-                textcoords="offset points",
-                xytext=(0, 8),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-        title = f"{title}\n{token_formula(table)}"
-        axes.margins(x=0.08, y=0.15)  # room for the labels inside the frame
-        own = table[table["num_tokens_shared"] == own_k]
+    fixed, thresholds = _by_mode(table)
+    if len(fixed):
+        axes.plot(fixed["ims_per_sec"], fixed["mIoU"], "o-", color="tab:blue", label="fixed K")
+        for row in fixed.itertuples():
+            _label(axes, row, f"K={row.num_tokens_shared:g}")
+        title = f"{title}\n{token_formula(fixed)}"
+        own = fixed[fixed["num_tokens_shared"] == own_k]
         axes.plot(own["ims_per_sec"], own["mIoU"], "*", color="tab:red", ms=14, label="trained K")
+    if len(thresholds):
+        axes.plot(
+            thresholds["ims_per_sec"], thresholds["mIoU"], "s--", color="tab:green",
+            label="K per image (threshold)",
+        )  # fmt: skip
+        for row in thresholds.itertuples():
+            _label(axes, row, f"t={row.share_threshold:g} ({row.tokens:.0f})")
+    if len(table):
+        axes.margins(x=0.08, y=0.15)  # room for the labels inside the frame
         axes.legend(loc="best", fontsize=8)
     else:
         axes.text(0.5, 0.5, "no K sweep: sweep_tokens_shared is empty", ha="center")
