@@ -107,9 +107,11 @@ def evaluate_model(
     )
     with autocast(device, params["precision"]):
         return evaluate(
-            lambda images: model(
-                images, num_tokens_shared=num_tokens_shared, share_threshold=share_threshold
-            ).logits,
+            lambda images: (
+                model(
+                    images, num_tokens_shared=num_tokens_shared, share_threshold=share_threshold
+                ).logits
+            ),
             loader,
             info.num_classes,
             eval_geometry(params, info),
