@@ -152,15 +152,3 @@ def loopback_reference(loopback_job) -> dict:
     (result,) = train_nodes(folder, [{}], "--no-resume", "--set", "nproc_per_node=2")
     assert result[0] == 0, (result[1] + result[2])[-3000:]
     return trained_weights(folder)
-
-
-# `make test` runs two xdist workers with `--dist loadgroup`. A module-scoped fixture is built
-# once per worker that needs it, so a module's tests that use one (a pipeline run, a trained
-# reference) are one group, on one worker; the rest go wherever a worker is free. A session
-# fixture (the micro pipeline) is built at most once per worker.
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        fixtures = info.name2fixturedefs.values() if info else ()
-        if any(defs and defs[-1].scope == "module" for defs in fixtures):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
