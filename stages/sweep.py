@@ -85,6 +85,17 @@ def _log(record: dict[str, Any]) -> None:
         log_json_metrics(values, step=round(100 * threshold))
 
 
+def _table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The records as the CSV's table: a fixed-K row's K and tokens as integers (``103``, not
+    ``103.0``), a threshold row's as the means they are."""
+    table = pd.DataFrame(records, columns=list(COLUMNS))
+    fixed = table["share_threshold"].isna()
+    for column in ("num_tokens_shared", "tokens"):
+        values = [int(v) if f else v for v, f in zip(table[column], fixed, strict=True)]
+        table[column] = pd.Series(values, index=table.index, dtype=object)
+    return table
+
+
 def run(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
@@ -103,7 +114,7 @@ def run(params: dict[str, Any]) -> None:
             )
             record["mIoU"] = metric.compute()["mIoU"]
             _log(record)
-        table = pd.DataFrame(records, columns=list(COLUMNS))
+        table = _table(records)
         write_csv(CSV, table)
         title = (
             f"{model.config.backbone}, trained with K={own_k}: "
