@@ -137,7 +137,7 @@ def test_the_derivation_sees_what_a_stage_really_imports():
         "import importlib, json, sys\n"
         f"for name in {[*COMMAND_ENTRY, 'cts_stages.train_segmenter', 'cts.serving']!r}:\n"
         "    importlib.import_module(name)\n"
-        "ours = [m for m in sys.modules if m.split('.')[0] in ('cts', 'stages')]\n"
+        f"ours = [m for m in sys.modules if m.split('.')[0] in {tuple(PACKAGE_FOLDERS)!r}]\n"
         "print(json.dumps(ours))\n"
     )
     result = subprocess.run(
@@ -146,4 +146,18 @@ def test_the_derivation_sees_what_a_stage_really_imports():
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = {_module_file(name).relative_to(REPO).as_posix() for name in json.loads(result.stdout)}
     assert "cts/losses.py" in loaded and "cts/checkpoint.py" in loaded
+    assert "stages/train_segmenter.py" in loaded
     assert loaded <= stage_modules("train_segmenter", through_reports=True)
+
+
+def test_bytecode_beside_the_sources_is_not_a_change_to_a_stage():
+    """Importing the checkout's code writes __pycache__/ into the package folders that stages
+    list as deps (cts/cli, cts/models): DVC must not count those files, or every stage of a
+    freshly cloned, committed pipeline reads "modified" once a test or a notebook ran."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(REPO))
+    for folder in ("cts/cli", "cts/models", "stages"):
+        cache = REPO / folder / "__pycache__" / "x.cpython-312.pyc"
+        assert repo.dvcignore.is_ignored(repo.fs, str(cache)), f"{cache} counts as a dep"
+    assert not repo.dvcignore.is_ignored(repo.fs, str(REPO / "cts/cli/common.py"))
