@@ -215,14 +215,21 @@ def test_per_class_iou_plots_share_a_0_to_100_axis():
         assert x["title"] == "IoU (%)"
 
 
-def test_k_sweep_points_are_labelled_with_their_k():
+def test_k_sweep_points_are_labelled_with_their_k_or_threshold():
+    """A fixed-K row (share_threshold empty) is labelled K=..., a threshold row t=...; the
+    two modes are told apart by the same test, so each draws its own curve."""
     props = dvc_plots()["plots/k_sweep.csv"]
     spec = render("plots/k_sweep.csv", props)
     (text,) = [layer for layer in spec["layer"] if layer["mark"]["type"] == "text"]
     field = text["encoding"]["text"]["field"]
     (label,) = [t for t in spec["transform"] if t.get("as") == field]
-    assert label["calculate"] == "'K=' + datum.num_tokens_shared"
-    assert "num_tokens_shared" in pd.read_csv(REPO / "plots/k_sweep.csv").columns
+    (mode,) = [t for t in spec["transform"] if t.get("as") == spec["encoding"]["shape"]["field"]]
+    is_threshold = "isValid(datum.share_threshold) && datum.share_threshold !== ''"
+    expected = f"{is_threshold} ? 't=' + datum.share_threshold : 'K=' + datum.num_tokens_shared"
+    assert label["calculate"] == expected
+    assert mode["calculate"].startswith(f"{is_threshold} ? ")
+    columns = pd.read_csv(REPO / "plots/k_sweep.csv").columns
+    assert {"num_tokens_shared", "share_threshold"} <= set(columns)
 
 
 def test_sweep_subtitle_is_a_formula_of_k(monkeypatch):
