@@ -15,6 +15,7 @@ sizes the checkpoint was evaluated with (``eval_geometry`` in a trained checkpoi
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +33,19 @@ from cts.data.io import (
     write_image,
     write_label_png,
 )
-from cts.geometry import check_num_shared, num_superpatches, superpatch_size
+from cts.geometry import (
+    check_num_shared,
+    num_patches,
+    num_superpatches,
+    superpatch_size,
+    tokens_kept,
+)
 from cts.import_checkpoint import load_model_and_geometry
 from cts.inference import EvalGeometry, normalised_resize, predict_labels, scaled_image
-from cts.models import Segmenter
+from cts.models import Segmenter, SegmenterOutput
 from cts.models.upsample import upsample_argmax
 from cts.progress import progress_bar
+from cts.sharing import check_threshold
 from cts.visualize import (
     annotate,
     class_names_for,
@@ -161,13 +169,53 @@ def missing_geometry_note(checkpoint: str | os.PathLike, crop: int) -> str:
     )
 
 
+def sharing_setting(
+    model: Segmenter, num_tokens_shared: int | None = None, share_threshold: float | None = None
+) -> tuple[int | None, float | None]:
+    """``(K, None)`` for a fixed K, ``(None, t)`` for K per image by threshold ``t``.
+
+    An explicit K wins, then an explicit threshold, then the model's own (its threshold if it
+    was configured with one, else its K). A setting the model cannot run is one line.
+    """
+    config = model.config
+    if num_tokens_shared is not None and share_threshold is not None:
+        raise ValueError(
+            f"num_tokens_shared={num_tokens_shared} and share_threshold={share_threshold}: "
+            "give one (a fixed K, or K per image by threshold)"
+        )
+    threshold = config.share_threshold if share_threshold is None else share_threshold
+    if num_tokens_shared is None and threshold is not None and config.policy != "none":
+        check_threshold(threshold)
+        _check_policy_shares(config.policy, f"share_threshold={threshold}")
+        return None, threshold
+    if num_tokens_shared is None and share_threshold is not None:
+        raise ValueError(f"the model has policy none: it cannot share tokens ({share_threshold=})")
+    k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
+    check_num_shared(
+        k, num_superpatches(config.crop_size, model.patch_size), f"crop_size {config.crop_size}"
+    )
+    if k:
+        _check_policy_shares(config.policy, f"K={k}")
+    return k, None
+
+
+def _check_policy_shares(policy: str, setting: str) -> None:
+    if policy == "none":
+        raise ValueError(f"the model has policy none: it cannot share tokens ({setting} given)")
+    if policy == "oracle":
+        raise ValueError(f"policy oracle needs ground-truth labels: predict with K=0 ({setting})")
+
+
 class Predictor:
     """Sliding-window segmentation of whole images plus the one-crop sharing picture.
 
     Args:
         model: a Segmenter (eval mode is set).
         device: where it runs.
-        num_tokens_shared: K for every forward (default: the model's).
+        num_tokens_shared: K for every forward (default: the model's, see
+            :func:`sharing_setting`).
+        share_threshold: K per image instead: superpatches the policy scores at least this
+            share a token (default: the model's threshold, if it has one).
         short_side: images are resized to this short side (long side at most ``max_ratio``
             times it), then windowed as the evaluation does (default: the geometry's base
             size).
@@ -188,28 +236,43 @@ class Predictor:
         batch_size: int = 8,
         class_names: Sequence[str] | None = None,
         geometry: EvalGeometry | None = None,
+        share_threshold: float | None = None,
     ) -> None:
         config = model.config
         self.class_names = class_names_for(config.num_classes, class_names)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.crop = config.crop_size
-        k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
-        check_num_shared(k, num_superpatches(self.crop, model.patch_size), f"crop_size {self.crop}")
-        if config.policy == "none" and k:
-            raise ValueError(f"the model has policy none: it cannot share tokens (K={k} given)")
-        if config.policy == "oracle" and k:
-            raise ValueError("policy oracle needs ground-truth labels: predict with K=0")
-        self.num_tokens_shared = k
+        self.num_tokens_shared, self.share_threshold = sharing_setting(
+            model, num_tokens_shared, share_threshold
+        )
         self.geometry = window_geometry(self.crop, geometry, short_side, stride)
         self.batch_size = batch_size
         self.colours = palette(config.num_classes)
 
+    def with_sharing(
+        self, num_tokens_shared: int | None = None, share_threshold: float | None = None
+    ) -> Predictor:
+        """This predictor (same model, sizes, names) with another sharing setting; both None:
+        the model's own."""
+        other = copy.copy(self)
+        other.num_tokens_shared, other.share_threshold = sharing_setting(
+            self.model, num_tokens_shared, share_threshold
+        )
+        return other
+
+    def _model_output(self, images: torch.Tensor) -> SegmenterOutput:
+        return self.model(
+            images,
+            num_tokens_shared=self.num_tokens_shared,
+            share_threshold=self.share_threshold,
+            upsample=False,
+        )
+
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         """Window scores on the patch grid: the evaluation upsamples them only where it must
         (:func:`cts.inference.predict_labels`)."""
-        out = self.model(images, num_tokens_shared=self.num_tokens_shared, upsample=False)
-        return out.logits.float()
+        return self._model_output(images).logits.float()
 
     @torch.inference_mode()
     def labels(self, rgb: np.ndarray) -> np.ndarray:
@@ -233,33 +296,50 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(H, W, 3)`` uint8 RGB -> class ids ``(H, W)`` (see :meth:`labels`) and the
-        sharing picture."""
-        labels = self.labels(rgb)
+        sharing picture (see :meth:`sharing_picture`)."""
+        return self.labels(rgb), self.sharing_picture(rgb)[0]
+
+    @torch.inference_mode()
+    def sharing_picture(self, rgb: np.ndarray) -> tuple[np.ndarray, int]:
+        """The image resized to the crop, one forward's prediction overlaid and every shared
+        superpatch outlined, ``(crop, crop, 3)`` uint8; and how many superpatches shared."""
         pixels = torch.from_numpy(rgb).to(self.device)
         config = self.model.config
         size = (self.crop, self.crop)
         crop = normalised_resize(pixels, size, config.mean, config.std)
-        out = self.model(crop, num_tokens_shared=self.num_tokens_shared, upsample=False)
-        crop_rgb = denormalize(crop[0].cpu().numpy(), self.model.config.mean, self.model.config.std)
+        out = self._model_output(crop)
+        crop_rgb = denormalize(crop[0].cpu().numpy(), config.mean, config.std)
         crop_labels = upsample_argmax(out.logits, size)[0].cpu().numpy()
-        picture = outline_shared(
-            overlay(crop_rgb, crop_labels, self.colours),
-            out.shared[0].cpu().numpy(),
-            superpatch_size(self.model.patch_size),
+        shared = out.shared[0].cpu().numpy()
+        overlaid = overlay(crop_rgb, crop_labels, self.colours)
+        return outline_shared(overlaid, shared, superpatch_size(self.model.patch_size)), int(
+            shared.sum()
         )
-        return labels, picture
+
+    def _sharing_caption(self, num_shared: int) -> str:
+        patch = self.model.patch_size
+        side, patches = superpatch_size(patch), num_patches(self.crop, patch)
+        setting = (
+            f"K={num_shared}"
+            if self.share_threshold is None
+            else f"threshold {self.share_threshold:g}"
+        )
+        return (
+            f"{setting}: {num_shared} of {num_superpatches(self.crop, patch)} superpatches "
+            f"shared (outlined), each {side}x{side} px: one token; "
+            f"{tokens_kept(patches, num_shared)} of {patches} tokens"
+        )
 
     def write(self, rgb: np.ndarray, stem: Path) -> list[Path]:
         """Predict one image and write its four pictures next to ``stem``: the ids as a
         palette PNG, and the colour, overlay and sharing pictures each with a legend of the
         predicted classes and a caption."""
-        labels, picture = self.predict(rgb)
+        labels = self.labels(rgb)
+        picture, num_shared = self.sharing_picture(rgb)
         # One legend for the three: the classes of the full-size prediction. The sharing
         # picture's own prediction (one forward of the resized image) can differ in details.
         entries = legend_entries(classes_present(labels), self.class_names, self.colours)
-        superpatches = num_superpatches(self.crop, self.model.patch_size)
-        side = superpatch_size(self.model.patch_size)
-        k, name, (height, width) = self.num_tokens_shared, stem.name, labels.shape
+        name, (height, width) = stem.name, labels.shape
         crop = f"the {self.crop}x{self.crop} crop"
         resized = (
             f"at {crop}" if height == width == self.crop else f"{width}x{height} resized to {crop}"
@@ -274,10 +354,7 @@ class Predictor:
                 f"{name}: class colours blended half over the image",
             ),
             "shared": annotate(
-                picture,
-                entries,
-                f"{name} {resized}. K={k}: {k} of {superpatches} superpatches shared (outlined), "
-                f"each {side}x{side} px: one token",
+                picture, entries, f"{name} {resized}. {self._sharing_caption(num_shared)}"
             ),
         }
         paths = output_paths(stem)
@@ -296,6 +373,7 @@ def load_predictor(
     class_names: Sequence[str] | None = None,
     trust: bool = False,
     warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    share_threshold: float | None = None,
 ) -> Predictor:
     """A :class:`Predictor` of a cts or original checkpoint, windowing images with the sizes
     the checkpoint was evaluated with; one without them is said once through ``warn``
@@ -311,6 +389,7 @@ def load_predictor(
         stride,
         class_names=class_names,
         geometry=geometry,
+        share_threshold=share_threshold,
     )
 
 

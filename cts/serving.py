@@ -1,13 +1,15 @@
-"""The Segmenter as an MLflow pyfunc model: uint8 RGB batches in, int64 label maps out.
+"""The Segmenter as an MLflow pyfunc model: uint8 RGB batches in, int64 label maps out. The labels
+are computed as ``cts predict`` computes them (:class:`cts.predict.Predictor`: the image
+resized and windowed with the sizes the checkpoint was evaluated with, the checkpoint's K or
+threshold, upsampled back to the input size; a checkpoint that stores no evaluation sizes uses
+the crop's and says so once on stderr when loaded). The checkpoint travels inside the MLflow
+model as an artifact and the ``cts`` package as its code (``code/cts``), with the third-party
+packages that code imports pinned to the versions installed when it was logged, so ``mlflow
+models serve -m models:/cts-segmenter/latest`` needs nothing else, whatever the env manager:
+``cts`` is not a requirement (on PyPI that name is another project).
 
-The labels are computed as ``cts predict`` computes them (:class:`cts.predict.Predictor`:
-the image resized and windowed with the sizes the checkpoint was evaluated with, the
-checkpoint's K, upsampled back to the input size; a checkpoint that stores no evaluation
-sizes uses the crop's and says so once on stderr when loaded). The checkpoint travels inside
-the MLflow model as an artifact and the ``cts`` package as its code (``code/cts``), with the
-third-party packages that code imports pinned to the versions installed when it was logged, so
-``mlflow models serve -m models:/cts-segmenter/latest`` needs nothing else, whatever the env
-manager: ``cts`` is not a requirement (on PyPI that name is another project).
+A request may set ``num_tokens_shared`` (a fixed K) or ``share_threshold`` (K per image) in
+its ``params``; left out, the model's own setting holds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import Model, ModelSignature
-from mlflow.types.schema import Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 # The distributions of what the model's code imports (cts.serving, cts.predict,
@@ -45,9 +47,13 @@ REQUIREMENTS = (
 
 # Batches of (H, W, 3) uint8 RGB images of any size -> (H, W) class ids. MLflow's serving
 # enforces this schema: a request of another rank or channel count is answered with 400.
+# Its params default to None: the checkpoint's own sharing setting.
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
     outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]),
+    params=ParamSchema(
+        [ParamSpec("num_tokens_shared", "long", None), ParamSpec("share_threshold", "double", None)]
+    ),
 )
 
 
@@ -67,11 +73,16 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         model_input: np.ndarray,
         params: dict[str, Any] | None = None,
     ) -> np.ndarray:
-        """``(B, H, W, 3)`` uint8 -> ``(B, H, W)`` int64, image by image as ``cts predict``.
+        """``(B, H, W, 3)`` uint8 -> ``(B, H, W)`` int64, image by image as ``cts predict``,
+        with ``params``' K or threshold (:meth:`cts.predict.Predictor.with_sharing`).
 
-        MLflow has already enforced :data:`SIGNATURE` on ``model_input``.
+        MLflow has already enforced :data:`SIGNATURE` on ``model_input`` and ``params``.
         """
-        return np.stack([self.predictor.labels(image) for image in model_input]).astype(np.int64)
+        params = params or {}
+        predictor = self.predictor.with_sharing(
+            params.get("num_tokens_shared"), params.get("share_threshold")
+        )
+        return np.stack([predictor.labels(image) for image in model_input]).astype(np.int64)
 
 
 def pip_requirements() -> list[str]:

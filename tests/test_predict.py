@@ -311,3 +311,46 @@ def test_train_segmenter_stores_the_evaluation_geometry(tmp_path, monkeypatch):
     write_results(params, model, state, 1.0)
     stored = stored_eval_geometry(load_checkpoint(SEGMENTER_CHECKPOINT))
     assert stored == EvalGeometry(base_size=96, window=CROP, stride=32, max_ratio=2)
+
+
+def test_a_threshold_shares_per_image_what_the_policy_is_sure_of(checkpoint, images, tmp_path):
+    """`cts predict -t`: every window is segmented with K per image (the model's
+    `share_threshold`), the sharing picture counts what its own forward shared, and a setting
+    the model cannot run is one line before any picture."""
+    from cts.checkpoint import load_segmenter
+    from cts.inference import normalised_resize
+
+    model = load_segmenter(checkpoint)
+    predictor = Predictor(model, "cpu", short_side=80, stride=32, share_threshold=0.5)
+    assert (predictor.num_tokens_shared, predictor.share_threshold) == (None, 0.5)
+    rgb = read_image(images / "sub" / "tall.jpg")
+    with torch.no_grad():
+        probs = predict_logits(
+            lambda x: model(x, share_threshold=0.5).logits,
+            _normalised(rgb, model),
+            CLASSES,
+            EvalGeometry(base_size=80, window=CROP, stride=32),
+        )
+        crop = normalised_resize(
+            torch.from_numpy(rgb), (CROP, CROP), model.config.mean, model.config.std
+        )
+        shared = model(crop, share_threshold=0.5).shared
+    assert np.array_equal(predictor.labels(rgb), probs.argmax(1)[0].numpy())
+    assert predictor.sharing_picture(rgb)[1] == int(shared.sum())
+    fixed = predictor.with_sharing(num_tokens_shared=1)
+    assert (fixed.num_tokens_shared, fixed.share_threshold, fixed.model) == (1, None, model)
+
+    out = tmp_path / "out"
+    args = ["predict", str(images / "wide.png"), "-m", str(checkpoint), "-o", str(out)]
+    result = runner.invoke(app, [*args, "-t", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert (out / "wide.png_shared.png").is_file()
+    for extra, message in (
+        (["-t", "1.5"], "share_threshold=1.5"),
+        (["-t", "0.5", "-k", "1"], "give one"),
+    ):
+        result = runner.invoke(app, [*args, "--force", *extra])
+        assert result.exit_code == 1 and message in result.output, result.output
+    model.config.policy = "none"
+    with pytest.raises(ValueError, match="policy none"):
+        predictor.with_sharing(share_threshold=0.5)

@@ -91,6 +91,10 @@ def test_model_is_registered_with_a_signature(registered):
     signature = info.signature.to_dict()
     assert "uint8" in signature["inputs"] and "[-1, -1, -1, 3]" in signature["inputs"]
     assert "int64" in signature["outputs"]
+    assert {p["name"] for p in json.loads(signature["params"])} == {
+        "num_tokens_shared",
+        "share_threshold",
+    }
     assert info.saved_input_example_info is not None
 
 
@@ -277,6 +281,19 @@ def test_served_model_answers_like_cts_predict(registered, tmp_path):
             assert reason in body["message"].splitlines()[-1], body["message"][-300:]
         status, body = _post(f"{base}/invocations", {"inputs": rgb[:1].tolist()})
         assert status == 200 and np.array_equal(body["predictions"], expected[:1])
+
+        # K or a threshold per request; left out, the checkpoint's K (above)
+        predictor = load_predictor(checkpoint, torch.device("cpu"))
+        for params in ({"num_tokens_shared": 0}, {"share_threshold": 0.5}):
+            status, body = _post(f"{base}/invocations", {"inputs": rgb.tolist(), "params": params})
+            assert status == 200, body
+            sharing = predictor.with_sharing(**params)
+            assert np.array_equal(body["predictions"], [sharing.labels(image) for image in rgb])
+        status, body = _post(
+            f"{base}/invocations", {"inputs": rgb.tolist(), "params": {"share_threshold": 1.5}}
+        )
+        # MLflow answers 400 with a generic message; the reason is in the stack trace it sends
+        assert status == 400 and "share_threshold=1.5: allowed" in json.dumps(body), body
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -89,6 +89,20 @@ PolicyOption = Annotated[
     ),
 ]
 
+# `cts predict` and `cts export`: the sharing setting of a checkpoint, overridden.
+NumSharedOption = Annotated[
+    int | None, typer.Option("--num-tokens-shared", "-k", help="K (default: the checkpoint's).")
+]
+ShareThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        "--share-threshold",
+        "-t",
+        help="K per image instead of one K: share the superpatches the policy scores at least "
+        "this, in (0, 1).",
+    ),
+]
+
 
 def throughput(
     rows: RowsOption = None,
@@ -220,10 +234,8 @@ def predict(
             "--out", "-o", help="Folder for the pictures: NAME_labels.png, ... per image NAME."
         ),
     ],
-    num_tokens_shared: Annotated[
-        int | None,
-        typer.Option("--num-tokens-shared", "-k", help="K (default: the checkpoint's)."),
-    ] = None,
+    num_tokens_shared: NumSharedOption = None,
+    share_threshold: ShareThresholdOption = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     short_side: Annotated[
         int | None,
@@ -265,6 +277,7 @@ def predict(
             names,
             trust_checkpoint,
             warn=lambda line: typer.secho(line, fg=typer.colors.YELLOW, err=True),
+            share_threshold=share_threshold,
         )
         report = predict_images(predictor, inputs, out, force=force)
     except KeyboardInterrupt as error:
@@ -289,10 +302,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path(
         "model.onnx"
     ),
-    num_tokens_shared: Annotated[
-        int | None,
-        typer.Option("--num-tokens-shared", "-k", help="K (default: the checkpoint's)."),
-    ] = None,
+    num_tokens_shared: NumSharedOption = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or later).")] = 18,
     scores: Annotated[
         bool, typer.Option(help="Add a second output: the class scores (B, n_cls, crop, crop).")
