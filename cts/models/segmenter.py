@@ -16,10 +16,12 @@ from cts.geometry import (
     superpatch_size,
     threshold_step,
 )
+from cts.merging import check_merge_count
 from cts.models.decoder import MaskTransformer, build_decoder
 from cts.models.policy import BACKBONE as POLICY_BACKBONE
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
 from cts.models.pretrained import check_hub_weights, require_weights_file
+from cts.models.tome import merged_token_counts, tome_features, tome_refusal
 from cts.models.upsample import upsample_argmax
 from cts.models.vit import CTSViTEncoder, create_vit
 from cts.sharing import (
@@ -53,6 +55,9 @@ class SegmenterConfig:
     default; ``none``: feed them as the segmenter gets them, as the CTS authors' code does).
     ``share_threshold`` (None: every image shares ``num_tokens_shared``): K per image, the
     superpatches whose sharing score reaches it (rounded down to a multiple of S / 16).
+    ``tome_r`` (0: off): token merging instead of sharing (ToMe, :mod:`cts.models.tome`),
+    ``r`` tokens merged in every block, with policy ``none``; ``tome_prop_attn``: ToMe's
+    proportional attention.
     """
 
     backbone: str = "vit_small_patch16_384"
@@ -72,6 +77,8 @@ class SegmenterConfig:
     policy_input_scale: float = 1.0
     ignore_index: int = IGNORE_INDEX
     share_threshold: float | None = None
+    tome_r: int = 0
+    tome_prop_attn: bool = False
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     extra: dict = field(default_factory=dict)
@@ -83,7 +90,7 @@ class SegmenterConfig:
 class SegmenterOutput(NamedTuple):
     """logits: ``(B, n_cls, H, W)`` (patch-grid scores with ``upsample=False``); shared:
     ``(B, hs, ws)`` bool superpatch map; num_tokens: patch-level tokens the encoder processed
-    per image (``N - 3K``; the batch's mean with a threshold)."""
+    per image (``N - 3K``; the batch's mean with a threshold; with ToMe, the mean over blocks)."""
 
     logits: Tensor
     shared: Tensor
@@ -146,6 +153,13 @@ class Segmenter(nn.Module):
                 f"{superpatch_size(self.patch_size)} (2 x patch size)"
             ) from error
         self.num_tokens_shared = 0
+        if config.tome_r:
+            if config.policy != "none":
+                raise ValueError(
+                    f"tome_r={config.tome_r} with policy {config.policy}: one token reduction "
+                    "at a time (policy none for ToMe)"
+                )
+            self._check_tome(config.tome_r, config.crop_size, config.crop_size)
         if config.policy != "none":
             k, where = config.num_tokens_shared, f"crop_size {config.crop_size}"
             check_num_shared(k, superpatches, where)
@@ -180,6 +194,15 @@ class Segmenter(nn.Module):
                 pretrained_path=config.policy_pretrained_path,
             )
             self.policy_net.requires_grad_(False)
+
+    def _check_tome(self, r: int, height: int, width: int) -> None:
+        """One line unless ToMe can merge ``r`` tokens per block of this backbone and size."""
+        reason = tome_refusal(self.encoder.vit)
+        if reason is not None:
+            raise ValueError(f"backbone '{self.config.backbone}' cannot merge tokens: {reason}")
+        num_patches = (height // self.patch_size) * (width // self.patch_size)
+        depth = len(self.encoder.vit.blocks)
+        check_merge_count(r, num_patches, depth, f"image size {height}x{width}")
 
     def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
@@ -229,6 +252,7 @@ class Segmenter(nn.Module):
         labels: Tensor | None,
         num_tokens_shared: int | None,
         share_threshold: float | None = None,
+        tome_r: int | None = None,
     ) -> tuple[Tensor, Tensor, float, tuple[int, int]]:
         """Class scores on the patch grid, before upsampling.
 
@@ -249,6 +273,11 @@ class Segmenter(nn.Module):
         padded = (images.shape[-2], images.shape[-1])
         num_superpatches = super_grid[0] * super_grid[1]
 
+        r = self.config.tome_r if tome_r is None else tome_r
+        if r:
+            self._check_tome(r, *padded)
+            return self._merged_scores(images, grid, r) + (padded,)
+
         threshold = self._threshold(num_tokens_shared, share_threshold)
         if threshold is not None:
             share = self._share_scores(images, labels, super_grid)
@@ -268,6 +297,17 @@ class Segmenter(nn.Module):
         num_tokens = grid[0] * grid[1] - 3 * k
         return scores, shared_mask(shared_idx, super_grid), num_tokens, padded
 
+    def _merged_scores(
+        self, images: Tensor, grid: tuple[int, int], r: int
+    ) -> tuple[Tensor, Tensor, float]:
+        """ToMe: scores ``(B, n_cls, h, w)``, no superpatch shared, mean tokens per block."""
+        tokens = tome_features(self.encoder.vit, images, r, self.config.tome_prop_attn)
+        scores = self.decoder(tokens).transpose(1, 2).reshape(images.shape[0], -1, *grid)
+        hs, ws = grid[0] // 2, grid[1] // 2
+        shared = torch.zeros(images.shape[0], hs, ws, dtype=torch.bool, device=images.device)
+        counts = merged_token_counts(grid[0] * grid[1], r, len(self.encoder.vit.blocks))
+        return scores, shared, sum(counts) / len(counts)
+
     def _threshold(
         self, num_tokens_shared: int | None, share_threshold: float | None
     ) -> float | None:
@@ -286,6 +326,7 @@ class Segmenter(nn.Module):
         num_tokens_shared: int | None = None,
         upsample: bool = True,
         share_threshold: float | None = None,
+        tome_r: int | None = None,
     ) -> SegmenterOutput:
         """Segment images.
 
@@ -299,10 +340,12 @@ class Segmenter(nn.Module):
                 needs (:func:`cts.losses.subgrid_cross_entropy`).
             share_threshold: K per image for this call: the superpatches scoring at least
                 this (in (0, 1)), rounded down to a multiple of S / 16.
+            tome_r: ToMe for this call, ``r`` tokens merged per block, no sharing (default:
+                the configured ``tome_r``; 0: off).
         """
         height, width = images.shape[-2:]
         scores, shared, num_tokens, padded = self._token_scores(
-            images, labels, num_tokens_shared, share_threshold
+            images, labels, num_tokens_shared, share_threshold, tome_r
         )
         if not upsample:
             return SegmenterOutput(scores, shared, num_tokens)
@@ -314,6 +357,7 @@ class Segmenter(nn.Module):
         images: Tensor,
         num_tokens_shared: int | None = None,
         share_threshold: float | None = None,
+        tome_r: int | None = None,
     ) -> Tensor:
         """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images: the argmax
         of ``forward``'s logits (up to ties).
@@ -324,7 +368,9 @@ class Segmenter(nn.Module):
         pixels of cells of the patch grid where several classes can win are interpolated.
         """
         height, width = images.shape[-2:]
-        scores, _, _, padded = self._token_scores(images, None, num_tokens_shared, share_threshold)
+        scores, _, _, padded = self._token_scores(
+            images, None, num_tokens_shared, share_threshold, tome_r
+        )
         return upsample_argmax(scores, padded, (height, width))
 
 
