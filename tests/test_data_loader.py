@@ -42,6 +42,17 @@ def test_worker_count_and_global_rng_do_not_matter(dataset):
     assert same(batches(serial, epoch=2), batches(parallel, epoch=2))
 
 
+def test_workers_are_not_forked_from_a_process_with_threads(dataset):
+    """Workers start from a clean server process, not by forking this one: a fork copies
+    locks that other threads (MLflow's logging, the tracking spool, a test runner's) hold at
+    that moment, and a worker that needs one waits forever (a CI run hung so, its two
+    workers asleep on a futex)."""
+    parallel = build_loader(dataset, 2, shuffle=True, num_workers=1, seed=3, drop_last=False)
+    assert parallel.multiprocessing_context.get_start_method() == "forkserver"
+    serial = build_loader(dataset, 2, shuffle=True, num_workers=0, seed=3, drop_last=False)
+    assert serial.multiprocessing_context is None
+
+
 def test_epoch_and_seed_change_order_and_augmentation(dataset):
     loader = build_loader(dataset, 4, shuffle=True, num_workers=0, seed=0, drop_last=False)
     epoch0, epoch1 = batches(loader, 0), batches(loader, 1)

@@ -15,10 +15,9 @@ Usage::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sized
 from typing import NamedTuple
-
-import os
 
 import cv2
 import numpy as np
@@ -121,8 +120,8 @@ def build_loader(
     """DataLoader over ``dataset`` (indexable by :class:`SampleKey`) with an :class:`EpochSampler`.
 
     ``num_workers`` may be ``auto`` (:func:`resolve_num_workers`). Memory is pinned when the
-    batches go to a CUDA ``device`` and workers persist across epochs. Set the epoch with
-    ``loader.sampler.set_epoch(epoch)``.
+    batches go to a CUDA ``device``; workers start from a forkserver and persist across
+    epochs. Set the epoch with ``loader.sampler.set_epoch(epoch)``.
     """
     device = torch.device(device)
     num_workers = resolve_num_workers(num_workers, device)
@@ -136,6 +135,9 @@ def build_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         worker_init_fn=_init_worker if num_workers > 0 else None,
+        # Not fork: forking copies the locks other threads (MLflow's async logging, the
+        # tracking spool) hold at that moment, and a worker that needs one hangs for good.
+        multiprocessing_context="forkserver" if num_workers > 0 else None,
         # Its own generator: drawing worker seeds from the global one would shift the model's
         # random stream (dropout, drop-path) at every epoch start and break exact resuming.
         generator=torch.Generator().manual_seed(seed),
