@@ -85,10 +85,11 @@ def evaluate_model(
     distributed: bool = False,
     progress: bool = True,
     share_threshold: float | None = None,
+    tome_r: int | None = None,
 ) -> SegmentationMetric:
     """The evaluation of the `eval_*` stages (and of the K sweep): sliding windows over the
-    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's), or K
-    per window from ``share_threshold``.
+    validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's), K
+    per window from ``share_threshold``, or ToMe merging ``tome_r`` tokens per block.
 
     ``distributed``: this process scores every W-th image and the confusion matrices of all
     processes are summed, so every image counts once.
@@ -109,7 +110,10 @@ def evaluate_model(
         return evaluate(
             lambda images: (
                 model(
-                    images, num_tokens_shared=num_tokens_shared, share_threshold=share_threshold
+                    images,
+                    num_tokens_shared=num_tokens_shared,
+                    share_threshold=share_threshold,
+                    tome_r=tome_r,
                 ).logits
             ),
             loader,

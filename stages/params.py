@@ -205,6 +205,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "eval_stride": _integer(1, optional=True),
     "sweep_tokens_shared": _integers,
     "sweep_share_thresholds": _thresholds,
+    "sweep_tome_r": _integers,
     "bench_batch_size": _integer(1),
     "bench_repeats": _integer(1),
     "bench_compile": _choice(

@@ -4,7 +4,8 @@ At every K of ``sweep_tokens_shared`` (plus the model's own K): single-scale val
 evaluation of `eval_ss` (so the model's own K gives eval_ss's mIoU), and im/s, GFLOPs and
 tokens timed and counted as the `benchmark` stage does (all K in turns, one process). At
 every threshold of ``sweep_share_thresholds``, the same with K per image (eager, mean tokens
-and GFLOPs per image).
+and GFLOPs per image). At every ``r`` of ``sweep_tome_r``, the same weights with ToMe instead
+of sharing (eager, no retraining; tokens are the mean over the encoder's blocks).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from cts.checkpoint import load_segmenter
 from cts.data.io import write_bytes_atomic
 from cts.engine import resolve_device
 from cts.throughput.inputs import validation_batch
-from cts.throughput.measure import measure_sweep, measure_thresholds
-from cts.throughput.sweep import check_thresholds, plot_curve, sweep_ks
+from cts.throughput.measure import measure_sweep, measure_thresholds, measure_tome
+from cts.throughput.sweep import check_thresholds, check_tome_rs, plot_curve, sweep_ks
 from cts.tracking import active_run, log_artifact, log_json_metrics
 from cts_stages.common import (
     PLOTS,
@@ -35,6 +36,7 @@ PARAMS = (
     "crop_size",
     "sweep_tokens_shared",
     "sweep_share_thresholds",
+    "sweep_tome_r",
     "base_size",
     "eval_window",
     "eval_stride",
@@ -46,13 +48,26 @@ PARAMS = (
     "num_workers",
     "mlflow_tracking_uri",
 )
-COLUMNS = ("num_tokens_shared", "share_threshold", "tokens", "mIoU", "ims_per_sec", "gflops")
+COLUMNS = (
+    "num_tokens_shared",
+    "share_threshold",
+    "tome_r",
+    "tokens",
+    "mIoU",
+    "ims_per_sec",
+    "gflops",
+)
+# MLflow metric prefix and step of each kind of row (a fixed-K row: none, step K).
+ROW_KINDS = {"share_threshold": ("threshold_", 100), "tome_r": ("tome_", 1)}
 CSV = PLOTS / "k_sweep.csv"
 PICTURE = PLOTS / "k_sweep.png"
 
 
-def _measure(params: dict[str, Any], model, ks: list[int], thresholds: list[float]) -> list:
-    """Speed and cost records: one per K, then one per threshold (the same batch)."""
+def _measure(
+    params: dict[str, Any], model, ks: list[int], thresholds: list[float], rs: list[int]
+) -> list:
+    """Speed and cost records: one per K, then one per threshold, one per ToMe r (the same
+    batch)."""
     images = validation_batch(params["data_root"], model, params["bench_batch_size"])
     images = images.to(next(model.parameters()).device)
     records = []
@@ -69,27 +84,31 @@ def _measure(params: dict[str, Any], model, ks: list[int], thresholds: list[floa
             batch_option="bench_batch_size",
             compile_option="bench_compile",
         )
-    return records + measure_thresholds(
-        model, images, thresholds, params["precision"], 2, params["bench_repeats"]
-    )
+    timing = (params["precision"], 2, params["bench_repeats"])
+    records += measure_thresholds(model, images, thresholds, *timing)
+    return records + measure_tome(model, images, rs, *timing)
 
 
 def _log(record: dict[str, Any]) -> None:
-    """MLflow: a fixed-K row's metrics stepped by K, a threshold row's by 100 x threshold."""
-    values = {key: record[key] for key in COLUMNS[2:]}
-    threshold = record.get("share_threshold")
-    if threshold is None:
-        log_json_metrics(values, step=record["num_tokens_shared"])
-    else:
-        values = {f"threshold_{key}": value for key, value in values.items()}
-        log_json_metrics(values, step=round(100 * threshold))
+    """MLflow: a fixed-K row's metrics stepped by K, a threshold row's (``threshold_*``) by
+    100 x threshold, a ToMe row's (``tome_*``) by r."""
+    values = {key: record[key] for key in COLUMNS[3:]}
+    for column, (prefix, scale) in ROW_KINDS.items():
+        if record.get(column) is not None:
+            values = {f"{prefix}{key}": value for key, value in values.items()}
+            log_json_metrics(values, step=round(scale * record[column]))
+            return
+    log_json_metrics(values, step=record["num_tokens_shared"])
 
 
 def _table(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The records as the CSV's table: a fixed-K row's K and tokens as integers (``103``, not
     ``103.0``), a threshold row's as the means they are."""
     table = pd.DataFrame(records, columns=list(COLUMNS))
-    fixed = table["share_threshold"].isna()
+    fixed = table["share_threshold"].isna() & table["tome_r"].isna()
+    table["tome_r"] = pd.Series(
+        [None if r != r else int(r) for r in table["tome_r"]], index=table.index, dtype=object
+    )
     for column in ("num_tokens_shared", "tokens"):
         values = [int(v) if f else v for v, f in zip(table[column], fixed, strict=True)]
         table[column] = pd.Series(values, index=table.index, dtype=object)
@@ -103,14 +122,22 @@ def run(params: dict[str, Any]) -> None:
     ks = sweep_ks(params["sweep_tokens_shared"], model)  # the trained crop decides, first
     policy = model.config.policy != "none"
     thresholds = check_thresholds(params["sweep_share_thresholds"]) if policy else []
+    rs = check_tome_rs(params["sweep_tome_r"], model)
     with stage_run("sweep", params):
-        records = _measure(params, model, ks, thresholds) if ks or thresholds else []
+        records = _measure(params, model, ks, thresholds, rs) if ks or thresholds or rs else []
         dataset = validation_set(params, model) if records else None
         for record in records:
-            k, threshold = record["num_tokens_shared"], record.get("share_threshold")
-            fixed_k = None if threshold is not None else k
+            threshold, r = record.get("share_threshold"), record.get("tome_r")
+            fixed_k = None if threshold is not None else record["num_tokens_shared"]
             metric = evaluate_model(
-                params, model, dataset, (1.0,), False, fixed_k, share_threshold=threshold
+                params,
+                model,
+                dataset,
+                (1.0,),
+                False,
+                fixed_k,
+                share_threshold=threshold,
+                tome_r=r or 0,
             )
             record["mIoU"] = metric.compute()["mIoU"]
             _log(record)
@@ -125,12 +152,14 @@ def run(params: dict[str, Any]) -> None:
             log_artifact(str(CSV))
             log_artifact(str(PICTURE))
     if not records:
-        print("sweep: skipped (sweep_tokens_shared and sweep_share_thresholds are empty)")
+        print("sweep: skipped (sweep_tokens_shared, sweep_share_thresholds, sweep_tome_r empty)")
         return
     for row in table.itertuples():
         setting = f"K={int(row.num_tokens_shared):>4}"
         if row.share_threshold == row.share_threshold:  # not NaN: a threshold row
             setting = f"t={row.share_threshold:g} (mean K {row.num_tokens_shared:.1f})"
+        elif row.tome_r is not None:
+            setting = f"ToMe r={row.tome_r}"
         print(
             f"sweep {setting} ({row.tokens:.0f} tokens): mIoU {row.mIoU:.2f}  "
             f"{row.ims_per_sec:.2f} im/s  {row.gflops:.2f} GFLOPs"

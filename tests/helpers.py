@@ -67,6 +67,7 @@ MICRO = {
     "bench_repeats": 1,
     "sweep_tokens_shared": [2, 0],
     "sweep_share_thresholds": [0.5],
+    "sweep_tome_r": [8],
     "device": "cpu",
 }
 # Seconds a whole pipeline (`dvc repro`, the KFP local run) may take before it counts as hung:

@@ -60,10 +60,13 @@ def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(micro_pi
 
     repo = micro_pipeline.repo
     table = pd.read_csv(repo / "plots" / "k_sweep.csv", float_precision="round_trip")
-    columns = ["num_tokens_shared", "share_threshold", "tokens", "mIoU", "ims_per_sec", "gflops"]
-    assert list(table.columns) == columns
+    columns = ["num_tokens_shared", "share_threshold", "tome_r", "tokens", "mIoU"]
+    assert list(table.columns) == [*columns, "ims_per_sec", "gflops"]
     by_threshold = table[table["share_threshold"].notna()]
-    table = table[table["share_threshold"].isna()]
+    (tome,) = table[table["tome_r"].notna()].itertuples()  # ToMe on the same weights
+    assert tome.tome_r == 8 and tome.num_tokens_shared == 0 and tome.tokens == 64  # 1 block
+    assert 0 <= tome.mIoU <= 100 and tome.ims_per_sec > 0 and tome.gflops > 0
+    table = table[table["share_threshold"].isna() & table["tome_r"].isna()]
     assert table["num_tokens_shared"].tolist() == [0, 2, 4]  # the swept K and the trained K
     assert table["tokens"].tolist() == [64, 64 - 3 * 2, 64 - 3 * 4]
     (threshold,) = by_threshold.itertuples()  # K per image: its mean, on the same batch
@@ -278,10 +281,10 @@ def test_sigterm_during_training_keeps_the_resume_checkpoint_and_ends_mlflow_run
 
 def test_an_empty_sweep_list_skips_the_sweep(micro_pipeline_copy):
     repo, env = micro_pipeline_copy.repo, micro_pipeline_copy.env
-    empty = ["--set", "sweep_tokens_shared=[]", "--set", "sweep_share_thresholds=[]"]
-    output = run([str(BIN / "cts"), "sweep", *empty], repo, env)
+    empty = ["sweep_tokens_shared=[]", "sweep_share_thresholds=[]", "sweep_tome_r=[]"]
+    output = run([str(BIN / "cts"), "sweep", *(f"--set={e}" for e in empty)], repo, env)
     assert "skipped" in output
     assert (repo / "plots" / "k_sweep.csv").read_text().strip() == (
-        "num_tokens_shared,share_threshold,tokens,mIoU,ims_per_sec,gflops"
+        "num_tokens_shared,share_threshold,tome_r,tokens,mIoU,ims_per_sec,gflops"
     )
     assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")

@@ -1,6 +1,6 @@
 """The settings of the sweep stage: the swept K and the trained K, checked against the
 trained crop (one K for a model without a policy); the sharing thresholds, each image with
-its own K; the picture of both curves."""
+its own K; ToMe's r on the same weights; the picture of the curves."""
 
 import pandas as pd
 import pytest
@@ -8,8 +8,8 @@ import torch
 
 from cts.models import build_segmenter
 from cts.throughput.cost import forward_cost
-from cts.throughput.measure import measure_thresholds
-from cts.throughput.sweep import check_thresholds, plot_curve, sweep_ks
+from cts.throughput.measure import measure_thresholds, measure_tome
+from cts.throughput.sweep import check_thresholds, check_tome_rs, plot_curve, sweep_ks
 
 
 def _model(policy: str, k: int):
@@ -60,16 +60,46 @@ def test_thresholds_outside_0_1_are_refused_and_the_rest_sorted():
         check_thresholds([0.5, 1.0])
 
 
-def test_the_picture_draws_the_fixed_k_and_the_threshold_curves():
+def test_a_tome_row_counts_the_mean_tokens_per_block_and_its_cost():
+    """Two blocks merging 3 of 16 patch tokens: 16 enter the first, 13 the second; the
+    forward costs less than the plain one and the labels differ from it."""
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384", num_classes=3, crop_size=64, depth=2, policy="none"
+    ).eval()
+    images = torch.randn(2, 3, 64, 64)
+    (record,) = measure_tome(model, images, [3], "fp32", warmup=0, repeats=1)
+    assert record["tome_r"] == 3 and record["num_tokens_shared"] == 0
+    assert record["tokens"] == (16 + 13) / 2
+    assert record["gflops"] < forward_cost(model, 64, 0).gmacs
+    assert record["gflops"] == pytest.approx(forward_cost(model, 64, 0, tome_r=3).gmacs)
+    assert record["ims_per_sec"] > 0
+
+
+def test_tome_rs_are_checked_against_the_crop_and_depth_before_any_work():
+    model = _model("policy_net", 2)  # 16 patch tokens, 1 block: r up to 8
+    assert check_tome_rs([8, 2, 2], model) == [2, 8] and check_tome_rs([], model) == []
+    with pytest.raises(ValueError, match="tome_r=9 is out of range for crop_size 64"):
+        check_tome_rs([9], model)
+    rope = build_segmenter(
+        backbone="vit_small_patch16_rope_224", num_classes=3, crop_size=64, depth=1, policy="none"
+    )
+    with pytest.raises(ValueError, match="sweep_tome_r: vit_small_patch16_rope_224 cannot merge"):
+        check_tome_rs([2], rope)
+    assert check_tome_rs([], rope) == []
+
+
+def test_the_picture_draws_the_fixed_k_threshold_and_tome_curves():
     table = pd.DataFrame(
         {
-            "num_tokens_shared": [0, 2, 1.5],
-            "share_threshold": [None, None, 0.8],
-            "tokens": [16, 10, 11.5],
-            "mIoU": [40.0, 38.0, 39.5],
-            "ims_per_sec": [10.0, 12.0, 11.0],
-            "gflops": [1.0, 0.8, 0.9],
+            "num_tokens_shared": [0, 2, 1.5, 0],
+            "share_threshold": [None, None, 0.8, None],
+            "tome_r": [None, None, None, 4],
+            "tokens": [16, 10, 11.5, 12],
+            "mIoU": [40.0, 38.0, 39.5, 37.0],
+            "ims_per_sec": [10.0, 12.0, 11.0, 11.5],
+            "gflops": [1.0, 0.8, 0.9, 0.85],
         }
     )
     assert plot_curve(table, 2, "t").startswith(b"\x89PNG")
     assert plot_curve(table.iloc[:2], 2, "t").startswith(b"\x89PNG")
+    assert plot_curve(table.drop(columns="tome_r").iloc[:3], 2, "t").startswith(b"\x89PNG")

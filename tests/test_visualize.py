@@ -215,9 +215,10 @@ def test_per_class_iou_plots_share_a_0_to_100_axis():
         assert x["title"] == "IoU (%)"
 
 
-def test_k_sweep_points_are_labelled_with_their_k_or_threshold():
-    """A fixed-K row (share_threshold empty) is labelled K=..., a threshold row t=...; the
-    two modes are told apart by the same test, so each draws its own curve."""
+def test_k_sweep_points_are_labelled_with_their_k_threshold_or_r():
+    """A fixed-K row (share_threshold and tome_r empty) is labelled K=..., a threshold row
+    t=..., a ToMe row r=...; the modes are told apart by the same tests, so each draws its own
+    curve."""
     props = dvc_plots()["plots/k_sweep.csv"]
     spec = render("plots/k_sweep.csv", props)
     (text,) = [layer for layer in spec["layer"] if layer["mark"]["type"] == "text"]
@@ -225,9 +226,15 @@ def test_k_sweep_points_are_labelled_with_their_k_or_threshold():
     (label,) = [t for t in spec["transform"] if t.get("as") == field]
     (mode,) = [t for t in spec["transform"] if t.get("as") == spec["encoding"]["shape"]["field"]]
     is_threshold = "isValid(datum.share_threshold) && datum.share_threshold !== ''"
-    expected = f"{is_threshold} ? 't=' + datum.share_threshold : 'K=' + datum.num_tokens_shared"
-    assert label["calculate"] == expected
-    assert mode["calculate"].startswith(f"{is_threshold} ? ")
+    is_tome = "isValid(datum.tome_r) && datum.tome_r !== ''"
+    assert label["calculate"] == (
+        f"{is_threshold} ? 't=' + datum.share_threshold : {is_tome} ? 'r=' + datum.tome_r : "
+        "'K=' + datum.num_tokens_shared"
+    )
+    assert (
+        mode["calculate"].startswith(f"{is_threshold} ? ")
+        and f": {is_tome} ? " in (mode["calculate"])
+    )
     columns = pd.read_csv(REPO / "plots/k_sweep.csv").columns
     assert {"num_tokens_shared", "share_threshold"} <= set(columns)
 

@@ -23,17 +23,22 @@ _EXTRA_FLOP_FORMULAS = {
 @dataclass(frozen=True)
 class ForwardCost:
     """Multiply-accumulates per image in G (what the paper calls GFLOPs) and the number of
-    patch-level tokens the encoder processed."""
+    patch-level tokens the encoder processed (with ToMe, the mean over its blocks)."""
 
     gmacs: float
-    tokens: int
+    tokens: float
 
 
-def forward_cost(model: Segmenter, image_size: int, num_tokens_shared: int) -> ForwardCost:
-    """Count one eager forward of one ``image_size`` square image."""
+def forward_cost(
+    model: Segmenter, image_size: int, num_tokens_shared: int, tome_r: int | None = None
+) -> ForwardCost:
+    """Count one eager forward of one ``image_size`` square image (``tome_r``: ToMe's ``r``
+    for this forward, default the model's own)."""
     device = next(model.parameters()).device
     images = torch.zeros(1, 3, image_size, image_size, device=device)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     with torch.no_grad(), counter:
-        out = model(images, num_tokens_shared=num_tokens_shared)
-    return ForwardCost(counter.get_total_flops() / 2 / 1e9, int(out.num_tokens))
+        out = model(images, num_tokens_shared=num_tokens_shared, tome_r=tome_r)
+    tokens = out.num_tokens
+    tokens = int(tokens) if float(tokens).is_integer() else tokens
+    return ForwardCost(counter.get_total_flops() / 2 / 1e9, tokens)

@@ -1,5 +1,6 @@
 """Measurements of one model on one batch: with K shared tokens and with sharing off
-(:func:`measure_model`), or at every K of a sweep (:func:`measure_sweep`)."""
+(:func:`measure_model`), or at every K of a sweep (:func:`measure_sweep`), every sharing
+threshold (:func:`measure_thresholds`) and every ToMe ``r`` (:func:`measure_tome`)."""
 
 from __future__ import annotations
 
@@ -220,6 +221,38 @@ def measure_thresholds(
                 "gflops": sum(costs[k] for k in ks.tolist()) / len(ks),
                 "ims_per_sec": images.shape[0] / seconds[t],
                 "ms_per_batch": seconds[t] * 1e3,
+            }
+        )
+    return records
+
+
+def measure_tome(
+    model: Segmenter,
+    images: Tensor,
+    rs: Sequence[int],
+    precision: str,
+    warmup: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """One record per ToMe ``r`` of the same weights on one batch (no sharing, training-free
+    when the model was trained without merging), eager, timed in turns: ``tome_r``,
+    ``tokens`` (the mean over blocks), ``gflops``, ``ims_per_sec``, ``ms_per_batch``."""
+    device = images.device
+    model.eval()
+    calls = {r: (lambda r=r: model.predict(images, tome_r=r)) for r in rs}
+    with torch.inference_mode(), autocast(device, precision):
+        seconds = median_seconds_interleaved(calls, device, warmup, repeats)
+    records = []
+    for r in rs:
+        cost = forward_cost(model, images.shape[-1], 0, tome_r=r)
+        records.append(
+            {
+                "tome_r": r,
+                "num_tokens_shared": 0,
+                "tokens": cost.tokens,
+                "gflops": cost.gmacs,
+                "ims_per_sec": images.shape[0] / seconds[r],
+                "ms_per_batch": seconds[r] * 1e3,
             }
         )
     return records

@@ -1,5 +1,5 @@
-"""The accuracy-vs-speed sweep of one trained model over K and over sharing thresholds:
-which settings, and its picture."""
+"""The accuracy-vs-speed sweep of one trained model over K, over sharing thresholds and over
+ToMe's ``r``: which settings, and its picture."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from cts.geometry import check_num_shared, num_superpatches, tokens_kept
+from cts.geometry import check_num_shared, num_patches, num_superpatches, tokens_kept
+from cts.merging import check_merge_count
 from cts.models import Segmenter
+from cts.models.tome import tome_refusal
 from cts.sharing import check_threshold
 
 
@@ -45,12 +47,31 @@ def check_thresholds(values: Sequence[float]) -> list[float]:
     return sorted(set(values))
 
 
-def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The fixed-K rows and the threshold rows (``share_threshold`` set) of a sweep table."""
-    thresholds = table["share_threshold"].notna() if "share_threshold" in table else None
-    if thresholds is None:
-        return table, table.iloc[0:0]
-    return table[~thresholds], table[thresholds]
+def check_tome_rs(values: Sequence[int], model: Segmenter) -> list[int]:
+    """ToMe's ``r`` to measure, ascending, each one the trained crop and depth allow; none
+    where the backbone cannot merge (rotary positions): said in one line, before any work."""
+    if not values:
+        return []
+    reason = tome_refusal(model.encoder.vit)
+    if reason is not None:
+        raise ValueError(f"sweep_tome_r: {model.config.backbone} cannot merge tokens: {reason}")
+    crop, depth = model.config.crop_size, len(model.encoder.vit.blocks)
+    for r in values:
+        check_merge_count(r, num_patches(crop, model.patch_size), depth, f"crop_size {crop}")
+    return sorted(set(values))
+
+
+def _column_set(table: pd.DataFrame, column: str) -> pd.Series:
+    if column not in table:
+        return pd.Series(False, index=table.index)
+    return table[column].notna()
+
+
+def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The fixed-K rows, the threshold rows (``share_threshold`` set) and the ToMe rows
+    (``tome_r`` set) of a sweep table."""
+    thresholds, tome = _column_set(table, "share_threshold"), _column_set(table, "tome_r")
+    return table[~thresholds & ~tome], table[thresholds], table[tome]
 
 
 def _label(axes, row, text: str) -> None:
@@ -69,12 +90,13 @@ def _label(axes, row, text: str) -> None:
 
 def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     """PNG of mIoU against im/s: one curve over K (each point labelled with its K, the
-    model's own K marked) and one over sharing thresholds (K per image, labelled with the
-    threshold and the mean tokens), on the same axes.
+    model's own K marked), one over sharing thresholds (K per image, labelled with the
+    threshold and the mean tokens) and one over ToMe's ``r`` (labelled with ``r`` and the
+    mean tokens per block), on the same axes.
 
     ``table``: one row per setting with ``num_tokens_shared``, ``tokens``, ``mIoU`` and
-    ``ims_per_sec``, and ``share_threshold`` (empty on fixed-K rows); an empty table gives
-    a picture that says there was no sweep.
+    ``ims_per_sec``, and ``share_threshold`` / ``tome_r`` (empty on fixed-K rows); an empty
+    table gives a picture that says there was no sweep.
     """
     import matplotlib
 
@@ -82,7 +104,7 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    fixed, thresholds = _by_mode(table)
+    fixed, thresholds, tome = _by_mode(table)
     if len(fixed):
         axes.plot(fixed["ims_per_sec"], fixed["mIoU"], "o-", color="tab:blue", label="fixed K")
         for row in fixed.itertuples():
@@ -97,6 +119,13 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
         )  # fmt: skip
         for row in thresholds.itertuples():
             _label(axes, row, f"t={row.share_threshold:g} ({row.tokens:.0f})")
+    if len(tome):
+        axes.plot(
+            tome["ims_per_sec"], tome["mIoU"], "^:", color="tab:purple",
+            label="ToMe, r per block (no retraining)",
+        )  # fmt: skip
+        for row in tome.itertuples():
+            _label(axes, row, f"r={row.tome_r:g} ({row.tokens:.0f})")
     if len(table):
         axes.margins(x=0.08, y=0.15)  # room for the labels inside the frame
         axes.legend(loc="best", fontsize=8)
