@@ -236,7 +236,7 @@ def test_k_sweep_points_are_labelled_with_their_k_threshold_or_r():
         and f": {is_tome} ? " in (mode["calculate"])
     )
     columns = pd.read_csv(REPO / "plots/k_sweep.csv").columns
-    assert {"num_tokens_shared", "share_threshold"} <= set(columns)
+    assert {"num_tokens_shared", "share_threshold", "tome_r"} <= set(columns)
 
 
 def test_sweep_subtitle_is_a_formula_of_k(monkeypatch):
