@@ -74,16 +74,27 @@ def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     return table[~thresholds & ~tome], table[thresholds], table[tome]
 
 
-def _label(axes, row, text: str) -> None:
-    # Short labels centred above their points: neighbouring K can sit less than an im/s
-    # apart, where two-line labels beside the points overprinted each other.
+# Where each curve writes its labels, in points from the point: the fixed-K curve above, the
+# threshold curve below and ToMe's to the left, so three curves that meet near the trained K
+# do not print over each other.
+LABEL_PLACES = {
+    "fixed": ((0, 8), "center", "bottom"),
+    "threshold": ((0, -9), "center", "top"),
+    "tome": ((-6, 10), "right", "bottom"),
+}
+
+
+def _label(axes, row, text: str, place: str = "fixed") -> None:
+    # Short labels: neighbouring K can sit less than an im/s apart, where two-line labels
+    # beside the points overprinted each other.
+    offset, ha, va = LABEL_PLACES[place]
     axes.annotate(
         text,
         (row.ims_per_sec, row.mIoU),
         textcoords="offset points",
-        xytext=(0, 8),
-        ha="center",
-        va="bottom",
+        xytext=offset,
+        ha=ha,
+        va=va,
         fontsize=7,
     )
 
@@ -103,7 +114,7 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     fixed, thresholds, tome = _by_mode(table)
     if len(fixed):
         axes.plot(fixed["ims_per_sec"], fixed["mIoU"], "o-", color="tab:blue", label="fixed K")
@@ -118,17 +129,17 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
             label="K per image (threshold)",
         )  # fmt: skip
         for row in thresholds.itertuples():
-            _label(axes, row, f"t={row.share_threshold:g} ({row.tokens:.0f})")
+            _label(axes, row, f"t={row.share_threshold:g} ({row.tokens:.0f})", "threshold")
     if len(tome):
         axes.plot(
             tome["ims_per_sec"], tome["mIoU"], "^:", color="tab:purple",
             label="ToMe, r per block (no retraining)",
         )  # fmt: skip
         for row in tome.itertuples():
-            _label(axes, row, f"r={row.tome_r:g} ({row.tokens:.0f})")
+            _label(axes, row, f"r={row.tome_r:g} ({row.tokens:.0f})", "tome")
     if len(table):
-        axes.margins(x=0.08, y=0.15)  # room for the labels inside the frame
-        axes.legend(loc="best", fontsize=8)
+        axes.margins(x=0.12, y=0.2)  # room for the labels inside the frame
+        axes.legend(loc="lower left", fontsize=8)  # the curves fall to the right
     else:
         axes.text(0.5, 0.5, "no K sweep: sweep_tokens_shared is empty", ha="center")
     axes.set_xlabel("images / s (benchmark batch)")
