@@ -22,12 +22,13 @@ from torch import Tensor
 class Matching(NamedTuple):
     """Which tokens of a ``T``-token sequence merge: ``(B, T_A - r)`` unmerged ``A``
     indices (prefix ones first), ``(B, r)`` merged ``A`` indices, ``(B, r)`` the ``B`` index
-    each merges into (indices within ``A`` and within ``B``), and the prefix length."""
+    each merges into (indices within ``A`` and within ``B``), and the positions in
+    ``[unmerged A, B]`` of the merged sequence's tokens (None: that order itself)."""
 
     unmerged: Tensor
     merged: Tensor
     into: Tensor
-    num_prefix: int
+    order: Tensor | None
 
 
 def max_merge_count(num_tokens: int, depth: int) -> int:
@@ -63,18 +64,18 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Matching 
     unmerged, merged = order[:, r:], order[:, :r]
     if num_prefix:  # ToMe sorts the unmerged tokens when there is a prefix: it comes first
         unmerged = unmerged.sort(dim=1).values
-    return Matching(unmerged, merged, into.gather(1, merged), num_prefix)
+    order = _output_order(num_prefix, unmerged.shape[1], metric.shape[1] // 2, metric.device)
+    return Matching(unmerged, merged, into.gather(1, merged), order)
 
 
-def _output_order(matching: Matching, num_b: int) -> Tensor | None:
+def _output_order(num_prefix: int, kept: int, num_b: int, device: torch.device) -> Tensor | None:
     """Positions in ``[unmerged A, B]`` of the merged sequence's tokens, the prefix first in
     its own order (A and B alternate in it); None where that is the identity (up to one
-    prefix token)."""
-    if matching.num_prefix < 2:
+    prefix token). Built once per matching: every merge with it reuses it."""
+    if num_prefix < 2:
         return None
-    kept, device = matching.unmerged.shape[1], matching.unmerged.device
-    pa, pb = (matching.num_prefix + 1) // 2, matching.num_prefix // 2
-    prefix = [i // 2 if i % 2 == 0 else kept + i // 2 for i in range(matching.num_prefix)]
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+    prefix = [i // 2 if i % 2 == 0 else kept + i // 2 for i in range(num_prefix)]
     rest = torch.cat([torch.arange(pa, kept), torch.arange(kept + pb, kept + num_b)])
     return torch.cat([torch.tensor(prefix), rest]).to(device)
 
@@ -88,8 +89,7 @@ def merge_tokens(x: Tensor, matching: Matching, mode: str = "sum") -> Tensor:
     merged = a.gather(1, matching.merged[..., None].expand(-1, -1, channels))
     b = b.scatter_reduce(1, matching.into[..., None].expand(-1, -1, channels), merged, mode)
     out = torch.cat([unmerged, b], dim=1)
-    order = _output_order(matching, b.shape[1])
-    return out if order is None else out[:, order]
+    return out if matching.order is None else out[:, matching.order]
 
 
 def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
@@ -112,8 +112,7 @@ def merged_index(matching: Matching, num_tokens: int) -> Tensor:
     index_a.scatter_(1, matching.merged, kept + matching.into)
     index[:, ::2] = index_a
     index[:, 1::2] = kept + torch.arange(num_b, device=unmerged.device)
-    order = _output_order(matching, num_b)
-    return index if order is None else order.argsort()[index]
+    return index if matching.order is None else matching.order.argsort()[index]
 
 
 def track_sources(sources: Tensor, matching: Matching, num_tokens: int) -> Tensor:

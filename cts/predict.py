@@ -312,9 +312,8 @@ class Predictor:
         crop_labels = upsample_argmax(out.logits, size)[0].cpu().numpy()
         shared = out.shared[0].cpu().numpy()
         overlaid = overlay(crop_rgb, crop_labels, self.colours)
-        return outline_shared(overlaid, shared, superpatch_size(self.model.patch_size)), int(
-            shared.sum()
-        )
+        picture = outline_shared(overlaid, shared, superpatch_size(self.model.patch_size))
+        return picture, int(shared.sum())
 
     def _sharing_caption(self, num_shared: int) -> str:
         patch = self.model.patch_size

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from cts.geometry import (
     check_num_shared,
+    num_patches,
     num_superpatches,
     superpatch_grid,
     superpatch_size,
@@ -159,7 +160,9 @@ class Segmenter(nn.Module):
                     f"tome_r={config.tome_r} with policy {config.policy}: one token reduction "
                     "at a time (policy none for ToMe)"
                 )
-            self._check_tome(config.tome_r, config.crop_size, config.crop_size)
+            patches = num_patches(config.crop_size, self.patch_size)
+            crop = config.crop_size
+            self._check_tome(config.tome_r, patches, f"image size {crop}x{crop}")
         if config.policy != "none":
             k, where = config.num_tokens_shared, f"crop_size {config.crop_size}"
             check_num_shared(k, superpatches, where)
@@ -195,14 +198,13 @@ class Segmenter(nn.Module):
             )
             self.policy_net.requires_grad_(False)
 
-    def _check_tome(self, r: int, height: int, width: int) -> None:
-        """One line unless ToMe can merge ``r`` tokens per block of this backbone and size."""
+    def _check_tome(self, r: int, num_patches: int, what: str) -> None:
+        """One line unless ToMe can merge ``r`` of ``num_patches`` tokens per block of this
+        backbone."""
         reason = tome_refusal(self.encoder.vit)
         if reason is not None:
             raise ValueError(f"backbone '{self.config.backbone}' cannot merge tokens: {reason}")
-        num_patches = (height // self.patch_size) * (width // self.patch_size)
-        depth = len(self.encoder.vit.blocks)
-        check_merge_count(r, num_patches, depth, f"image size {height}x{width}")
+        check_merge_count(r, num_patches, len(self.encoder.vit.blocks), what)
 
     def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
@@ -275,8 +277,8 @@ class Segmenter(nn.Module):
 
         r = self.config.tome_r if tome_r is None else tome_r
         if r:
-            self._check_tome(r, *padded)
-            return self._merged_scores(images, grid, r) + (padded,)
+            self._check_tome(r, grid[0] * grid[1], f"image size {padded[0]}x{padded[1]}")
+            return self._merged_scores(images, grid, super_grid, r) + (padded,)
 
         threshold = self._threshold(num_tokens_shared, share_threshold)
         if threshold is not None:
@@ -298,13 +300,13 @@ class Segmenter(nn.Module):
         return scores, shared_mask(shared_idx, super_grid), num_tokens, padded
 
     def _merged_scores(
-        self, images: Tensor, grid: tuple[int, int], r: int
+        self, images: Tensor, grid: tuple[int, int], super_grid: tuple[int, int], r: int
     ) -> tuple[Tensor, Tensor, float]:
         """ToMe: scores ``(B, n_cls, h, w)``, no superpatch shared, mean tokens per block."""
         tokens = tome_features(self.encoder.vit, images, r, self.config.tome_prop_attn)
         scores = self.decoder(tokens).transpose(1, 2).reshape(images.shape[0], -1, *grid)
-        hs, ws = grid[0] // 2, grid[1] // 2
-        shared = torch.zeros(images.shape[0], hs, ws, dtype=torch.bool, device=images.device)
+        none_shared = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+        shared = shared_mask(none_shared, super_grid)
         counts = merged_token_counts(grid[0] * grid[1], r, len(self.encoder.vit.blocks))
         return scores, shared, sum(counts) / len(counts)
 

@@ -99,6 +99,21 @@ def _label(axes, row, text: str, place: str = "fixed") -> None:
     )
 
 
+# The label of a point of each mode's curve: its setting and the (mean) tokens.
+POINT_LABELS = {
+    "threshold": lambda row: f"t={row.share_threshold:g} ({row.tokens:.0f})",
+    "tome": lambda row: f"r={row.tome_r:g} ({row.tokens:.0f})",
+}
+
+
+def _curve(axes, rows: pd.DataFrame, style: str, colour: str, name: str, mode: str) -> None:
+    """One mode's rows as a labelled curve (nothing for no rows)."""
+    if len(rows):
+        axes.plot(rows["ims_per_sec"], rows["mIoU"], style, color=colour, label=name)
+        for row in rows.itertuples():
+            _label(axes, row, POINT_LABELS[mode](row), mode)
+
+
 def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     """PNG of mIoU against im/s: one curve over K (each point labelled with its K, the
     model's own K marked), one over sharing thresholds (K per image, labelled with the
@@ -123,20 +138,8 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
         title = f"{title}\n{token_formula(fixed)}"
         own = fixed[fixed["num_tokens_shared"] == own_k]
         axes.plot(own["ims_per_sec"], own["mIoU"], "*", color="tab:red", ms=14, label="trained K")
-    if len(thresholds):
-        axes.plot(
-            thresholds["ims_per_sec"], thresholds["mIoU"], "s--", color="tab:green",
-            label="K per image (threshold)",
-        )  # fmt: skip
-        for row in thresholds.itertuples():
-            _label(axes, row, f"t={row.share_threshold:g} ({row.tokens:.0f})", "threshold")
-    if len(tome):
-        axes.plot(
-            tome["ims_per_sec"], tome["mIoU"], "^:", color="tab:purple",
-            label="ToMe, r per block (no retraining)",
-        )  # fmt: skip
-        for row in tome.itertuples():
-            _label(axes, row, f"r={row.tome_r:g} ({row.tokens:.0f})", "tome")
+    _curve(axes, thresholds, "s--", "tab:green", "K per image (threshold)", "threshold")
+    _curve(axes, tome, "^:", "tab:purple", "ToMe, r per block (no retraining)", "tome")
     if len(table):
         axes.margins(x=0.12, y=0.2)  # room for the labels inside the frame
         axes.legend(loc="lower left", fontsize=8)  # the curves fall to the right
