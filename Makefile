@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 install-cluster: $(CLUSTER_STAMP)
 
 $(CLUSTER_STAMP): $(STAMP)
-	$(BIN)/uv pip install -q --python $(BIN)/python -c $(VENV)/constraints.txt -e ".[test,cluster]" \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c $(VENV)/constraints.txt -e ".[test,cluster]" \
 		|| $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[test,cluster]"
 	touch $(CLUSTER_STAMP)
 

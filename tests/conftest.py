@@ -4,7 +4,11 @@ simulated nodes on loopback must train."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -111,12 +115,37 @@ def outside_dvc(monkeypatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``build`` filled, shared by the session's pytest workers: the
+    first that asks builds it, the others wait for it (a lock) and read the same folder. A
+    build that failed leaves no mark: the next worker that asks builds it afresh."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # every worker's base folder lies in the session's
+    folder, done = root / name, root / f"{name}.built"
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def micro_pipeline(tmp_path_factory) -> Pipeline:
     """A copy of the repository on the MICRO params after the real `dvc repro`, built once
-    per session (minutes). Read-only: a test that writes in it takes ``micro_pipeline_copy``."""
-    folder = tmp_path_factory.mktemp("pipeline")
-    return build_pipeline(folder / "repo", MICRO, pipeline_env())
+    per session (minutes) for all workers. Read-only: a test that writes in it takes
+    ``micro_pipeline_copy``."""
+
+    def build(folder: Path) -> None:
+        pipeline = build_pipeline(folder / "repo", MICRO, pipeline_env())
+        (folder / "repro.txt").write_text(pipeline.output)
+
+    folder = _built_once(tmp_path_factory, "micro-pipeline", build)
+    output = (folder / "repro.txt").read_text()
+    return Pipeline(folder / "repo", pipeline_env(), folder / "mlruns.db", output)
 
 
 @pytest.fixture
@@ -145,10 +174,14 @@ def loopback_job(tmp_path_factory, tiny_synthetic):
 
 
 @pytest.fixture(scope="session")
-def loopback_reference(loopback_job) -> dict:
+def loopback_reference(loopback_job, tmp_path_factory) -> dict:
     """The weights of `nproc_per_node: 2` on one machine, which every two-node job on
-    loopback must train (to rounding)."""
-    folder = loopback_job("reference")
-    (result,) = train_nodes(folder, [{}], "--no-resume", "--set", "nproc_per_node=2")
-    assert result[0] == 0, (result[1] + result[2])[-3000:]
-    return trained_weights(folder)
+    loopback must train (to rounding); trained once per session for all workers."""
+
+    def train(folder: Path) -> None:
+        job = loopback_job("reference")
+        (result,) = train_nodes(job, [{}], "--no-resume", "--set", "nproc_per_node=2")
+        assert result[0] == 0, (result[1] + result[2])[-3000:]
+        shutil.copytree(job / "checkpoints", folder / "checkpoints")
+
+    return trained_weights(_built_once(tmp_path_factory, "loopback-reference", train))

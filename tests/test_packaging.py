@@ -69,3 +69,14 @@ def test_a_checkout_runs_its_own_stages_and_a_foreign_stages_folder_is_left_alon
     assert _python(code, copy) == str((copy / "stages" / "launch.py").resolve())
     installed = Path(_python(code, project))
     assert installed.parent.name == "stages" and not installed.is_relative_to(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mlflow", "timm", "typer", "yaml"])
+def test_installed_dependencies_carry_their_bytecode(name):
+    # Every `cts` process imports these; where Python may not write .pyc files (read-only
+    # site-packages, PYTHONDONTWRITEBYTECODE) it would compile them again on each start.
+    import importlib
+    import importlib.util
+
+    source = importlib.import_module(name).__file__
+    assert Path(importlib.util.cache_from_source(source)).is_file(), f"{name}: no bytecode"
