@@ -1,4 +1,5 @@
-"""Stage `benchmark`: the trained model with sharing and with sharing off, same process.
+"""Stage `benchmark`: the trained model with its token reduction (CTS sharing, or ToMe
+merging where it was trained so) and without, same process.
 
 The timing machinery is the one of `cts throughput` (:mod:`cts.throughput`: the paper's
 table, random weights); here it runs on the trained weights and on validation images, so
@@ -13,7 +14,7 @@ from cts.checkpoint import load_segmenter
 from cts.engine import resolve_device, resolve_precision
 from cts.throughput.devices import runtime
 from cts.throughput.inputs import validation_batch
-from cts.throughput.measure import measure_model
+from cts.throughput.measure import measure_merging, measure_model
 from cts.tracking import log_metrics_file
 from cts_stages.common import (
     METRICS,
@@ -39,26 +40,31 @@ def run(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
     images = validation_batch(params["data_root"], model, params["bench_batch_size"]).to(device)
+    precision = resolve_precision(device, params["precision"])
     with stage_run("benchmark", params):
-        (record,) = measure_model(
-            model,
-            images,
-            model.num_tokens_shared,
-            precisions=[resolve_precision(device, params["precision"])],
-            compile_mode=params["bench_compile"],
-            warmup=2,
-            repeats=params["bench_repeats"],
-            what=f"{model.config.backbone} (bench_batch_size {images.shape[0]})",
-            batch_option="bench_batch_size",
-            compile_option="bench_compile",
-        )
+        if model.config.tome_r:  # trained with ToMe: its r against no merging
+            record = measure_merging(model, images, precision, 2, params["bench_repeats"])
+        else:
+            (record,) = measure_model(
+                model,
+                images,
+                model.num_tokens_shared,
+                precisions=[precision],
+                compile_mode=params["bench_compile"],
+                warmup=2,
+                repeats=params["bench_repeats"],
+                what=f"{model.config.backbone} (bench_batch_size {images.shape[0]})",
+                batch_option="bench_batch_size",
+                compile_option="bench_compile",
+            )
         results = {**record, **runtime(device)}
         write_json(METRICS / "benchmark.json", results)
         log_metrics_file(METRICS / "benchmark.json", settings=STAGE_SETTINGS["benchmark"])
     agreement = results["bf16_fp32_agreement"]
     print(
-        f"benchmark on {results['device']}: {results['ims_per_sec']:.2f} im/s with sharing "
-        f"({results['tokens']} tokens), {results['ims_per_sec_no_sharing']:.2f} im/s without "
+        f"benchmark on {results['device']}: {results['ims_per_sec']:.2f} im/s with "
+        f"{'ToMe' if model.config.tome_r else 'sharing'} ({results['tokens']} tokens), "
+        f"{results['ims_per_sec_no_sharing']:.2f} im/s without "
         f"({results['tokens_no_sharing']} tokens): speed-up {results['speedup']:.2f}x"
         + ("" if agreement is None else f"; bf16 labels = fp32 labels on {100 * agreement:.2f}%")
     )

@@ -105,12 +105,16 @@ def eval_geometry(params: dict[str, Any], info: DatasetInfo) -> EvalGeometry:
 
 
 def segmenter_config(params: dict[str, Any], num_classes: int) -> SegmenterConfig:
+    """The model params ask for: ``token_reduction`` cts shares ``num_tokens_shared`` by
+    ``policy``; tome merges ``tome_r`` per block and shares nothing; none does neither."""
+    reduction = params["token_reduction"]
     return SegmenterConfig(
         backbone=params["backbone"],
         num_classes=num_classes,
         crop_size=params["crop_size"],
-        num_tokens_shared=params["num_tokens_shared"],
-        policy=params["policy"],
+        num_tokens_shared=params["num_tokens_shared"] if reduction == "cts" else 0,
+        policy=params["policy"] if reduction == "cts" else "none",
+        tome_r=params["tome_r"] if reduction == "tome" else 0,
         decoder=params["decoder"],
         depth=params["depth"],
         pretrained=params["pretrained"],

@@ -152,6 +152,7 @@ def run_evaluation(
             **metric.compute(),
             "num_tokens_shared": model.num_tokens_shared,
             "policy": model.config.policy,
+            "tome_r": model.config.tome_r,
             "scales": list(scales),
             "flip": flip,
         }

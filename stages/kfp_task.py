@@ -35,10 +35,13 @@ from typing import Any
 
 import yaml
 
-from cts.tracking import scalar_metrics
-from cts_stages.mlflow_context import PIPELINE_RUN_ENV
+# Light imports only (not cts.tracking, not the stages' common module: mlflow, timm): this
+# process only waits for the stage's own `cts` process, in every task of a pipeline run.
+from cts.tracking.naming import scalar_metrics
 from cts_stages.params import ParamError, parse_override
 
+# The pipeline run's name, which the stage's MLflow run finds its parent by.
+PIPELINE_RUN_ENV = "CTS_PIPELINE_RUN"
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 # A folder on a volume that every try of a task mounts, for the training's resume state.
 RESUME_ENV = "CTS_RESUME_DIR"

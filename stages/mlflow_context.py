@@ -30,9 +30,8 @@ import yaml
 from cts import tracking
 from cts_stages.common import STAGE_METRICS, STAGE_SETTINGS
 from cts_stages.dvc_file import DVC_YAML, upstream_stages
+from cts_stages.kfp_task import PIPELINE_RUN_ENV  # set by a Kubeflow task: its run's name
 
-# Set by an orchestrator that runs the stages (Kubeflow Pipelines tasks): its run's name.
-PIPELINE_RUN_ENV = "CTS_PIPELINE_RUN"
 _DVC_EXPS_DIR = "/.dvc/tmp/exps/"
 
 

@@ -176,6 +176,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "crop_size": _integer(32),
     "num_tokens_shared": _integer(0),
     "policy": _choice("none", "policy_net", "oracle", "random"),
+    "token_reduction": _choice("cts", "tome", "none"),
+    "tome_r": _integer(0),
     "decoder": _choice("mask_transformer", "linear"),
     "drop_path_rate": _number(0.0, 1.0),
     "policy_feature_stride": _choice(8, 16, 32),

@@ -143,8 +143,9 @@ def run(params: dict[str, Any]) -> None:
             _log(record)
         table = _table(records)
         write_csv(CSV, table)
+        trained = f"ToMe r={model.config.tome_r}" if model.config.tome_r else f"K={own_k}"
         title = (
-            f"{model.config.backbone}, trained with K={own_k}: "
+            f"{model.config.backbone}, trained with {trained}: "
             f"{params['precision']}, batch {params['bench_batch_size']}"
         )
         write_bytes_atomic(PICTURE, plot_curve(table, own_k, title))

@@ -55,6 +55,8 @@ PARAMS = (
     "crop_size",
     "num_tokens_shared",
     "policy",
+    "token_reduction",
+    "tome_r",
     "decoder",
     "drop_path_rate",
     "policy_feature_stride",

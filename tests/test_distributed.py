@@ -51,6 +51,8 @@ TWO_PROCESSES = {
     "ms_scales": [1.0],
     # The sweep runs in one process whatever nproc_per_node (test_pipeline checks its table).
     "sweep_tokens_shared": [],
+    "sweep_share_thresholds": [],
+    "sweep_tome_r": [],
     "nproc_per_node": 2,
 }
 

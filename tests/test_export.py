@@ -142,3 +142,23 @@ def test_export_file_gets_the_umask_permissions_and_dead_leftovers_go(cts_checkp
     assert f"{CROP}x{CROP} images only" in result.output and "cts predict" in result.output
     hint = tiling_hint(CROP, EvalGeometry(base_size=96, window=CROP, stride=32, max_ratio=2))
     assert "short side of 96" in hint and "at most 2 times" in hint and "stride 32" in hint
+
+
+def test_a_model_trained_with_tome_is_refused_in_one_line(tmp_path):
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=CLASSES,
+        crop_size=CROP,
+        depth=1,
+        policy="none",
+        tome_r=2,
+    )
+    checkpoint = save_checkpoint(tmp_path / "tome.pt", segmenter_payload(model))
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--out", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip() == (
+        "error: export: the model merges tokens (ToMe, tome_r=2): ONNX export takes CTS and "
+        "plain Segmenter models only"
+    )

@@ -39,6 +39,8 @@ def test_repository_params_are_valid_and_complete(params_file):
     "override, message",
     [
         ("policy=learned", r"policy='learned': allowed: none, policy_net, oracle, random"),
+        ("token_reduction=algm", r"token_reduction='algm': allowed: cts, tome, none"),
+        ("tome_r=-1", r"tome_r=-1: allowed: an integer >= 0"),
         ("precision=fp8", r"precision='fp8': allowed: auto, fp32, bf16, fp16"),
         (
             "train_scale_range=[2.0, 1.0]",

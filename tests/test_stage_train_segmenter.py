@@ -18,3 +18,22 @@ def test_class_frequencies_reads_the_csv_without_a_non_writable_array_warning(tm
         frequencies = class_frequencies(path, 4)
     assert frequencies.dtype == torch.float64
     assert frequencies.tolist() == [0.75, 0.0, 0.25, 0.0]
+
+
+def test_token_reduction_picks_sharing_merging_or_neither():
+    import yaml
+    from helpers import REPO
+
+    from cts_stages.common import segmenter_config
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(num_tokens_shared=103, policy="policy_net", tome_r=64)
+    picked = {}
+    for reduction in ("cts", "tome", "none"):
+        config = segmenter_config({**params, "token_reduction": reduction}, 12)
+        picked[reduction] = (config.policy, config.num_tokens_shared, config.tome_r)
+    assert picked == {
+        "cts": ("policy_net", 103, 0),
+        "tome": ("none", 0, 64),
+        "none": ("none", 0, 0),
+    }

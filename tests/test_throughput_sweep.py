@@ -8,7 +8,12 @@ import torch
 
 from cts.models import build_segmenter
 from cts.throughput.cost import forward_cost
-from cts.throughput.measure import measure_thresholds, measure_tome
+from cts.throughput.measure import (
+    measure_merging,
+    measure_sweep,
+    measure_thresholds,
+    measure_tome,
+)
 from cts.throughput.sweep import check_thresholds, check_tome_rs, plot_curve, sweep_ks
 
 
@@ -103,3 +108,28 @@ def test_the_picture_draws_the_fixed_k_threshold_and_tome_curves():
     assert plot_curve(table, 2, "t").startswith(b"\x89PNG")
     assert plot_curve(table.iloc[:2], 2, "t").startswith(b"\x89PNG")
     assert plot_curve(table.drop(columns="tome_r").iloc[:3], 2, "t").startswith(b"\x89PNG")
+
+
+def test_a_model_trained_with_tome_is_timed_against_itself_without_merging():
+    """The benchmark of a ToMe model: its r against r = 0 (the K rows of its sweep, too, merge
+    nothing), under the benchmark's keys; the sweep adds its own r."""
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=3,
+        crop_size=64,
+        depth=2,
+        policy="none",
+        tome_r=3,
+    ).eval()
+    images = torch.randn(2, 3, 64, 64)
+    record = measure_merging(model, images, "fp32", warmup=0, repeats=1)
+    assert record["tome_r"] == 3 and record["bf16_fp32_agreement"] is None
+    assert (record["tokens"], record["tokens_no_sharing"]) == ((16 + 13) / 2, 16)
+    assert record["gflops"] < record["gflops_no_sharing"] == forward_cost(model, 64, 0, 0).gmacs
+    assert record["speedup"] == pytest.approx(
+        record["ms_per_batch_no_sharing"] / record["ms_per_batch"]
+    )
+    (plain,) = measure_sweep(model, images, [0], "fp32", "none", 0, 1, "tiny")
+    assert plain["tokens"] == 16 and plain["gflops"] == record["gflops_no_sharing"]
+    assert check_tome_rs([2], model) == [2, 3] and check_tome_rs([], model) == []

@@ -176,7 +176,7 @@ def measure_sweep(
         seconds, _ = time_inference(model, images, ks, precision, compile_mode, warmup, repeats)
     records = []
     for k in ks:
-        cost = forward_cost(model, images.shape[-1], k)
+        cost = forward_cost(model, images.shape[-1], k, tome_r=0)
         records.append(
             {
                 "num_tokens_shared": k,
@@ -224,6 +224,34 @@ def measure_thresholds(
             }
         )
     return records
+
+
+def measure_merging(
+    model: Segmenter, images: Tensor, precision: str, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """The benchmark record of a model that merges (ToMe, its ``tome_r``) against the same
+    weights without merging, under :func:`measure_model`'s keys (``*_no_sharing``: without
+    token reduction). Eager (:func:`measure_tome`); no bf16 agreement is measured."""
+    r = model.config.tome_r
+    plain, merged = measure_tome(model, images, [0, r], precision, warmup, repeats)
+    return {
+        "precision": precision,
+        "compile": "none",
+        "batch_size": images.shape[0],
+        "image_size": images.shape[-1],
+        "num_tokens_shared": 0,
+        "tome_r": r,
+        "tokens": merged["tokens"],
+        "tokens_no_sharing": plain["tokens"],
+        "gflops": merged["gflops"],
+        "gflops_no_sharing": plain["gflops"],
+        "ims_per_sec": merged["ims_per_sec"],
+        "ims_per_sec_no_sharing": plain["ims_per_sec"],
+        "speedup": plain["ms_per_batch"] / merged["ms_per_batch"],
+        "ms_per_batch": merged["ms_per_batch"],
+        "ms_per_batch_no_sharing": plain["ms_per_batch"],
+        "bf16_fp32_agreement": None,
+    }
 
 
 def measure_tome(

@@ -48,10 +48,12 @@ def check_thresholds(values: Sequence[float]) -> list[float]:
 
 
 def check_tome_rs(values: Sequence[int], model: Segmenter) -> list[int]:
-    """ToMe's ``r`` to measure, ascending, each one the trained crop and depth allow; none
-    where the backbone cannot merge (rotary positions): said in one line, before any work."""
+    """ToMe's ``r`` to measure, ascending, each one the trained crop and depth allow, with
+    the model's own ``r`` where it was trained merging (none: no sweep); none where the
+    backbone cannot merge (rotary positions): said in one line, before any work."""
     if not values:
         return []
+    values = [*values, *([model.config.tome_r] if model.config.tome_r else [])]
     reason = tome_refusal(model.encoder.vit)
     if reason is not None:
         raise ValueError(f"sweep_tome_r: {model.config.backbone} cannot merge tokens: {reason}")

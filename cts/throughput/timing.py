@@ -66,8 +66,10 @@ def time_inference(
     device = images.device
     compile_mode = resolve_compile_mode(compile_mode, device)
     predict = inference_fn(model, compile_mode)
+    # K shared and no merging (share_threshold None, tome_r 0), also on a model trained with
+    # ToMe; positional: the CUDA-graph wrapper passes no keywords.
     calls: dict[int | str, Callable[[], object]] = {
-        k: (lambda k=k: predict(images, k)) for k in dict.fromkeys(ks)
+        k: (lambda k=k: predict(images, k, None, 0)) for k in dict.fromkeys(ks)
     }
     policy = policy_fn(model, compile_mode) if time_policy else None
     if policy is not None:
