@@ -354,3 +354,34 @@ def test_a_threshold_shares_per_image_what_the_policy_is_sure_of(checkpoint, ima
     model.config.policy = "none"
     with pytest.raises(ValueError, match="policy none"):
         predictor.with_sharing(share_threshold=0.5)
+
+
+def test_a_checkpoint_trained_with_tome_predicts_merging(images, tmp_path):
+    """A model trained with `token_reduction: tome` keeps its ``tome_r``: `cts predict`
+    segments every window merging, and its sharing picture shares nothing."""
+    from cts.checkpoint import load_segmenter
+
+    torch.manual_seed(0)
+    trained = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=CLASSES,
+        crop_size=CROP,
+        depth=1,
+        policy="none",
+        tome_r=8,
+        drop_path_rate=0.0,
+    )
+    model = load_segmenter(save_checkpoint(tmp_path / "tome.pt", segmenter_payload(trained)))
+    assert model.config.tome_r == 8
+    predictor = Predictor(model, "cpu", short_side=80, stride=32)
+    rgb = read_image(images / "sub" / "tall.jpg")
+    image, geometry = _normalised(rgb, model), EvalGeometry(base_size=80, window=CROP, stride=32)
+    with torch.no_grad():
+        merged = predict_logits(lambda x: model(x).logits, image, CLASSES, geometry)
+        plain = predict_logits(lambda x: model(x, tome_r=0).logits, image, CLASSES, geometry)
+        out = model(image[..., :CROP, :CROP])
+    assert out.num_tokens == 16 and not out.shared.any()  # one block: 16 tokens enter it
+    labels = predictor.labels(rgb)
+    assert np.array_equal(labels, merged.argmax(1)[0].numpy())
+    assert not np.array_equal(labels, plain.argmax(1)[0].numpy())  # merging shows here
+    assert predictor.sharing_picture(rgb)[1] == 0
