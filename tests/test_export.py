@@ -19,7 +19,7 @@ CLASSES, CROP, K = 12, 64, 3
 runner = CliRunner()
 
 
-def _checkpoint(folder, policy: str, k: int):
+def _checkpoint(folder, policy: str, k: int, **config):
     torch.manual_seed(0)
     model = build_segmenter(
         backbone="vit_tiny_patch16_384",
@@ -29,6 +29,7 @@ def _checkpoint(folder, policy: str, k: int):
         policy=policy,
         num_tokens_shared=k,
         drop_path_rate=0.0,
+        **config,
     )
     return save_checkpoint(folder / f"{policy}.pt", segmenter_payload(model)), model.eval()
 
@@ -145,16 +146,7 @@ def test_export_file_gets_the_umask_permissions_and_dead_leftovers_go(cts_checkp
 
 
 def test_a_model_trained_with_tome_is_refused_in_one_line(tmp_path):
-    torch.manual_seed(0)
-    model = build_segmenter(
-        backbone="vit_tiny_patch16_384",
-        num_classes=CLASSES,
-        crop_size=CROP,
-        depth=1,
-        policy="none",
-        tome_r=2,
-    )
-    checkpoint = save_checkpoint(tmp_path / "tome.pt", segmenter_payload(model))
+    checkpoint, _ = _checkpoint(tmp_path, "none", 0, tome_r=2)
     out = tmp_path / "model.onnx"
     result = runner.invoke(app, ["export", "--model", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1 and not out.exists()

@@ -19,19 +19,24 @@ CLASSES, CROP = 4, 64
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def _saved_segmenter(path, **config):
+    """A tiny one-block Segmenter of ``config`` saved at ``path``."""
     torch.manual_seed(0)
     model = build_segmenter(
         backbone="vit_tiny_patch16_384",
         num_classes=CLASSES,
         crop_size=CROP,
         depth=1,
-        policy="policy_net",
-        num_tokens_shared=2,
         drop_path_rate=0.0,
+        **config,
     )
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", segmenter_payload(model))
+    return save_checkpoint(path, segmenter_payload(model))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    return _saved_segmenter(path, policy="policy_net", num_tokens_shared=2)
 
 
 @pytest.fixture
@@ -361,17 +366,7 @@ def test_a_checkpoint_trained_with_tome_predicts_merging(images, tmp_path):
     segments every window merging, and its sharing picture shares nothing."""
     from cts.checkpoint import load_segmenter
 
-    torch.manual_seed(0)
-    trained = build_segmenter(
-        backbone="vit_tiny_patch16_384",
-        num_classes=CLASSES,
-        crop_size=CROP,
-        depth=1,
-        policy="none",
-        tome_r=8,
-        drop_path_rate=0.0,
-    )
-    model = load_segmenter(save_checkpoint(tmp_path / "tome.pt", segmenter_payload(trained)))
+    model = load_segmenter(_saved_segmenter(tmp_path / "tome.pt", policy="none", tome_r=8))
     assert model.config.tome_r == 8
     predictor = Predictor(model, "cpu", short_side=80, stride=32)
     rgb = read_image(images / "sub" / "tall.jpg")
