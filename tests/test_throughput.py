@@ -63,7 +63,12 @@ def test_throughput_command_writes_the_table(tmp_path):
         assert r["speedup"] == pytest.approx(r["ims_per_sec"] / r["ims_per_sec_no_sharing"])
         assert 0.5 < r["bf16_fp32_agreement"] <= 1.0
         assert 0.5 < r["bf16_fp32_agreement_no_sharing"] <= 1.0
-        assert 0 < r["policy_share"] < 1
+        # Two single timings (--repeats 1) on a shared host: the policy net's alone was once
+        # 1.28x the whole forward's. Its share is computed from them, not bounded by 1.
+        assert (
+            r["policy_share"] == pytest.approx(r["policy_ms_per_batch"] / r["ms_per_batch"])
+            and r["policy_share"] > 0
+        )
     table = (out / "throughput.md").read_text()
     assert table == markdown_table(rows, data["environment"])
     assert "| ViT-Ti/16 512 | ADE20K | 103 | 1024 -> 715 | half (x0.5, stride 16) |" in table
