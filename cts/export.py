@@ -68,6 +68,12 @@ def export_k(model: Segmenter, num_tokens_shared: int | None) -> int:
             f"the model merges tokens (ToMe, tome_r={config.tome_r}): ONNX export takes CTS "
             "and plain Segmenter models only"
         )
+    if config.algm_threshold:
+        raise ValueError(
+            f"the model merges tokens per image (ALGM, algm_threshold={config.algm_threshold}"
+            "): its token count depends on the image, which no graph of fixed shapes holds; "
+            "ONNX export takes CTS and plain Segmenter models only"
+        )
     k = model.num_tokens_shared if num_tokens_shared is None else num_tokens_shared
     superpatches = num_superpatches(config.crop_size, model.patch_size)
     check_num_shared(k, superpatches, f"crop_size {config.crop_size}")

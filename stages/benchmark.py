@@ -1,5 +1,5 @@
-"""Stage `benchmark`: the trained model with its token reduction (CTS sharing, or ToMe
-merging where it was trained so) and without, same process.
+"""Stage `benchmark`: the trained model with its token reduction (CTS sharing, or ToMe or
+ALGM merging where it was trained so) and without, same process.
 
 The timing machinery is the one of `cts throughput` (:mod:`cts.throughput`: the paper's
 table, random weights); here it runs on the trained weights and on validation images, so
@@ -12,6 +12,7 @@ from typing import Any
 
 from cts.checkpoint import load_segmenter
 from cts.engine import resolve_device, resolve_precision
+from cts.models.segmenter import merging_name
 from cts.throughput.devices import runtime
 from cts.throughput.inputs import validation_batch
 from cts.throughput.measure import measure_merging, measure_model
@@ -42,7 +43,7 @@ def run(params: dict[str, Any]) -> None:
     images = validation_batch(params["data_root"], model, params["bench_batch_size"]).to(device)
     precision = resolve_precision(device, params["precision"])
     with stage_run("benchmark", params):
-        if model.config.tome_r:  # trained with ToMe: its r against no merging
+        if merging_name(model.config):  # trained merging: its setting against no merging
             record = measure_merging(model, images, precision, 2, params["bench_repeats"])
         else:
             (record,) = measure_model(
@@ -63,7 +64,7 @@ def run(params: dict[str, Any]) -> None:
     agreement = results["bf16_fp32_agreement"]
     print(
         f"benchmark on {results['device']}: {results['ims_per_sec']:.2f} im/s with "
-        f"{'ToMe' if model.config.tome_r else 'sharing'} ({results['tokens']} tokens), "
+        f"{merging_name(model.config) or 'sharing'} ({results['tokens']} tokens), "
         f"{results['ims_per_sec_no_sharing']:.2f} im/s without "
         f"({results['tokens_no_sharing']} tokens): speed-up {results['speedup']:.2f}x"
         + ("" if agreement is None else f"; bf16 labels = fp32 labels on {100 * agreement:.2f}%")

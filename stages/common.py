@@ -106,7 +106,9 @@ def eval_geometry(params: dict[str, Any], info: DatasetInfo) -> EvalGeometry:
 
 def segmenter_config(params: dict[str, Any], num_classes: int) -> SegmenterConfig:
     """The model params ask for: ``token_reduction`` cts shares ``num_tokens_shared`` by
-    ``policy``; tome merges ``tome_r`` per block and shares nothing; none does neither."""
+    ``policy``; tome merges ``tome_r`` per block, algm merges in ``algm_layers`` at
+    ``algm_threshold`` (each sharing nothing); none does neither. ``algm_layers`` is kept in
+    every config: the sweep tries ALGM on any model."""
     reduction = params["token_reduction"]
     return SegmenterConfig(
         backbone=params["backbone"],
@@ -115,6 +117,8 @@ def segmenter_config(params: dict[str, Any], num_classes: int) -> SegmenterConfi
         num_tokens_shared=params["num_tokens_shared"] if reduction == "cts" else 0,
         policy=params["policy"] if reduction == "cts" else "none",
         tome_r=params["tome_r"] if reduction == "tome" else 0,
+        algm_threshold=params["algm_threshold"] if reduction == "algm" else 0.0,
+        algm_layers=tuple(params["algm_layers"]),
         decoder=params["decoder"],
         depth=params["depth"],
         pretrained=params["pretrained"],

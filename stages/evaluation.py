@@ -86,10 +86,12 @@ def evaluate_model(
     progress: bool = True,
     share_threshold: float | None = None,
     tome_r: int | None = None,
+    algm_threshold: float | None = None,
 ) -> SegmentationMetric:
     """The evaluation of the `eval_*` stages (and of the K sweep): sliding windows over the
     validation split at ``scales``, with K = ``num_tokens_shared`` (None: the model's), K
-    per window from ``share_threshold``, or ToMe merging ``tome_r`` tokens per block.
+    per window from ``share_threshold``, ToMe merging ``tome_r`` tokens per block or ALGM at
+    ``algm_threshold`` (either replaces the model's own merging; 0: none).
 
     ``distributed``: this process scores every W-th image and the confusion matrices of all
     processes are summed, so every image counts once.
@@ -114,6 +116,7 @@ def evaluate_model(
                     num_tokens_shared=num_tokens_shared,
                     share_threshold=share_threshold,
                     tome_r=tome_r,
+                    algm_threshold=algm_threshold,
                 ).logits
             ),
             loader,
@@ -153,6 +156,7 @@ def run_evaluation(
             "num_tokens_shared": model.num_tokens_shared,
             "policy": model.config.policy,
             "tome_r": model.config.tome_r,
+            "algm_threshold": model.config.algm_threshold,
             "scales": list(scales),
             "flip": flip,
         }

@@ -127,6 +127,17 @@ def _thresholds(value: Any) -> str | None:
     return "allowed: a list of numbers in (0, 1) (may be empty), e.g. [0.5, 0.9]"
 
 
+def _layers(value: Any) -> str | None:
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        and value == sorted(set(value))
+    ):
+        return None
+    return "allowed: a non-empty list of increasing block numbers from 1, e.g. [1, 5]"
+
+
 def _auto_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
     def auto_or(value: Any) -> str | None:
         problem = None if value == "auto" else check(value)
@@ -176,8 +187,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "crop_size": _integer(32),
     "num_tokens_shared": _integer(0),
     "policy": _choice("none", "policy_net", "oracle", "random"),
-    "token_reduction": _choice("cts", "tome", "none"),
+    "token_reduction": _choice("cts", "tome", "algm", "none"),
     "tome_r": _integer(0),
+    "algm_threshold": _number(0.0, 1.0, low_open=True),
+    "algm_layers": _layers,
     "decoder": _choice("mask_transformer", "linear"),
     "drop_path_rate": _number(0.0, 1.0),
     "policy_feature_stride": _choice(8, 16, 32),
@@ -208,6 +221,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "sweep_tokens_shared": _integers,
     "sweep_share_thresholds": _thresholds,
     "sweep_tome_r": _integers,
+    "sweep_algm_thresholds": _thresholds,
     "bench_batch_size": _integer(1),
     "bench_repeats": _integer(1),
     "bench_compile": _choice(

@@ -57,6 +57,8 @@ PARAMS = (
     "policy",
     "token_reduction",
     "tome_r",
+    "algm_threshold",
+    "algm_layers",
     "decoder",
     "drop_path_rate",
     "policy_feature_stride",

@@ -145,12 +145,22 @@ def test_export_file_gets_the_umask_permissions_and_dead_leftovers_go(cts_checkp
     assert "short side of 96" in hint and "at most 2 times" in hint and "stride 32" in hint
 
 
-def test_a_model_trained_with_tome_is_refused_in_one_line(tmp_path):
-    checkpoint, _ = _checkpoint(tmp_path, "none", 0, tome_r=2)
+@pytest.mark.parametrize(
+    ("merging", "reason"),
+    [
+        ({"tome_r": 2}, "the model merges tokens (ToMe, tome_r=2):"),
+        (
+            {"algm_threshold": 0.9, "algm_layers": (1,)},
+            "the model merges tokens per image (ALGM, algm_threshold=0.9): its token count "
+            "depends on the image, which no graph of fixed shapes holds;",
+        ),
+    ],
+)
+def test_a_model_trained_merging_is_refused_in_one_line(tmp_path, merging, reason):
+    checkpoint, _ = _checkpoint(tmp_path, "none", 0, **merging)
     out = tmp_path / "model.onnx"
     result = runner.invoke(app, ["export", "--model", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1 and not out.exists()
     assert result.output.strip() == (
-        "error: export: the model merges tokens (ToMe, tome_r=2): ONNX export takes CTS and "
-        "plain Segmenter models only"
+        f"error: export: {reason} ONNX export takes CTS and plain Segmenter models only"
     )

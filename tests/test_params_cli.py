@@ -39,8 +39,12 @@ def test_repository_params_are_valid_and_complete(params_file):
     "override, message",
     [
         ("policy=learned", r"policy='learned': allowed: none, policy_net, oracle, random"),
-        ("token_reduction=algm", r"token_reduction='algm': allowed: cts, tome, none"),
+        ("token_reduction=dyvit", r"token_reduction='dyvit': allowed: cts, tome, algm, none"),
         ("tome_r=-1", r"tome_r=-1: allowed: an integer >= 0"),
+        ("algm_threshold=0", r"algm_threshold=0: allowed: a finite number > 0.0 and <= 1.0"),
+        ("algm_layers=[5,1]", r"algm_layers=\[5, 1\]: allowed: a non-empty list of increasing"),
+        ("algm_layers=[]", r"algm_layers=\[\]: allowed: a non-empty list"),
+        ("sweep_algm_thresholds=[1.0]", r"sweep_algm_thresholds=\[1.0\]: allowed: a list of"),
         ("precision=fp8", r"precision='fp8': allowed: auto, fp32, bf16, fp16"),
         (
             "train_scale_range=[2.0, 1.0]",

@@ -285,7 +285,7 @@ def test_an_empty_sweep_list_skips_the_sweep(micro_pipeline_copy):
     output = run([str(BIN / "cts"), "sweep", *(f"--set={e}" for e in empty)], repo, env)
     assert "skipped" in output
     assert (repo / "plots" / "k_sweep.csv").read_text().strip() == (
-        "num_tokens_shared,share_threshold,tome_r,tokens,mIoU,ims_per_sec,gflops"
+        "num_tokens_shared,share_threshold,tome_r,algm_threshold,tokens,mIoU,ims_per_sec,gflops"
     )
     assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")
 
@@ -322,3 +322,35 @@ def test_a_tome_experiment_trains_merging_and_gets_its_own_mlflow_parent(micro_p
     assert len(parents) == 2
     tome = next(p for p in parents if p.data.params.get("token_reduction") == "tome")
     assert tome.data.metrics["benchmark.gflops"] == pytest.approx(bench["gflops"])
+
+
+def test_an_algm_experiment_trains_merging_per_image(micro_pipeline_copy):
+    """`dvc exp run -S token_reduction=algm`: the segmenter trains merging 2x2 windows in its
+    one block, is evaluated and benchmarked so (against itself without merging) and its sweep
+    adds its own threshold to the one swept (its K row merges nothing); a parent of its own in
+    MLflow."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    repo, env, store = micro_pipeline_copy.repo, micro_pipeline_copy.env, micro_pipeline_copy.store
+    command = ["dvc", "exp", "run", "-S", "token_reduction=algm", "-S", "algm_layers=[1]"]
+    command += ["-S", "algm_threshold=0.2", "-S", "sweep_algm_thresholds=[0.5]"]
+    ran = stages_run(run(command, repo, env, timeout=PIPELINE_TIMEOUT))
+    assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark", "sweep"}
+    assert _metrics(repo, "eval_ss.json")["algm_threshold"] == 0.2
+    bench = _metrics(repo, "benchmark.json")
+    assert bench["algm_threshold"] == 0.2 and bench["tokens_no_sharing"] == 64
+    assert bench["gflops"] < bench["gflops_no_sharing"]  # a synthetic scene has flat windows
+    with (repo / "plots" / "k_sweep.csv").open() as f:
+        rows = {r["algm_threshold"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["", "0.2", "0.5"] and rows[""]["tokens"] == "64"
+    # One block: 64 tokens enter it at any threshold; its MLP sees fewer, the lower it is.
+    gflops = [float(rows[t]["gflops"]) for t in ("0.2", "0.5", "")]
+    assert gflops == sorted(gflops) and gflops[0] < gflops[2]
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("cts")
+    parents = client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'pipeline'")
+    algm = [p for p in parents if p.data.params.get("token_reduction") == "algm"]
+    assert len(parents) == 2 and len(algm) == 1
+    assert algm[0].data.metrics["benchmark.gflops"] == pytest.approx(bench["gflops"])

@@ -361,13 +361,16 @@ def test_a_threshold_shares_per_image_what_the_policy_is_sure_of(checkpoint, ima
         predictor.with_sharing(share_threshold=0.5)
 
 
-def test_a_checkpoint_trained_with_tome_predicts_merging(images, tmp_path):
-    """A model trained with `token_reduction: tome` keeps its ``tome_r``: `cts predict`
+@pytest.mark.parametrize(
+    "merging", [{"tome_r": 8}, {"algm_threshold": 0.05, "algm_layers": (1,)}], ids=["tome", "algm"]
+)
+def test_a_checkpoint_trained_merging_predicts_merging(images, tmp_path, merging):
+    """A model trained with `token_reduction: tome` or `algm` keeps its setting: `cts predict`
     segments every window merging, and its sharing picture shares nothing."""
     from cts.checkpoint import load_segmenter
 
-    model = load_segmenter(_saved_segmenter(tmp_path / "tome.pt", policy="none", tome_r=8))
-    assert model.config.tome_r == 8
+    model = load_segmenter(_saved_segmenter(tmp_path / "merging.pt", policy="none", **merging))
+    assert all(getattr(model.config, key) == value for key, value in merging.items())
     predictor = Predictor(model, "cpu", short_side=80, stride=32)
     rgb = read_image(images / "sub" / "tall.jpg")
     image, geometry = _normalised(rgb, model), EvalGeometry(base_size=80, window=CROP, stride=32)

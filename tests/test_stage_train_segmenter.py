@@ -27,13 +27,20 @@ def test_token_reduction_picks_sharing_merging_or_neither():
     from cts_stages.common import segmenter_config
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params.update(num_tokens_shared=103, policy="policy_net", tome_r=64)
+    params.update(num_tokens_shared=103, policy="policy_net", tome_r=64, algm_threshold=0.9)
     picked = {}
-    for reduction in ("cts", "tome", "none"):
+    for reduction in ("cts", "tome", "algm", "none"):
         config = segmenter_config({**params, "token_reduction": reduction}, 12)
-        picked[reduction] = (config.policy, config.num_tokens_shared, config.tome_r)
+        picked[reduction] = (
+            config.policy,
+            config.num_tokens_shared,
+            config.tome_r,
+            config.algm_threshold,
+        )
+        assert config.algm_layers == (1, 2)  # kept for the sweep's ALGM rows
     assert picked == {
-        "cts": ("policy_net", 103, 0),
-        "tome": ("none", 0, 64),
-        "none": ("none", 0, 0),
+        "cts": ("policy_net", 103, 0, 0.0),
+        "tome": ("none", 0, 64, 0.0),
+        "algm": ("none", 0, 0, 0.9),
+        "none": ("none", 0, 0, 0.0),
     }

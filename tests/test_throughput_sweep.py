@@ -7,14 +7,20 @@ import pytest
 import torch
 
 from cts.models import build_segmenter
-from cts.throughput.cost import forward_cost
+from cts.throughput.cost import batch_cost, forward_cost
 from cts.throughput.measure import (
+    measure_merges,
     measure_merging,
     measure_sweep,
     measure_thresholds,
-    measure_tome,
 )
-from cts.throughput.sweep import check_thresholds, check_tome_rs, plot_curve, sweep_ks
+from cts.throughput.sweep import (
+    check_algm_thresholds,
+    check_thresholds,
+    check_tome_rs,
+    plot_curve,
+    sweep_ks,
+)
 
 
 def _model(policy: str, k: int):
@@ -72,7 +78,7 @@ def test_a_tome_row_counts_the_mean_tokens_per_block_and_its_cost():
         backbone="vit_tiny_patch16_384", num_classes=3, crop_size=64, depth=2, policy="none"
     ).eval()
     images = torch.randn(2, 3, 64, 64)
-    (record,) = measure_tome(model, images, [3], "fp32", warmup=0, repeats=1)
+    (record,) = measure_merges(model, images, "tome_r", [3], "fp32", warmup=0, repeats=1)
     assert record["tome_r"] == 3 and record["num_tokens_shared"] == 0
     assert record["tokens"] == (16 + 13) / 2
     assert record["gflops"] < forward_cost(model, 64, 0).gmacs
@@ -133,3 +139,61 @@ def test_a_model_trained_with_tome_is_timed_against_itself_without_merging():
     (plain,) = measure_sweep(model, images, [0], "fp32", "none", 0, 1, "tiny")
     assert plain["tokens"] == 16 and plain["gflops"] == record["gflops_no_sharing"]
     assert check_tome_rs([2], model) == [2, 3] and check_tome_rs([], model) == []
+
+
+def test_a_model_trained_with_algm_is_timed_against_itself_and_its_sweep_adds_its_threshold():
+    """ALGM keeps a number of tokens per image: the record's tokens and GFLOPs are the batch's
+    means (a flat image merges, a noisy one does not); without merging, the plain model."""
+    torch.manual_seed(0)
+    model = build_segmenter(
+        backbone="vit_tiny_patch16_384",
+        num_classes=3,
+        crop_size=64,
+        depth=3,
+        policy="none",
+        algm_threshold=0.5,
+        algm_layers=(1, 2),
+    ).eval()
+    images = torch.randn(2, 3, 64, 64)
+    images[0] = 0.3
+    record = measure_merging(model, images, "fp32", warmup=0, repeats=1)
+    assert record["algm_threshold"] == 0.5 and record["tome_r"] == 0
+    alone = [batch_cost(model, images[i : i + 1]) for i in range(2)]
+    assert record["tokens"] == pytest.approx(sum(cost.tokens for cost in alone) / 2)
+    assert alone[0].tokens < alone[1].tokens <= 16 == record["tokens_no_sharing"]
+    assert record["gflops"] < record["gflops_no_sharing"] == forward_cost(model, 64, 0, 0).gmacs
+    assert check_algm_thresholds([0.9, 0.7], model) == [0.5, 0.7, 0.9]
+    assert check_algm_thresholds([], model) == []
+    with pytest.raises(ValueError, match="share_threshold=1.2: allowed"):
+        check_algm_thresholds([1.2], model)
+    deep = build_segmenter(
+        backbone="vit_tiny_patch16_384", num_classes=3, crop_size=64, depth=1, policy="none"
+    )
+    with pytest.raises(ValueError, match=r"algm_layers=\[1, 5\]: allowed increasing"):
+        check_algm_thresholds([0.9], deep)
+
+
+def test_the_picture_stars_the_setting_a_model_was_trained_with():
+    from matplotlib.figure import Figure
+
+    table = pd.DataFrame(
+        {
+            "num_tokens_shared": [0, 0, 0],
+            "algm_threshold": [None, 0.8, 0.9],
+            "tokens": [16, 9.5, 12.25],
+            "mIoU": [40.0, 38.0, 39.5],
+            "ims_per_sec": [10.0, 14.0, 12.0],
+            "gflops": [1.0, 0.7, 0.8],
+        }
+    )
+    saved = []
+    original = Figure.savefig
+    try:
+        Figure.savefig = lambda figure, *a, **k: saved.append(figure) or original(figure, *a, **k)
+        plot_curve(table, 0, "t", own=("algm_threshold", 0.9))
+    finally:
+        Figure.savefig = original
+    (axes,) = saved[0].axes
+    fixed, algm, star = axes.get_lines()
+    assert list(algm.get_xdata()) == [14.0, 12.0] and list(star.get_xdata()) == [12.0]
+    assert {t.get_text() for t in axes.texts} == {"K=0", "t=0.8 (10)", "t=0.9 (12)"}

@@ -70,11 +70,19 @@ class MaskTransformer(nn.Module):
         self.apply(_init_weights)
         trunc_normal_(self.cls_emb, std=0.02)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """``(B, T, C_enc) -> (B, T, n_cls)`` class scores per token."""
+    def forward(self, tokens: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``(B, T, C_enc) -> (B, T, n_cls)`` class scores per token; ``valid`` ``(B, T)``
+        (None: all) keeps padding tokens out of every token's attention."""
         x = self.proj_dec(tokens)
         x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
-        x = self.decoder_norm(self.blocks(x))
+        if valid is None or bool(valid.all()):
+            x = self.blocks(x)
+        else:
+            classes = valid.new_ones(valid.shape[0], self.num_classes)
+            mask = torch.cat([valid, classes], dim=1)[:, None, None, :]
+            for block in self.blocks:
+                x = block(x, attn_mask=mask)
+        x = self.decoder_norm(x)
         patches, classes = x[:, : -self.num_classes], x[:, -self.num_classes :]
         patches = F.normalize(patches @ self.proj_patch, dim=-1)
         classes = F.normalize(classes @ self.proj_classes, dim=-1)
@@ -90,8 +98,8 @@ class LinearDecoder(nn.Module):
         self.head = nn.Linear(encoder_dim, num_classes)
         self.apply(_init_weights)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.head(tokens)
+    def forward(self, tokens: Tensor, valid: Tensor | None = None) -> Tensor:
+        return self.head(tokens)  # per token: padding changes nothing
 
 
 def build_decoder(name: str, num_classes: int, encoder_dim: int, dropout: float = 0.1) -> nn.Module:

@@ -18,6 +18,7 @@ from cts.geometry import (
     threshold_step,
 )
 from cts.merging import check_merge_count
+from cts.models.algm import algm_features, check_algm_layers, check_algm_threshold
 from cts.models.decoder import MaskTransformer, build_decoder
 from cts.models.policy import BACKBONE as POLICY_BACKBONE
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
@@ -58,7 +59,9 @@ class SegmenterConfig:
     superpatches whose sharing score reaches it (rounded down to a multiple of S / 16).
     ``tome_r`` (0: off): token merging instead of sharing (ToMe, :mod:`cts.models.tome`),
     ``r`` tokens merged in every block, with policy ``none``; ``tome_prop_attn``: ToMe's
-    proportional attention.
+    proportional attention. ``algm_threshold`` (0: off): ALGM instead (:mod:`cts.models.algm`),
+    2x2 windows whose patches' mean cosine similarity reaches it merge in block
+    ``algm_layers[0]`` (numbered from 1), a global merge in each later one, with policy none.
     """
 
     backbone: str = "vit_small_patch16_384"
@@ -80,6 +83,8 @@ class SegmenterConfig:
     share_threshold: float | None = None
     tome_r: int = 0
     tome_prop_attn: bool = False
+    algm_threshold: float = 0.0
+    algm_layers: tuple[int, ...] = (1, 5)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     extra: dict = field(default_factory=dict)
@@ -91,11 +96,20 @@ class SegmenterConfig:
 class SegmenterOutput(NamedTuple):
     """logits: ``(B, n_cls, H, W)`` (patch-grid scores with ``upsample=False``); shared:
     ``(B, hs, ws)`` bool superpatch map; num_tokens: patch-level tokens the encoder processed
-    per image (``N - 3K``; the batch's mean with a threshold; with ToMe, the mean over blocks)."""
+    per image (``N - 3K``; the batch's mean with a threshold; merging, the mean over blocks)."""
 
     logits: Tensor
     shared: Tensor
     num_tokens: float
+
+
+def merging_name(config: SegmenterConfig) -> str | None:
+    """``ToMe r=..`` or ``ALGM t=..`` for a model trained merging tokens, else None."""
+    if config.tome_r:
+        return f"ToMe r={config.tome_r}"
+    if config.algm_threshold:
+        return f"ALGM t={config.algm_threshold:g}"
+    return None
 
 
 def _check_pretrained(config: SegmenterConfig) -> None:
@@ -154,15 +168,7 @@ class Segmenter(nn.Module):
                 f"{superpatch_size(self.patch_size)} (2 x patch size)"
             ) from error
         self.num_tokens_shared = 0
-        if config.tome_r:
-            if config.policy != "none":
-                raise ValueError(
-                    f"tome_r={config.tome_r} with policy {config.policy}: one token reduction "
-                    "at a time (policy none for ToMe)"
-                )
-            patches = num_patches(config.crop_size, self.patch_size)
-            crop = config.crop_size
-            self._check_tome(config.tome_r, patches, f"image size {crop}x{crop}")
+        self._check_merging(config)
         if config.policy != "none":
             k, where = config.num_tokens_shared, f"crop_size {config.crop_size}"
             check_num_shared(k, superpatches, where)
@@ -198,6 +204,26 @@ class Segmenter(nn.Module):
             )
             self.policy_net.requires_grad_(False)
 
+    def _check_merging(self, config: SegmenterConfig) -> None:
+        """One line unless the configured merging (if any) is the model's only reduction and
+        fits its backbone."""
+        if config.tome_r:
+            if config.policy != "none":
+                raise ValueError(
+                    f"tome_r={config.tome_r} with policy {config.policy}: one token reduction "
+                    "at a time (policy none for ToMe)"
+                )
+            patches = num_patches(config.crop_size, self.patch_size)
+            crop = config.crop_size
+            self._check_tome(config.tome_r, patches, f"image size {crop}x{crop}")
+        if config.algm_threshold:
+            if config.policy != "none" or config.tome_r:
+                raise ValueError(
+                    f"algm_threshold={config.algm_threshold} with policy {config.policy} and "
+                    f"tome_r={config.tome_r}: one token reduction at a time (policy none, tome_r 0)"
+                )
+            self._check_algm(config.algm_threshold)
+
     def _check_tome(self, r: int, num_patches: int, what: str) -> None:
         """One line unless ToMe can merge ``r`` of ``num_patches`` tokens per block of this
         backbone."""
@@ -205,6 +231,14 @@ class Segmenter(nn.Module):
         if reason is not None:
             raise ValueError(f"backbone '{self.config.backbone}' cannot merge tokens: {reason}")
         check_merge_count(r, num_patches, len(self.encoder.vit.blocks), what)
+
+    def _check_algm(self, threshold: float) -> None:
+        """One line unless ALGM can merge at ``threshold`` in this backbone's layers."""
+        reason = tome_refusal(self.encoder.vit)
+        if reason is not None:
+            raise ValueError(f"backbone '{self.config.backbone}' cannot merge tokens: {reason}")
+        check_algm_layers(self.config.algm_layers, len(self.encoder.vit.blocks))
+        check_algm_threshold(threshold)
 
     def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
@@ -255,6 +289,7 @@ class Segmenter(nn.Module):
         num_tokens_shared: int | None,
         share_threshold: float | None = None,
         tome_r: int | None = None,
+        algm_threshold: float | None = None,
     ) -> tuple[Tensor, Tensor, float, tuple[int, int]]:
         """Class scores on the patch grid, before upsampling.
 
@@ -275,10 +310,15 @@ class Segmenter(nn.Module):
         padded = (images.shape[-2], images.shape[-1])
         num_superpatches = super_grid[0] * super_grid[1]
 
-        r = self.config.tome_r if tome_r is None else tome_r
+        r, algm = tome_r or 0, algm_threshold or 0.0
+        if tome_r is None and algm_threshold is None:
+            r, algm = self.config.tome_r, self.config.algm_threshold
         if r:
             self._check_tome(r, grid[0] * grid[1], f"image size {padded[0]}x{padded[1]}")
             return self._merged_scores(images, grid, super_grid, r) + (padded,)
+        if algm:
+            self._check_algm(algm)
+            return self._algm_scores(images, grid, super_grid, algm) + (padded,)
 
         threshold = self._threshold(num_tokens_shared, share_threshold)
         if threshold is not None:
@@ -310,6 +350,18 @@ class Segmenter(nn.Module):
         counts = merged_token_counts(grid[0] * grid[1], r, len(self.encoder.vit.blocks))
         return scores, shared, sum(counts) / len(counts)
 
+    def _algm_scores(
+        self, images: Tensor, grid: tuple[int, int], super_grid: tuple[int, int], threshold: float
+    ) -> tuple[Tensor, Tensor, float]:
+        """ALGM: scores ``(B, n_cls, h, w)``, no superpatch shared, mean tokens per block."""
+        merged = algm_features(self.encoder.vit, images, self.config.algm_layers, threshold)
+        token_scores = self.decoder(merged.tokens, merged.valid)
+        index = merged.sources[..., None].expand(-1, -1, token_scores.shape[-1])
+        scores = token_scores.gather(1, index).transpose(1, 2)
+        none_shared = images.new_zeros(images.shape[0], 0, dtype=torch.long)
+        shared = shared_mask(none_shared, super_grid)
+        return scores.reshape(images.shape[0], -1, *grid), shared, merged.mean_tokens
+
     def _threshold(
         self, num_tokens_shared: int | None, share_threshold: float | None
     ) -> float | None:
@@ -329,6 +381,7 @@ class Segmenter(nn.Module):
         upsample: bool = True,
         share_threshold: float | None = None,
         tome_r: int | None = None,
+        algm_threshold: float | None = None,
     ) -> SegmenterOutput:
         """Segment images.
 
@@ -342,12 +395,14 @@ class Segmenter(nn.Module):
                 needs (:func:`cts.losses.subgrid_cross_entropy`).
             share_threshold: K per image for this call: the superpatches scoring at least
                 this (in (0, 1)), rounded down to a multiple of S / 16.
-            tome_r: ToMe for this call, ``r`` tokens merged per block, no sharing (default:
-                the configured ``tome_r``; 0: off).
+            tome_r: ToMe for this call, ``r`` tokens merged per block, no sharing (0: off).
+            algm_threshold: ALGM for this call at this local threshold, in the configured
+                ``algm_layers`` (0: off). Either one given replaces the configured merging
+                (``tome_r=0``: no merging of any kind); neither: the configured one.
         """
         height, width = images.shape[-2:]
         scores, shared, num_tokens, padded = self._token_scores(
-            images, labels, num_tokens_shared, share_threshold, tome_r
+            images, labels, num_tokens_shared, share_threshold, tome_r, algm_threshold
         )
         if not upsample:
             return SegmenterOutput(scores, shared, num_tokens)
@@ -360,6 +415,7 @@ class Segmenter(nn.Module):
         num_tokens_shared: int | None = None,
         share_threshold: float | None = None,
         tome_r: int | None = None,
+        algm_threshold: float | None = None,
     ) -> Tensor:
         """Label map ``(B, H, W)`` (int64) of ``(B, 3, H, W)`` normalised images: the argmax
         of ``forward``'s logits (up to ties).
@@ -371,7 +427,7 @@ class Segmenter(nn.Module):
         """
         height, width = images.shape[-2:]
         scores, _, _, padded = self._token_scores(
-            images, None, num_tokens_shared, share_threshold, tome_r
+            images, None, num_tokens_shared, share_threshold, tome_r, algm_threshold
         )
         return upsample_argmax(scores, padded, (height, width))
 

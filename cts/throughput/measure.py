@@ -1,6 +1,7 @@
 """Measurements of one model on one batch: with K shared tokens and with sharing off
 (:func:`measure_model`), or at every K of a sweep (:func:`measure_sweep`), every sharing
-threshold (:func:`measure_thresholds`) and every ToMe ``r`` (:func:`measure_tome`)."""
+threshold (:func:`measure_thresholds`) and every ToMe ``r`` or ALGM threshold
+(:func:`measure_merges`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from cts.engine import autocast
 from cts.geometry import num_patches, tokens_kept
 from cts.models import Segmenter
 from cts.throughput.compilation import resolve_compile_mode
-from cts.throughput.cost import forward_cost
+from cts.throughput.cost import batch_cost, forward_cost
 from cts.throughput.devices import bf16_supported
 from cts.throughput.memory import ensure_batch_fits, out_of_memory_as_error
 from cts.throughput.timing import POLICY, median_seconds_interleaved, time_inference
@@ -229,18 +230,21 @@ def measure_thresholds(
 def measure_merging(
     model: Segmenter, images: Tensor, precision: str, warmup: int, repeats: int
 ) -> dict[str, Any]:
-    """The benchmark record of a model that merges (ToMe, its ``tome_r``) against the same
-    weights without merging, under :func:`measure_model`'s keys (``*_no_sharing``: without
-    token reduction). Eager (:func:`measure_tome`); no bf16 agreement is measured."""
-    r = model.config.tome_r
-    plain, merged = measure_tome(model, images, [0, r], precision, warmup, repeats)
+    """The benchmark record of a model that merges (ToMe, its ``tome_r``; ALGM, its
+    ``algm_threshold``) against the same weights without merging, under
+    :func:`measure_model`'s keys (``*_no_sharing``: without token reduction). Eager
+    (:func:`measure_merges`); no bf16 agreement is measured."""
+    setting = "tome_r" if model.config.tome_r else "algm_threshold"
+    own = getattr(model.config, setting)
+    plain, merged = measure_merges(model, images, setting, [0, own], precision, warmup, repeats)
     return {
         "precision": precision,
         "compile": "none",
         "batch_size": images.shape[0],
         "image_size": images.shape[-1],
         "num_tokens_shared": 0,
-        "tome_r": r,
+        "tome_r": model.config.tome_r,
+        "algm_threshold": model.config.algm_threshold,
         "tokens": merged["tokens"],
         "tokens_no_sharing": plain["tokens"],
         "gflops": merged["gflops"],
@@ -254,33 +258,37 @@ def measure_merging(
     }
 
 
-def measure_tome(
+def measure_merges(
     model: Segmenter,
     images: Tensor,
-    rs: Sequence[int],
+    setting: str,
+    values: Sequence[float],
     precision: str,
     warmup: int,
     repeats: int,
 ) -> list[dict[str, Any]]:
-    """One record per ToMe ``r`` of the same weights on one batch (no sharing, training-free
-    when the model was trained without merging), eager, timed in turns: ``tome_r``,
-    ``tokens`` (the mean over blocks), ``gflops``, ``ims_per_sec``, ``ms_per_batch``."""
+    """One record per value of a merging ``setting`` (``tome_r``: ToMe's r per block;
+    ``algm_threshold``: ALGM's local threshold; 0: no merging) of the same weights on one
+    batch, no sharing (training-free when the model was trained otherwise), eager, timed in
+    turns: the setting, ``tokens`` (the mean over blocks and images), ``gflops`` (the mean
+    over the batch's images: ALGM keeps a number per image), ``ims_per_sec``,
+    ``ms_per_batch``."""
     device = images.device
     model.eval()
-    calls = {r: (lambda r=r: model.predict(images, tome_r=r)) for r in rs}
+    calls = {v: (lambda v=v: model.predict(images, **{setting: v})) for v in values}
     with torch.inference_mode(), autocast(device, precision):
         seconds = median_seconds_interleaved(calls, device, warmup, repeats)
     records = []
-    for r in rs:
-        cost = forward_cost(model, images.shape[-1], 0, tome_r=r)
+    for value in values:
+        cost = batch_cost(model, images, **{setting: value})
         records.append(
             {
-                "tome_r": r,
+                setting: value,
                 "num_tokens_shared": 0,
                 "tokens": cost.tokens,
                 "gflops": cost.gmacs,
-                "ims_per_sec": images.shape[0] / seconds[r],
-                "ms_per_batch": seconds[r] * 1e3,
+                "ims_per_sec": images.shape[0] / seconds[value],
+                "ms_per_batch": seconds[value] * 1e3,
             }
         )
     return records

@@ -1,5 +1,5 @@
-"""The accuracy-vs-speed sweep of one trained model over K, over sharing thresholds and over
-ToMe's ``r``: which settings, and its picture."""
+"""The accuracy-vs-speed sweep of one trained model over K, over sharing thresholds, over
+ToMe's ``r`` and over ALGM's threshold: which settings, and its picture."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 from cts.geometry import check_num_shared, num_patches, num_superpatches, tokens_kept
 from cts.merging import check_merge_count
 from cts.models import Segmenter
+from cts.models.algm import check_algm_layers
 from cts.models.tome import tome_refusal
 from cts.sharing import check_threshold
 
@@ -63,17 +64,38 @@ def check_tome_rs(values: Sequence[int], model: Segmenter) -> list[int]:
     return sorted(set(values))
 
 
+def check_algm_thresholds(values: Sequence[float], model: Segmenter) -> list[float]:
+    """ALGM's local thresholds to measure, ascending, each in (0, 1), with the model's own
+    where it was trained merging so; none where the backbone cannot merge or the model's
+    ``algm_layers`` do not fit its depth: said in one line, before any work."""
+    if not values:
+        return []
+    values = [*values, *([model.config.algm_threshold] if model.config.algm_threshold else [])]
+    reason = tome_refusal(model.encoder.vit)
+    if reason is not None:
+        raise ValueError(
+            f"sweep_algm_thresholds: {model.config.backbone} cannot merge tokens: {reason}"
+        )
+    check_algm_layers(model.config.algm_layers, len(model.encoder.vit.blocks))
+    for value in values:
+        check_threshold(value)
+    return sorted(set(values))
+
+
 def _column_set(table: pd.DataFrame, column: str) -> pd.Series:
     if column not in table:
         return pd.Series(False, index=table.index)
     return table[column].notna()
 
 
-def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The fixed-K rows, the threshold rows (``share_threshold`` set) and the ToMe rows
-    (``tome_r`` set) of a sweep table."""
-    thresholds, tome = _column_set(table, "share_threshold"), _column_set(table, "tome_r")
-    return table[~thresholds & ~tome], table[thresholds], table[tome]
+MODES = ("share_threshold", "tome_r", "algm_threshold")  # the column set on each mode's rows
+
+
+def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, ...]:
+    """The fixed-K rows, then the rows of each of :data:`MODES` (threshold, ToMe, ALGM)."""
+    masks = [_column_set(table, column) for column in MODES]
+    fixed = ~(masks[0] | masks[1] | masks[2])
+    return (table[fixed], *(table[mask] for mask in masks))
 
 
 # Where each curve writes its labels, in points from the point: the fixed-K curve above, the
@@ -83,6 +105,7 @@ LABEL_PLACES = {
     "fixed": ((0, 8), "center", "bottom"),
     "threshold": ((0, -9), "center", "top"),
     "tome": ((-6, 10), "right", "bottom"),
+    "algm": ((6, -4), "left", "top"),
 }
 
 
@@ -105,6 +128,7 @@ def _label(axes, row, text: str, place: str = "fixed") -> None:
 POINT_LABELS = {
     "threshold": lambda row: f"t={row.share_threshold:g} ({row.tokens:.0f})",
     "tome": lambda row: f"r={row.tome_r:g} ({row.tokens:.0f})",
+    "algm": lambda row: f"t={row.algm_threshold:g} ({row.tokens:.0f})",
 }
 
 
@@ -116,15 +140,18 @@ def _curve(axes, rows: pd.DataFrame, style: str, colour: str, name: str, mode: s
             _label(axes, row, POINT_LABELS[mode](row), mode)
 
 
-def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
-    """PNG of mIoU against im/s: one curve over K (each point labelled with its K, the
-    model's own K marked), one over sharing thresholds (K per image, labelled with the
-    threshold and the mean tokens) and one over ToMe's ``r`` (labelled with ``r`` and the
-    mean tokens per block), on the same axes.
+def plot_curve(
+    table: pd.DataFrame, own_k: int, title: str, own: tuple[str, float] | None = None
+) -> bytes:
+    """PNG of mIoU against im/s: one curve over K (each point labelled with its K), one over
+    sharing thresholds (K per image, labelled with the threshold and the mean tokens), one
+    over ToMe's ``r`` and one over ALGM's threshold (labelled with the setting and the mean
+    tokens per block), on the same axes; the model's trained setting starred: its K, or
+    ``own`` (``("tome_r", r)`` / ``("algm_threshold", t)``) for a model trained merging.
 
     ``table``: one row per setting with ``num_tokens_shared``, ``tokens``, ``mIoU`` and
-    ``ims_per_sec``, and ``share_threshold`` / ``tome_r`` (empty on fixed-K rows); an empty
-    table gives a picture that says there was no sweep.
+    ``ims_per_sec``, and ``share_threshold`` / ``tome_r`` / ``algm_threshold`` (empty on
+    fixed-K rows); an empty table gives a picture that says there was no sweep.
     """
     import matplotlib
 
@@ -132,16 +159,19 @@ def plot_curve(table: pd.DataFrame, own_k: int, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    fixed, thresholds, tome = _by_mode(table)
+    fixed, thresholds, tome, algm = _by_mode(table)
     if len(fixed):
         axes.plot(fixed["ims_per_sec"], fixed["mIoU"], "o-", color="tab:blue", label="fixed K")
         for row in fixed.itertuples():
             _label(axes, row, f"K={row.num_tokens_shared:g}")
         title = f"{title}\n{token_formula(fixed)}"
-        own = fixed[fixed["num_tokens_shared"] == own_k]
-        axes.plot(own["ims_per_sec"], own["mIoU"], "*", color="tab:red", ms=14, label="trained K")
     _curve(axes, thresholds, "s--", "tab:green", "K per image (threshold)", "threshold")
-    _curve(axes, tome, "^:", "tab:purple", "ToMe, r per block (no retraining)", "tome")
+    _curve(axes, tome, "^:", "tab:purple", "ToMe, r per block", "tome")
+    _curve(axes, algm, "D-.", "tab:orange", "ALGM, threshold t (per image)", "algm")
+    column, value = own or ("num_tokens_shared", own_k)
+    rows = {"num_tokens_shared": fixed, "tome_r": tome, "algm_threshold": algm}[column]
+    star = rows[rows[column] == value] if len(rows) else rows
+    axes.plot(star["ims_per_sec"], star["mIoU"], "*", color="tab:red", ms=14, label="trained")
     if len(table):
         axes.margins(x=0.12, y=0.2)  # room for the labels inside the frame
         axes.legend(loc="lower left", fontsize=8)  # the curves fall to the right
