@@ -232,9 +232,10 @@ def _gone_within(pgid: int, seconds: float) -> list[int]:
 @needs_dvc
 @pytest.mark.e2e
 @pytest.mark.parametrize("target", ["launcher", "process_group"])
-def test_sigterm_with_two_processes_is_143_one_line_runs_killed_and_the_rerun_resumes(repo, target):
+def test_sigterm_with_two_processes_is_143_one_line_runs_killed_and_a_checkpoint_kept(repo, target):
     """SLURM, Kubernetes and `dvc queue kill` send SIGTERM to the stage's process, or to every
-    process of the job at once: both end like one process does."""
+    process of the job at once: both end like one process does, a resume checkpoint kept. (The
+    rerun from it, bit for bit: tests/test_preemption.py, after the killed worker's here.)"""
     from mlflow.tracking import MlflowClient
 
     root, env, store = repo.repo, repo.env, repo.store
@@ -268,12 +269,6 @@ def test_sigterm_with_two_processes_is_143_one_line_runs_killed_and_the_rerun_re
     )
     parent = client.get_run(train.data.tags["mlflow.parentRunId"])
     assert (train.info.status, parent.info.status) == ("KILLED", "KILLED")
-
-    result = _cts(root, env, "train_segmenter", *settings)
-    resumed = re.search(r"resuming segmenter training at iteration (\d+)", result.stdout)
-    assert resumed and 1 <= int(resumed.group(1)) < 12
-    payload = torch.load(root / "checkpoints" / "segmenter.pt", weights_only=False)
-    assert payload["history"][-1]["step"] == 12
 
 
 @pytest.mark.e2e

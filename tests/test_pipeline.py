@@ -290,42 +290,9 @@ def test_an_empty_sweep_list_skips_the_sweep(micro_pipeline_copy):
     assert (repo / "plots" / "k_sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_a_tome_experiment_trains_merging_and_gets_its_own_mlflow_parent(micro_pipeline_copy):
-    """`dvc exp run -S token_reduction=tome`: the segmenter trains merging r tokens per
-    block, is evaluated and benchmarked so (against itself without merging), the sweep's K
-    row merges nothing; its stages log under a parent of their own beside the first one's."""
-    import csv
-
-    from mlflow.tracking import MlflowClient
-
-    repo, env, store = micro_pipeline_copy.repo, micro_pipeline_copy.env, micro_pipeline_copy.store
-    command = ["dvc", "exp", "run", "-S", "token_reduction=tome", "-S", "tome_r=8"]
-    ran = stages_run(run(command, repo, env, timeout=PIPELINE_TIMEOUT))
-    assert ran == {"train_segmenter", "eval_ss", "eval_ms", "benchmark", "sweep"}
-    metrics = {
-        n: json.loads((repo / "metrics" / f"{n}.json").read_text())
-        for n in ("eval_ss", "benchmark")
-    }
-    assert (metrics["eval_ss"]["tome_r"], metrics["eval_ss"]["policy"]) == (8, "none")
-    bench = metrics["benchmark"]
-    # One block (depth 1): 64 tokens enter it either way; its MLP sees 56.
-    assert bench["tome_r"] == 8 and bench["gflops"] < bench["gflops_no_sharing"]
-    with (repo / "plots" / "k_sweep.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert [
-        (r["num_tokens_shared"], r["tome_r"], r["tokens"]) for r in rows if not r["tome_r"]
-    ] == [("0", "", "64")]
-    assert [r["tome_r"] for r in rows if r["tome_r"]] == ["8"]
-    client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("cts")
-    parents = client.search_runs([experiment.experiment_id], "tags.`cts.run_kind` = 'pipeline'")
-    assert len(parents) == 2
-    tome = next(p for p in parents if p.data.params.get("token_reduction") == "tome")
-    assert tome.data.metrics["benchmark.gflops"] == pytest.approx(bench["gflops"])
-
-
-def test_an_algm_experiment_trains_merging_per_image(micro_pipeline_copy):
-    """`dvc exp run -S token_reduction=algm`: the segmenter trains merging 2x2 windows in its
+def test_a_merging_experiment_trains_merging_and_gets_its_own_mlflow_parent(micro_pipeline_copy):
+    """`dvc exp run -S token_reduction=algm` (the path ToMe's `token_reduction=tome` takes
+    too: `merging_name`, `measure_merging`): the segmenter trains merging 2x2 windows in its
     one block, is evaluated and benchmarked so (against itself without merging) and its sweep
     adds its own threshold to the one swept (its K row merges nothing); a parent of its own in
     MLflow."""

@@ -197,3 +197,4 @@ def test_the_picture_stars_the_setting_a_model_was_trained_with():
     fixed, algm, star = axes.get_lines()
     assert list(algm.get_xdata()) == [14.0, 12.0] and list(star.get_xdata()) == [12.0]
     assert {t.get_text() for t in axes.texts} == {"K=0", "t=0.8 (10)", "t=0.9 (12)"}
+    assert axes.get_title() == "t"  # no formula of K: there is no K > 0 row

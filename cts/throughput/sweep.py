@@ -164,7 +164,8 @@ def plot_curve(
         axes.plot(fixed["ims_per_sec"], fixed["mIoU"], "o-", color="tab:blue", label="fixed K")
         for row in fixed.itertuples():
             _label(axes, row, f"K={row.num_tokens_shared:g}")
-        title = f"{title}\n{token_formula(fixed)}"
+        if (fixed["num_tokens_shared"] > 0).any():  # a merging model's K row is K = 0 only
+            title = f"{title}\n{token_formula(fixed)}"
     _curve(axes, thresholds, "s--", "tab:green", "K per image (threshold)", "threshold")
     _curve(axes, tome, "^:", "tab:purple", "ToMe, r per block", "tome")
     _curve(axes, algm, "D-.", "tab:orange", "ALGM, threshold t (per image)", "algm")
@@ -174,7 +175,9 @@ def plot_curve(
     axes.plot(star["ims_per_sec"], star["mIoU"], "*", color="tab:red", ms=14, label="trained")
     if len(table):
         axes.margins(x=0.12, y=0.2)  # room for the labels inside the frame
-        axes.legend(loc="lower left", fontsize=8)  # the curves fall to the right
+        # Where the points leave room: lower left under a CTS model's falling curve, else
+        # wherever no point is (a merging model's no-reduction point sits low and left).
+        axes.legend(loc="lower left" if len(fixed) > 1 else "best", fontsize=8)
     else:
         axes.text(0.5, 0.5, "no K sweep: sweep_tokens_shared is empty", ha="center")
     axes.set_xlabel("images / s (benchmark batch)")
