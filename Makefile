@@ -20,18 +20,17 @@ $(CLUSTER_STAMP): $(STAMP)
 	touch $(CLUSTER_STAMP)
 
 # Two pytest workers (xdist): while one waits on a subprocess's imports or a server, the other
-# computes. Each test module runs on one worker (--dist loadgroup with a group per module,
-# tests/conftest.py), so a module-scoped fixture (a trained reference) is built once; the
-# modules that read the session's micro pipeline share one worker. TEST_WORKERS=0: one process.
+# computes. Each test module runs on one worker (--dist loadscope), so a module-scoped
+# fixture (a pipeline run, a trained reference) is built once. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 test: install-cluster
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # The suite without its end-to-end tests (marker e2e: dvc repro, the KFP local run,
 # multi-process trainings, cts stage commands): a minute or two instead of ten.
 test-fast: install-cluster
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not e2e"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not e2e"
 
 lint: install
 	$(BIN)/ruff check .

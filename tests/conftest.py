@@ -34,24 +34,6 @@ from cts.cli.common import use_checkout_stages
 use_checkout_stages(REPO)
 
 
-# The modules that read the session's micro pipeline (a `dvc repro` of minutes): with `--dist
-# loadgroup` they run on one worker, one after the other and first, so the other worker never
-# waits on the lock of its build; every other module stays whole on one worker, as with
-# `--dist loadscope` (its module-scoped fixtures are built once).
-PIPELINE_GROUP = "micro-pipeline"
-PIPELINE_MODULES = ("test_pipeline", "test_kfp", "test_distributed")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__ if item.module else item.nodeid
-            group = PIPELINE_GROUP if module in PIPELINE_MODULES else module
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != PIPELINE_GROUP)
-
-
 @dataclass
 class FileServer:
     """Serves ``files`` (name -> bytes) at ``url``; supports ``Range: bytes=N-``. With

@@ -60,7 +60,7 @@ def test_the_k_sweep_holds_every_k_and_matches_eval_ss_at_the_trained_k(micro_pi
 
     repo = micro_pipeline.repo
     table = pd.read_csv(repo / "plots" / "k_sweep.csv", float_precision="round_trip")
-    columns = ["num_tokens_shared", "share_threshold", "tome_r", "tokens", "mIoU"]
+    columns = ["num_tokens_shared", "share_threshold", "tome_r", "algm_threshold", "tokens", "mIoU"]
     assert list(table.columns) == [*columns, "ims_per_sec", "gflops"]
     by_threshold = table[table["share_threshold"].notna()]
     (tome,) = table[table["tome_r"].notna()].itertuples()  # ToMe on the same weights
