@@ -19,7 +19,7 @@ import pandas as pd
 from cts.checkpoint import load_segmenter
 from cts.data.io import write_bytes_atomic
 from cts.engine import resolve_device
-from cts.models.segmenter import merging_name
+from cts.models.segmenter import merging_name, merging_setting
 from cts.throughput.inputs import validation_batch
 from cts.throughput.measure import measure_merges, measure_sweep, measure_thresholds
 from cts.throughput.sweep import (
@@ -124,14 +124,6 @@ def _table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return table
 
 
-def _own_merging(model) -> tuple[str, float] | None:
-    """The merging setting a model was trained with, for the picture's star (None: its K)."""
-    for setting in ("tome_r", "algm_threshold"):
-        if getattr(model.config, setting):
-            return setting, getattr(model.config, setting)
-    return None
-
-
 def run(params: dict[str, Any]) -> None:
     device = resolve_device(params["device"])
     model = load_segmenter(require(SEGMENTER_CHECKPOINT, "train_segmenter"), device).to(device)
@@ -169,7 +161,7 @@ def run(params: dict[str, Any]) -> None:
             f"{model.config.backbone}, trained with {merging_name(model.config) or f'K={own_k}'}"
             f": {params['precision']}, batch {params['bench_batch_size']}"
         )
-        write_bytes_atomic(PICTURE, plot_curve(table, own_k, title, _own_merging(model)))
+        write_bytes_atomic(PICTURE, plot_curve(table, own_k, title, merging_setting(model.config)))
         if active_run() is not None:
             log_artifact(str(CSV))
             log_artifact(str(PICTURE))

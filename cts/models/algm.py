@@ -76,10 +76,9 @@ def algm_features(
     sources = torch.arange(num_prefix, tokens, device=x.device).expand(batch, -1)
     valid = torch.ones(batch, tokens, dtype=torch.bool, device=x.device)
     size = torch.ones(batch, tokens, 1, device=x.device)
-    counts = []
+    counts, mask = [], None  # the mask and counts change only where a block merges
     for number, block in enumerate(vit.blocks, start=1):
         counts.append(valid.sum(1) - num_prefix)
-        mask = key_mask(valid)
         if number not in layers:
             x = block(x, attn_mask=mask)
             continue
@@ -91,6 +90,7 @@ def algm_features(
         x, size = apply_plan(x, size, plan)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         sources, valid = plan.dest.gather(1, sources), valid_tokens(plan)
+        mask = key_mask(valid)
     x = vit.norm(x)
     mean_tokens = torch.stack(counts).double().mean().item()
     return MergedTokens(x[:, num_prefix:], valid[:, num_prefix:], sources - num_prefix, mean_tokens)

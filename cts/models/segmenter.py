@@ -103,13 +103,21 @@ class SegmenterOutput(NamedTuple):
     num_tokens: float
 
 
+def merging_setting(config: SegmenterConfig) -> tuple[str, float] | None:
+    """``("tome_r", r)`` or ``("algm_threshold", t)`` for a model trained merging tokens (the
+    per-call keyword of :meth:`Segmenter.forward` and its value), else None."""
+    for setting in ("tome_r", "algm_threshold"):
+        if getattr(config, setting):
+            return setting, getattr(config, setting)
+    return None
+
+
 def merging_name(config: SegmenterConfig) -> str | None:
     """``ToMe r=..`` or ``ALGM t=..`` for a model trained merging tokens, else None."""
-    if config.tome_r:
-        return f"ToMe r={config.tome_r}"
-    if config.algm_threshold:
-        return f"ALGM t={config.algm_threshold:g}"
-    return None
+    setting = merging_setting(config)
+    if setting is None:
+        return None
+    return f"ToMe r={setting[1]}" if setting[0] == "tome_r" else f"ALGM t={setting[1]:g}"
 
 
 def _check_pretrained(config: SegmenterConfig) -> None:
@@ -224,19 +232,21 @@ class Segmenter(nn.Module):
                 )
             self._check_algm(config.algm_threshold)
 
-    def _check_tome(self, r: int, num_patches: int, what: str) -> None:
-        """One line unless ToMe can merge ``r`` of ``num_patches`` tokens per block of this
-        backbone."""
+    def _check_mergeable(self) -> None:
+        """One line unless this backbone's blocks can merge tokens (ToMe or ALGM)."""
         reason = tome_refusal(self.encoder.vit)
         if reason is not None:
             raise ValueError(f"backbone '{self.config.backbone}' cannot merge tokens: {reason}")
+
+    def _check_tome(self, r: int, num_patches: int, what: str) -> None:
+        """One line unless ToMe can merge ``r`` of ``num_patches`` tokens per block of this
+        backbone."""
+        self._check_mergeable()
         check_merge_count(r, num_patches, len(self.encoder.vit.blocks), what)
 
     def _check_algm(self, threshold: float) -> None:
         """One line unless ALGM can merge at ``threshold`` in this backbone's layers."""
-        reason = tome_refusal(self.encoder.vit)
-        if reason is not None:
-            raise ValueError(f"backbone '{self.config.backbone}' cannot merge tokens: {reason}")
+        self._check_mergeable()
         check_algm_layers(self.config.algm_layers, len(self.encoder.vit.blocks))
         check_algm_threshold(threshold)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from cts.engine import autocast
 from cts.geometry import num_patches, tokens_kept
 from cts.models import Segmenter
+from cts.models.segmenter import merging_setting
 from cts.throughput.compilation import resolve_compile_mode
 from cts.throughput.cost import batch_cost, forward_cost
 from cts.throughput.devices import bf16_supported
@@ -234,8 +235,7 @@ def measure_merging(
     ``algm_threshold``) against the same weights without merging, under
     :func:`measure_model`'s keys (``*_no_sharing``: without token reduction). Eager
     (:func:`measure_merges`); no bf16 agreement is measured."""
-    setting = "tome_r" if model.config.tome_r else "algm_threshold"
-    own = getattr(model.config, setting)
+    setting, own = merging_setting(model.config)
     plain, merged = measure_merges(model, images, setting, [0, own], precision, warmup, repeats)
     return {
         "precision": precision,
