@@ -74,14 +74,20 @@ def _original_state(decoder: str = "mask_transformer", cts_policy: bool = False,
     if cts_policy:  # their PolicyNet: timm efficientnet_lite0 features_only + 1x1 conv head
         import timm
 
-        backbone = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True)
+        # timm initialises from the global generator: seeded here, or the weights (and
+        # whether the test is meaningful) would depend on the tests run before it.
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            backbone = timm.create_model("efficientnet_lite0", features_only=True)
         for key, value in backbone.state_dict().items():
             if value.is_floating_point():
                 value = value + rand(*value.shape, scale=0.05)
                 if key.endswith("running_var"):
                     value = value.abs() + 0.5
             state[f"policy_net.backbone.{key}"] = value
-        state["policy_net.head.weight"] = rand(2, 320, 1, 1, scale=0.2)
+        # Small enough that no softmax saturates to 1.0: the original sorts probabilities,
+        # and saturated ones would tie in an order neither implementation defines.
+        state["policy_net.head.weight"] = rand(2, 320, 1, 1, scale=0.02)
         state["policy_net.head.bias"] = rand(2, scale=0.1)
     return state
 
@@ -193,7 +199,9 @@ def _original_policy_grouping(state, images, k):
             state["policy_net.head.bias"],
         )
     scores = logits.softmax(1)[:, 1].flatten(1)
-    order = torch.sort(scores, dim=1, descending=True).indices[:, :k]
+    ranked = torch.sort(scores, dim=1, descending=True)
+    assert (ranked.values[:, k - 1] - ranked.values[:, k] > 1e-4).all(), "the K-th ties"
+    order = ranked.indices[:, :k]
     grouped = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
     return grouped.view(images.shape[0], *logits.shape[-2:])
 
