@@ -111,9 +111,9 @@ class PolicyMetric:
         self.images = 0
 
     def update(self, scores: Tensor, targets: Tensor) -> None:
-        """scores: ``(B, S)`` probability of uniform; targets: ``(B, S)`` in {0, 1, ignore}."""
+        """scores: ``(B, S)`` log-odds of uniform; targets: ``(B, S)`` in {0, 1, ignore}."""
         valid = targets != self.ignore_index
-        predicted = (scores > 0.5).long()
+        predicted = (scores > 0).long()
         self.correct += int(((predicted == targets) & valid).sum())
         self.counted += int(valid.sum())
         order = scores.argsort(dim=1, descending=True)

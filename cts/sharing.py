@@ -13,6 +13,7 @@ input's device and never synchronises with the host, so it batches, autocasts an
 
 from __future__ import annotations
 
+import math
 import random
 from typing import NamedTuple
 
@@ -102,11 +103,11 @@ def select_shared(scores: Tensor, num_shared: int) -> Tensor:
     return scores.topk(num_shared, dim=1, sorted=False).indices
 
 
-def threshold_num_shared(scores: Tensor, threshold: float, step: int = 1) -> Tensor:
-    """Per-image K, ``(B, S) -> (B,)`` int64: how many superpatches score at least
-    ``threshold``, rounded down to a multiple of ``step``. Each image's K depends on its own
-    scores only, never on the rest of its batch."""
-    sure = (scores >= threshold).sum(dim=1)
+def threshold_num_shared(log_odds: Tensor, threshold: float, step: int = 1) -> Tensor:
+    """Per-image K, ``(B, S) -> (B,)`` int64: how many superpatches are uniform with
+    probability at least ``threshold`` (log-odds at least its logit), rounded down to a
+    multiple of ``step``. Each image's K depends on its own scores only, never on its batch."""
+    sure = (log_odds >= math.log(threshold / (1.0 - threshold))).sum(dim=1)
     return torch.div(sure, step, rounding_mode="floor") * step
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 import cts  # noqa: F401  (applies the torchvision import fix)
-from cts.metrics import SegmentationMetric, per_class_table
+from cts.metrics import PolicyMetric, SegmentationMetric, per_class_table
 
 # Two 2x3 maps; the 255 pixel is predicted as class 2 and must not count anywhere.
 TARGET = torch.tensor([[[0, 0, 1], [1, 2, 255]]])
@@ -110,3 +110,11 @@ def test_label_outside_the_classes_is_one_clear_error():
     with pytest.raises(ValueError, match=r"label 7 is outside the classes 0..2 and is not the ign"):
         metric.update(torch.tensor([[0, 1, 2, 0]]), target)
     assert metric.confusion.sum() == 0  # the bad batch left no counts
+
+
+def test_policy_metric_reads_log_odds_and_ranks_past_saturation():
+    metric = PolicyMetric([1, 2])
+    # Log-odds 27 and 20 are both probability 1.0 in fp32; only the first is truly uniform.
+    metric.update(torch.tensor([[20.0, 27.0, -3.0, 2.0]]), torch.tensor([[0, 1, 0, 255]]))
+    assert metric.accuracy() == pytest.approx(100 * 2 / 3)  # > 0 is uniform; 255 not counted
+    assert metric.precision(1) == 100.0 and metric.precision(2) == 50.0

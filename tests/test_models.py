@@ -210,3 +210,18 @@ def test_scores_without_upsampling_are_the_patch_grid_of_the_logits():
     assert torch.equal(scores.shared, full.shared)
     upsampled = torch.nn.functional.interpolate(scores.logits, size=(128, 128), mode="bilinear")
     torch.testing.assert_close(upsampled, full.logits)
+
+
+def test_a_confident_policy_shares_the_superpatches_it_is_most_sure_of():
+    """Margins (uniform minus not-uniform logit) of 27..20 on superpatches 0..7: in fp32 their
+    softmax is exactly 1.0 for all eight, yet the policy is surest of 0, 1 and 2."""
+    model = build_segmenter(**TINY, crop_size=128, num_tokens_shared=3).eval()
+    margins = torch.cat([27.0 - torch.arange(8.0), -1.0 - torch.arange(8.0)]).view(1, 4, 4)
+    logits = torch.stack([torch.zeros_like(margins), margins], dim=1)  # (1, 2, 4, 4)
+    assert (logits.softmax(1)[:, 1, :2] == 1.0).all()
+    model.policy_net.forward = lambda images, grid=None: logits.expand(images.shape[0], -1, -1, -1)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 128, 128))
+        sure = model(torch.randn(1, 3, 128, 128), share_threshold=0.5)
+    assert out.shared.flatten(1).nonzero()[:, 1].tolist() == [0, 1, 2, 0, 1, 2]
+    assert sure.shared.flatten(1).nonzero()[:, 1].tolist() == list(range(8))

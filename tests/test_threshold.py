@@ -21,7 +21,8 @@ def _labels() -> torch.Tensor:
 
 
 def test_threshold_k_counts_the_sure_superpatches_of_each_image_rounded_down():
-    scores = torch.tensor([[0.9, 0.8, 0.2, 0.7], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0, 1.0]])
+    probs = torch.tensor([[0.9, 0.8, 0.2, 0.7], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0, 1.0]])
+    scores = torch.logit(probs)  # log-odds, as the policy gives them
     assert threshold_num_shared(scores, 0.5).tolist() == [3, 0, 4]
     assert threshold_num_shared(scores, 0.5, step=2).tolist() == [2, 0, 4]
 

@@ -55,7 +55,7 @@ def test_a_threshold_row_counts_each_images_own_k_and_its_cost():
     16 - 6, GFLOPs the mean of the K=4 and the K=0 forwards."""
     model = _model("policy_net", 2).eval()
     images = torch.randn(2, 3, 64, 64)
-    sure = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    sure = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]).logit()
     model._share_scores = lambda images, labels, grid: sure[: images.shape[0]]
     (record,) = measure_thresholds(model, images, [0.5], "fp32", warmup=0, repeats=1)
     assert record["share_threshold"] == 0.5 and record["num_tokens_shared"] == 2

@@ -257,7 +257,7 @@ class Segmenter(nn.Module):
         return self
 
     def _share_scores(self, images: Tensor, labels: Tensor | None, grid: tuple[int, int]) -> Tensor:
-        """``(B, S)`` scores; the K highest share."""
+        """``(B, S)`` log-odds that each superpatch is uniform; the K highest share."""
         policy = self.config.policy
         if policy == "policy_net":
             with torch.no_grad():
@@ -265,8 +265,8 @@ class Segmenter(nn.Module):
         if policy == "oracle":
             if labels is None:
                 raise ValueError("policy 'oracle' needs the label maps: call model(images, labels)")
-            return oracle_scores(labels, self.patch_size, self.config.ignore_index)
-        return torch.rand(images.shape[0], grid[0] * grid[1], device=images.device)
+            return torch.logit(oracle_scores(labels, self.patch_size, self.config.ignore_index))
+        return torch.logit(torch.rand(images.shape[0], grid[0] * grid[1], device=images.device))
 
     def _decode(self, images: Tensor, shared_idx: Tensor, grid: tuple[int, int]) -> Tensor:
         """``(B, n_cls, h, w)`` class scores on the patch grid with the ``(B, K)`` shared
