@@ -148,6 +148,7 @@ def test_throughput_help_reads_at_80_columns():
         "--policy",
         "--paper-policy",
         "--depth",
+        "--tome-r",
         "--warmup",
         "--repeats",
         "--device",
@@ -155,3 +156,59 @@ def test_throughput_help_reads_at_80_columns():
     ):
         assert option in words, option
     assert "max-autotune-no-cudagraphs." in words  # every compile mode, whole
+
+
+TINY_ROW = TableRow("vit_ti_128", "ViT-Ti/16 128", "vit_tiny_patch16_384", 128, 4, 5, "X")
+TINY_ARGS = ["throughput", "--depth", "2", "--batch-size", "2", "--warmup", "0", "--repeats", "1"]
+
+
+def test_tome_rows_time_the_same_weights_merging_r_per_block(monkeypatch, tmp_path):
+    """64 patch tokens, 2 blocks merging 8 each: 64 enter the first, 56 the second (mean 60);
+    the CTS record of the row stays as it was."""
+    monkeypatch.setattr("cts.throughput.rows.PAPER_TABLE", (TINY_ROW,))
+    out = tmp_path / "throughput"
+    args = [*TINY_ARGS, "--precision", "fp32", "--tome-r", "8", "--tome-r", "16", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "throughput.json").read_text())
+    assert data["environment"]["tome_rs"] == [8, 16]
+    cts_row, r8, r16 = data["rows"]
+    assert cts_row["method"] == "cts" and (cts_row["tokens"], cts_row["tokens_no_sharing"]) == (
+        52,
+        64,
+    )
+    assert [(r["method"], r["tome_r"], r["tokens"]) for r in (r8, r16)] == [
+        ("tome", 8, 60),
+        ("tome", 16, 56),
+    ]
+    for r in (r8, r16):
+        assert r["tokens_no_sharing"] == 64 and r["num_tokens_shared"] == 0
+        assert r["gflops_no_sharing"] == pytest.approx(cts_row["gflops_no_sharing"])
+        assert r["speedup"] == pytest.approx(r["ims_per_sec"] / r["ims_per_sec_no_sharing"])
+    assert r16["gflops"] < r8["gflops"] < r8["gflops_no_sharing"]
+    table = (out / "throughput.md").read_text()
+    assert table == markdown_table(data["rows"], data["environment"])
+    assert "| ViT-Ti/16 128 | X | 16 | 64 -> 56 |" in table
+    assert "ToMe r=8, fp32:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tome-r", "40"], "tome_r=40 is out of range for ViT-Ti/16 128: allowed 0..31"),
+        (["--tome-r", "0"], "--tome-r [0]: each r must be at least 1"),
+        (
+            ["--row", "vit_small_patch16_rope_mixed_224@128", "--tome-r", "4"],
+            "--tome-r: backbone 'vit_small_patch16_rope_mixed_224' cannot merge tokens:",
+        ),
+    ],
+)
+def test_a_tome_r_that_cannot_merge_is_one_line_before_any_row(
+    monkeypatch, tmp_path, args, message
+):
+    monkeypatch.setattr("cts.throughput.rows.PAPER_TABLE", (TINY_ROW,))
+    result = runner.invoke(app, [*TINY_ARGS, "--row", "vit_ti_128", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert message in line and line.startswith("error: throughput:")
+    assert not list(tmp_path.iterdir())  # no row measured, nothing written

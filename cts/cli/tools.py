@@ -141,6 +141,15 @@ def throughput(
         int | None,
         typer.Option(metavar="N", help="Timed runs, median reported (default: GPU 20, CPU 3)."),
     ] = None,
+    tome_r: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--tome-r",
+            metavar="R",
+            help="Also time each row with ToMe merging R tokens in every block, nothing "
+            "shared, on the same weights (repeatable; a second table).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda.")] = "auto",
     out: Annotated[
         Path,
@@ -149,7 +158,8 @@ def throughput(
         ),
     ] = Path("reports/throughput"),
 ) -> None:
-    """The paper's throughput table with random weights: no sharing vs CTS, fp32 and bf16."""
+    """The paper's throughput table with random weights: no sharing vs CTS (and ToMe with
+    --tome-r), fp32 and bf16."""
     try:
         from cts.throughput.table import measure_table
 
@@ -165,6 +175,7 @@ def throughput(
             repeats,
             policies=(["paper"] if paper_policy else []) + list(policy or []),
             depth=depth,
+            tome_rs=tome_r or (),
             echo=typer.echo,
             warn=lambda line: typer.secho(line, fg=typer.colors.YELLOW, err=True),
         )

@@ -88,7 +88,7 @@ def backbone_refusal(vit: nn.Module) -> str | None:
     return None if rope is None else rope_refusal(rope)
 
 
-def _meta_backbone(name: str) -> nn.Module:
+def meta_backbone(name: str) -> nn.Module:
     """``name`` built on the meta device (no memory, no weights), once it is known that
     sharing can serve it; a one-line ValueError naming it and the reason otherwise."""
     paper = ", ".join(PAPER_BACKBONES)
@@ -109,13 +109,13 @@ def _meta_backbone(name: str) -> nn.Module:
 def check_vit_backbone(name: str) -> None:
     """A one-line ValueError naming ``name`` and the reason unless sharing can serve it (the
     model is built on the meta device: no memory, no weights)."""
-    _meta_backbone(name)
+    meta_backbone(name)
 
 
 @functools.cache  # params validation and a stage both ask; the answer never changes
 def backbone_patch_size(name: str) -> int:
     """Patch size of a backbone sharing can serve (checked as :func:`check_vit_backbone`)."""
-    return int(_meta_backbone(name).patch_embed.patch_size[0])
+    return int(meta_backbone(name).patch_embed.patch_size[0])
 
 
 def _drop_pooling_head(vit: nn.Module) -> None:

@@ -19,7 +19,12 @@ from cts.throughput.compilation import resolve_compile_mode
 from cts.throughput.cost import batch_cost, forward_cost
 from cts.throughput.devices import bf16_supported
 from cts.throughput.memory import ensure_batch_fits, out_of_memory_as_error
-from cts.throughput.timing import POLICY, median_seconds_interleaved, time_inference
+from cts.throughput.timing import (
+    POLICY,
+    median_seconds_interleaved,
+    time_inference,
+    time_merging,
+)
 
 
 def measure_sharing(
@@ -64,9 +69,12 @@ def measure_sharing(
     }
 
 
-def label_agreement(model: Segmenter, images: Tensor, num_tokens_shared: int) -> float | None:
+def label_agreement(
+    model: Segmenter, images: Tensor, num_tokens_shared: int, tome_r: int = 0
+) -> float | None:
     """Fraction of pixels whose bf16-autocast label equals the fp32 label, same weights and
-    eager forwards; None where the device has no bf16.
+    eager forwards (K shared, or ToMe merging ``tome_r`` per block); None where the device
+    has no bf16.
 
     The policy net runs in each precision too, so a superpatch whose score is tied at the
     K-th place may be shared in one and not in the other; that counts as disagreement.
@@ -76,9 +84,9 @@ def label_agreement(model: Segmenter, images: Tensor, num_tokens_shared: int) ->
         return None
     model.eval()
     with torch.inference_mode():
-        reference = model.predict(images, num_tokens_shared)
+        reference = model.predict(images, num_tokens_shared, tome_r=tome_r)
         with autocast(device, "bf16"):
-            low = model.predict(images, num_tokens_shared)
+            low = model.predict(images, num_tokens_shared, tome_r=tome_r)
     return (reference == low).float().mean().item()
 
 
@@ -149,6 +157,70 @@ def measure_model(
             "bf16_fp32_agreement_no_sharing": label_agreement(model, agreement_batch, 0),
         }
     return [{**record, **agreement} for record in records]
+
+
+def measure_tome(
+    model: Segmenter,
+    images: Tensor,
+    rs: Sequence[int],
+    precisions: Sequence[str],
+    warmup: int,
+    repeats: int,
+    what: str,
+    agreement_images: int = 8,
+) -> list[dict[str, Any]]:
+    """One record per precision and ToMe ``r`` (tokens merged per block): the same weights
+    with ToMe and without token reduction, nothing shared, on one batch, each r and none
+    timed in turns, eager (:func:`time_merging`); :func:`measure_model`'s keys
+    (``*_no_sharing``: without reduction), ``tokens`` the mean entering a block, and
+    ``tome_r``."""
+    device = images.device
+    model.eval()
+    size = images.shape[-1]
+    costs = {r: forward_cost(model, size, 0, tome_r=r) for r in (0, *rs)}
+    agreement = {r: label_agreement(model, images[:agreement_images], 0, r) for r in costs}
+    records = []
+    for precision in precisions:
+        ensure_batch_fits(model, images, precision, what, "--batch-size")
+        with out_of_memory_as_error(
+            f"timing {what} with ToMe ({precision}, eager)", "set a smaller --batch-size", device
+        ):
+            seconds, peaks = time_merging(model, images, [0, *rs], precision, warmup, repeats)
+        records += [
+            _tome_record(r, precision, images.shape[0], size, costs, seconds)
+            | {"peak_memory_mib": peaks[r], "peak_memory_mib_no_sharing": peaks[0]}
+            | {"bf16_fp32_agreement": agreement[r], "bf16_fp32_agreement_no_sharing": agreement[0]}
+            for r in rs
+        ]
+    return records
+
+
+def _tome_record(
+    r: int,
+    precision: str,
+    batch: int,
+    size: int,
+    costs: dict[int, Any],
+    seconds: dict[int, float],
+) -> dict[str, Any]:
+    """The timing and cost keys of one ToMe record against r = 0."""
+    return {
+        "precision": precision,
+        "compile": "none",
+        "batch_size": batch,
+        "image_size": size,
+        "num_tokens_shared": 0,
+        "tome_r": r,
+        "tokens": costs[r].tokens,
+        "tokens_no_sharing": costs[0].tokens,
+        "gflops": costs[r].gmacs,
+        "gflops_no_sharing": costs[0].gmacs,
+        "ims_per_sec": batch / seconds[r],
+        "ims_per_sec_no_sharing": batch / seconds[0],
+        "speedup": seconds[0] / seconds[r],
+        "ms_per_batch": seconds[r] * 1e3,
+        "ms_per_batch_no_sharing": seconds[0] * 1e3,
+    }
 
 
 def measure_sweep(

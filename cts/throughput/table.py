@@ -1,5 +1,6 @@
 """The paper's throughput table (``cts throughput``): every row measured with random
-weights, no sharing against CTS, written as ``throughput.json`` and ``throughput.md``."""
+weights, no sharing against CTS (and, asked, against ToMe), written as ``throughput.json``
+and ``throughput.md``."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import torch
 
 from cts.data.io import write_bytes_atomic
 from cts.engine import resolve_device
+from cts.geometry import num_patches
+from cts.merging import check_merge_count
 from cts.models import Segmenter, build_segmenter
+from cts.models.tome import tome_refusal
+from cts.models.vit import backbone_patch_size, meta_backbone
 from cts.throughput.compilation import release_compiled, resolve_compile_mode
 from cts.throughput.devices import BENCH_PRECISIONS, device_name, resolve_precisions, runtime
 from cts.throughput.inputs import random_images
-from cts.throughput.measure import measure_model
+from cts.throughput.measure import measure_model, measure_tome
 from cts.throughput.rows import (
     POLICY_SETTINGS,
     PolicySetting,
@@ -39,6 +44,7 @@ class TableSettings:
     repeats: int = 20
     policies: tuple[str, ...] = ("half",)
     depth: int | None = None
+    tome_rs: tuple[int, ...] = ()
     agreement_images: int = 8
     seed: int = 0
 
@@ -54,10 +60,12 @@ class TableSettings:
         repeats: int | None = None,
         policies: Sequence[str] = ("half",),
         depth: int | None = None,
+        tome_rs: Sequence[int] = (),
     ) -> TableSettings:
         """Settings with the device's defaults for what is None (GPU: batch 32, 5 warm-up
         and 20 timed runs; CPU: 2, 1 and 3), checked. ``policies``: names of
-        :data:`POLICY_SETTINGS`, each row is measured with each."""
+        :data:`POLICY_SETTINGS`, each row is measured with each; ``tome_rs``: ToMe's r
+        (tokens merged per block), each row is also measured with each."""
         gpu = device.type == "cuda"
         settings = cls(
             batch_size=(32 if gpu else 2) if batch_size is None else batch_size,
@@ -67,9 +75,12 @@ class TableSettings:
             repeats=(20 if gpu else 3) if repeats is None else repeats,
             policies=resolve_policies(policies),
             depth=depth,
+            tome_rs=tuple(sorted(set(tome_rs))),
         )
         if settings.batch_size < 1 or settings.repeats < 1 or settings.warmup < 0:
             raise ValueError("--batch-size and --repeats must be at least 1, --warmup at least 0")
+        if any(r < 1 for r in settings.tome_rs):
+            raise ValueError(f"--tome-r {list(tome_rs)}: each r must be at least 1")
         return settings
 
 
@@ -121,8 +132,49 @@ def measure_row(
         )
         del model, images
         release_compiled(device)
-        records += [{**asdict(row), "policy": policy.label, **record} for record in measured]
-    return records
+        records += [
+            {**asdict(row), "method": "cts", "policy": policy.label, **record}
+            for record in measured
+        ]
+    return records + measure_tome_row(row, settings, device)
+
+
+def measure_tome_row(
+    row: TableRow, settings: TableSettings, device: torch.device
+) -> list[dict[str, Any]]:
+    """One record per ToMe r and precision for a row (the same segmenter weights as its CTS
+    records; the policy net does not run); none without ``settings.tome_rs``."""
+    if not settings.tome_rs:
+        return []
+    release_compiled(device)
+    model = build_row_model(row, settings, device)
+    images = random_images(settings.batch_size, row.crop_size, device, settings.seed)
+    measured = measure_tome(
+        model,
+        images,
+        settings.tome_rs,
+        settings.precisions,
+        settings.warmup,
+        settings.repeats,
+        what=row.label,
+        agreement_images=settings.agreement_images,
+    )
+    del model, images
+    release_compiled(device)
+    return [{**asdict(row), "method": "tome", "policy": None, **record} for record in measured]
+
+
+def check_tome_rows(rows: Sequence[TableRow], settings: TableSettings) -> None:
+    """One line, before any row is measured, unless ToMe can merge each r in each row."""
+    for row in rows if settings.tome_rs else ():
+        vit = meta_backbone(row.backbone)
+        reason = tome_refusal(vit)
+        if reason is not None:
+            raise ValueError(f"--tome-r: backbone '{row.backbone}' cannot merge tokens: {reason}")
+        depth = settings.depth or len(vit.blocks)
+        patches = num_patches(row.crop_size, backbone_patch_size(row.backbone))
+        for r in settings.tome_rs:
+            check_merge_count(r, patches, depth, row.label)
 
 
 def environment(device: torch.device, settings: TableSettings) -> dict[str, Any]:
@@ -167,7 +219,7 @@ def markdown_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> st
         "| bf16 = fp32 labels no sharing / CTS |",
         "|---|---|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
-    for r in records:
+    for r in (r for r in records if r.get("method", "cts") == "cts"):
         lines.append(
             f"| {r['label']} | {r['dataset']} | {r['num_tokens_shared']} "
             f"| {r['tokens_no_sharing']} -> {r['tokens']} | {r['policy']} "
@@ -178,7 +230,36 @@ def markdown_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> st
             f"| {_share(r['bf16_fp32_agreement_no_sharing'])} "
             f"/ {_share(r['bf16_fp32_agreement'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tome_lines(records)) + "\n"
+
+
+def _tome_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The ToMe records as a second table (none: no lines)."""
+    tome = [r for r in records if r.get("method") == "tome"]
+    if not tome:
+        return []
+    lines = [
+        "",
+        "ToMe on the same weights (r tokens merged in every block, nothing shared; tokens: "
+        "the mean entering a block; GFLOPs and speed-up against no token reduction; eager "
+        "whatever the compile mode: its per-block key hook does not trace):",
+        "",
+        "| Model | Dataset | r | Tokens | GFLOPs | Precision | im/s none | im/s ToMe "
+        "| Speed-up | Peak MiB none / ToMe | bf16 = fp32 labels none / ToMe |",
+        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in tome:
+        lines.append(
+            f"| {r['label']} | {r['dataset']} | {r['tome_r']} "
+            f"| {r['tokens_no_sharing']} -> {r['tokens']:g} "
+            f"| {r['gflops_no_sharing']:.1f} -> {r['gflops']:.1f} | {r['precision']} "
+            f"| {r['ims_per_sec_no_sharing']:,.1f} | {r['ims_per_sec']:,.1f} "
+            f"| {r['speedup']:.2f}x "
+            f"| {_memory(r['peak_memory_mib_no_sharing'])} / {_memory(r['peak_memory_mib'])} "
+            f"| {_share(r['bf16_fp32_agreement_no_sharing'])} "
+            f"/ {_share(r['bf16_fp32_agreement'])} |"
+        )
+    return lines
 
 
 def write_table(
@@ -196,6 +277,12 @@ def write_table(
 
 
 def _progress_line(record: dict[str, Any]) -> str:
+    if record["method"] == "tome":
+        return (
+            f"  ToMe r={record['tome_r']}, {record['precision']}: "
+            f"{record['ims_per_sec_no_sharing']:,.1f} -> {record['ims_per_sec']:,.1f} "
+            f"im/s ({record['speedup']:.2f}x)"
+        )
     return (
         f"  policy {record['policy']}, {record['precision']}: "
         f"{record['ims_per_sec_no_sharing']:,.1f} -> {record['ims_per_sec']:,.1f} "
@@ -216,6 +303,7 @@ def measure_table(
     repeats: int | None = None,
     policies: Sequence[str] = (),
     depth: int | None = None,
+    tome_rs: Sequence[int] = (),
     echo: Callable[[str], object] = print,
     warn: Callable[[str], object] = print,
 ) -> tuple[str, Path, Path]:
@@ -239,8 +327,10 @@ def measure_table(
         repeats=repeats,
         policies=policies,
         depth=depth,
+        tome_rs=tome_rs,
     )
     selected = select_rows(rows)
+    check_tome_rows(selected, settings)
     if "bf16" in asked and "bf16" not in settings.precisions:
         warn(f"bf16 is not supported on {device_name(target)}: measuring fp32 only")
     env = environment(target, settings)
