@@ -178,7 +178,6 @@ def measure_tome(
     model.eval()
     size = images.shape[-1]
     costs = {r: forward_cost(model, size, 0, tome_r=r) for r in (0, *rs)}
-    agreement = {r: label_agreement(model, images[:agreement_images], 0, r) for r in costs}
     records = []
     for precision in precisions:
         ensure_batch_fits(model, images, precision, what, "--batch-size")
@@ -189,10 +188,18 @@ def measure_tome(
         records += [
             _tome_record(r, precision, images.shape[0], size, costs, seconds)
             | {"peak_memory_mib": peaks[r], "peak_memory_mib_no_sharing": peaks[0]}
-            | {"bf16_fp32_agreement": agreement[r], "bf16_fp32_agreement_no_sharing": agreement[0]}
             for r in rs
         ]
-    return records
+    # After the batch was found to fit: the agreement batch is no larger.
+    agreement = {r: label_agreement(model, images[:agreement_images], 0, r) for r in costs}
+    return [
+        record
+        | {
+            "bf16_fp32_agreement": agreement[record["tome_r"]],
+            "bf16_fp32_agreement_no_sharing": agreement[0],
+        }
+        for record in records
+    ]
 
 
 def _tome_record(
