@@ -88,6 +88,15 @@ PolicyOption = Annotated[
         "the default), quarter (quarter-size input, stride 8: the pipeline's default).",
     ),
 ]
+TomeROption = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--tome-r",
+        metavar="R",
+        help="Also time each row with ToMe merging R tokens in every block, nothing shared, "
+        "on the same weights (repeatable; a second table).",
+    ),
+]
 
 # `cts predict` and `cts export`: the sharing setting of a checkpoint, overridden.
 NumSharedOption = Annotated[
@@ -141,15 +150,7 @@ def throughput(
         int | None,
         typer.Option(metavar="N", help="Timed runs, median reported (default: GPU 20, CPU 3)."),
     ] = None,
-    tome_r: Annotated[
-        list[int] | None,
-        typer.Option(
-            "--tome-r",
-            metavar="R",
-            help="Also time each row with ToMe merging R tokens in every block, nothing "
-            "shared, on the same weights (repeatable; a second table).",
-        ),
-    ] = None,
+    tome_r: TomeROption = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto | cpu | cuda.")] = "auto",
     out: Annotated[
         Path,
