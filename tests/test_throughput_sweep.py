@@ -86,6 +86,16 @@ def test_a_tome_row_counts_the_mean_tokens_per_block_and_its_cost():
     assert record["ims_per_sec"] > 0
 
 
+def test_a_merging_row_of_zero_on_a_sharing_model_shares_nothing():
+    """r = 0 is the record's "no reduction" (``num_tokens_shared`` 0): on a CTS model it must
+    not fall back to the model's own K."""
+    model = _model("policy_net", 2).eval()  # 16 patch tokens; K = 2 would leave 10
+    images = torch.randn(2, 3, 64, 64)
+    (record,) = measure_merges(model, images, "tome_r", [0], "fp32", warmup=0, repeats=1)
+    assert record["num_tokens_shared"] == 0 and record["tokens"] == 16
+    assert record["gflops"] == pytest.approx(forward_cost(model, 64, 0).gmacs)
+
+
 def test_tome_rs_are_checked_against_the_crop_and_depth_before_any_work():
     model = _model("policy_net", 2)  # 16 patch tokens, 1 block: r up to 8
     assert check_tome_rs([8, 2, 2], model) == [2, 8] and check_tome_rs([], model) == []

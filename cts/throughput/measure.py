@@ -354,12 +354,13 @@ def measure_merges(
     ``ms_per_batch``."""
     device = images.device
     model.eval()
-    calls = {v: (lambda v=v: model.predict(images, **{setting: v})) for v in values}
+    # K = 0 stated: a value of 0 means no reduction, not the model's own sharing.
+    calls = {v: (lambda v=v: model.predict(images, 0, **{setting: v})) for v in values}
     with torch.inference_mode(), autocast(device, precision):
         seconds = median_seconds_interleaved(calls, device, warmup, repeats)
     records = []
     for value in values:
-        cost = batch_cost(model, images, **{setting: value})
+        cost = batch_cost(model, images, num_tokens_shared=0, **{setting: value})
         records.append(
             {
                 setting: value,
