@@ -34,11 +34,18 @@ from torch import Tensor
 class MergePlan(NamedTuple):
     """``dest`` ``(B, T)``: each token's position in the merged sequence (``length`` for
     padding, dropped); ``lengths`` ``(B,)``: each image's merged length; ``length``: the
-    batch's longest, the merged sequence's size."""
+    batch's longest, the merged sequence's size; ``padded``: some image is shorter."""
 
     dest: Tensor
     lengths: Tensor
     length: int
+    padded: bool
+
+
+def _extent(lengths: Tensor) -> tuple[int, bool]:
+    """The longest of ``lengths`` and whether any is shorter, in one device-to-host copy."""
+    shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()
+    return longest, shortest < longest
 
 
 def window_similarity(patches: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -70,7 +77,7 @@ def local_plan(similarity: Tensor, threshold: float, grid: tuple[int, int]) -> M
     alone_rank = (~in_merged).cumsum(1) - 1
     dest = torch.where(in_merged, rank.gather(1, window), num_merged[:, None] + alone_rank)
     lengths = window.shape[1] - 3 * num_merged
-    return MergePlan(dest, lengths, int(lengths.max()))
+    return MergePlan(dest, lengths, *_extent(lengths))
 
 
 def global_plan(x: Tensor, valid: Tensor, layer: int, num_prefix: int) -> MergePlan:
@@ -105,11 +112,11 @@ def _bipartite_dest(valid: Tensor, merges: Tensor, into: Tensor, num_prefix: int
     dest = torch.where(is_a, num_prefix + kept_a.cumsum(1) - 1, num_kept + b_rank)
     dest = torch.where(prefix, position, dest)
     lengths = valid.sum(1) - merges.sum(1)
-    length = int(lengths.max())
+    length, padded = _extent(lengths)
     dest = torch.where(valid, dest, length)
     dest_b = dest[:, 1::2].gather(1, into)
     dest[:, ::2] = torch.where(merges, dest_b, dest[:, ::2])
-    return MergePlan(dest, lengths, length)
+    return MergePlan(dest, lengths, length, padded)
 
 
 def apply_plan(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tensor]:
@@ -129,11 +136,3 @@ def valid_tokens(plan: MergePlan) -> Tensor:
     """``(B, T')``: True for the real tokens of each image of the merged sequence."""
     positions = torch.arange(plan.length, device=plan.lengths.device)
     return positions[None, :] < plan.lengths[:, None]
-
-
-def key_mask(valid: Tensor) -> Tensor | None:
-    """Attention mask ``(B, 1, 1, T)`` that keeps padding out of every token's keys; None
-    where no image is padded (the unmasked, fused attention)."""
-    if bool(valid.all()):
-        return None
-    return valid[:, None, None, :]

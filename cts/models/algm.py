@@ -21,7 +21,6 @@ from cts.adaptive_merging import (
     MergePlan,
     apply_plan,
     global_plan,
-    key_mask,
     local_plan,
     valid_tokens,
     window_similarity,
@@ -30,11 +29,12 @@ from cts.adaptive_merging import (
 
 class MergedTokens(NamedTuple):
     """The encoder's output after ALGM: ``tokens`` ``(B, T', C)`` (no prefix, padded),
-    ``valid`` ``(B, T')``, ``sources`` ``(B, N)`` each patch's token, ``mean_tokens``: patch
-    tokens entering a block, averaged over the blocks and the batch."""
+    ``valid`` ``(B, T')`` (None: no image is padded), ``sources`` ``(B, N)`` each patch's
+    token, ``mean_tokens``: patch tokens entering a block, averaged over the blocks and the
+    batch."""
 
     tokens: Tensor
-    valid: Tensor
+    valid: Tensor | None
     sources: Tensor
     mean_tokens: float
 
@@ -60,7 +60,7 @@ def _local(x: Tensor, threshold: float, grid: tuple[int, int], num_prefix: int) 
     plan = local_plan(window_similarity(x[:, num_prefix:], grid), threshold, grid)
     prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
     dest = torch.cat([prefix, plan.dest + num_prefix], dim=1)
-    return MergePlan(dest, plan.lengths + num_prefix, plan.length + num_prefix)
+    return MergePlan(dest, plan.lengths + num_prefix, plan.length + num_prefix, plan.padded)
 
 
 def algm_features(
@@ -76,7 +76,8 @@ def algm_features(
     sources = torch.arange(num_prefix, tokens, device=x.device).expand(batch, -1)
     valid = torch.ones(batch, tokens, dtype=torch.bool, device=x.device)
     size = torch.ones(batch, tokens, 1, device=x.device)
-    counts, mask = [], None  # the mask and counts change only where a block merges
+    # Padding is masked out of every attention's keys; no mask (the fused kernel) unpadded.
+    counts, mask = [], None
     for number, block in enumerate(vit.blocks, start=1):
         counts.append(valid.sum(1) - num_prefix)
         if number not in layers:
@@ -90,7 +91,8 @@ def algm_features(
         x, size = apply_plan(x, size, plan)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         sources, valid = plan.dest.gather(1, sources), valid_tokens(plan)
-        mask = key_mask(valid)
+        mask = valid[:, None, None, :] if plan.padded else None
     x = vit.norm(x)
     mean_tokens = torch.stack(counts).double().mean().item()
-    return MergedTokens(x[:, num_prefix:], valid[:, num_prefix:], sources - num_prefix, mean_tokens)
+    patch_valid = None if mask is None else valid[:, num_prefix:]
+    return MergedTokens(x[:, num_prefix:], patch_valid, sources - num_prefix, mean_tokens)

@@ -72,10 +72,10 @@ class MaskTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, valid: Tensor | None = None) -> Tensor:
         """``(B, T, C_enc) -> (B, T, n_cls)`` class scores per token; ``valid`` ``(B, T)``
-        (None: all) keeps padding tokens out of every token's attention."""
+        (None: all are real) keeps padding tokens out of every token's attention."""
         x = self.proj_dec(tokens)
         x = torch.cat([x, self.cls_emb.expand(x.shape[0], -1, -1)], dim=1)
-        if valid is None or bool(valid.all()):
+        if valid is None:
             x = self.blocks(x)
         else:
             classes = valid.new_ones(valid.shape[0], self.num_classes)

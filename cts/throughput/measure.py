@@ -19,12 +19,7 @@ from cts.throughput.compilation import resolve_compile_mode
 from cts.throughput.cost import batch_cost, forward_cost
 from cts.throughput.devices import bf16_supported
 from cts.throughput.memory import ensure_batch_fits, out_of_memory_as_error
-from cts.throughput.timing import (
-    POLICY,
-    median_seconds_interleaved,
-    time_inference,
-    time_merging,
-)
+from cts.throughput.timing import POLICY, median_seconds_interleaved, time_calls, time_inference
 
 
 def measure_sharing(
@@ -171,27 +166,26 @@ def measure_tome(
 ) -> list[dict[str, Any]]:
     """One record per precision and ToMe ``r`` (tokens merged per block): the same weights
     with ToMe and without token reduction, nothing shared, on one batch, each r and none
-    timed in turns, eager (:func:`time_merging`); :func:`measure_model`'s keys
-    (``*_no_sharing``: without reduction), ``tokens`` the mean entering a block, and
-    ``tome_r``."""
+    timed in turns (:func:`measure_merges`); :func:`measure_model`'s keys (``*_no_sharing``:
+    without reduction), ``tokens`` the mean entering a block, and ``tome_r``."""
     device = images.device
-    model.eval()
-    size = images.shape[-1]
-    costs = {r: forward_cost(model, size, 0, tome_r=r) for r in (0, *rs)}
     records = []
     for precision in precisions:
         ensure_batch_fits(model, images, precision, what, "--batch-size")
         with out_of_memory_as_error(
             f"timing {what} with ToMe ({precision}, eager)", "set a smaller --batch-size", device
         ):
-            seconds, peaks = time_merging(model, images, [0, *rs], precision, warmup, repeats)
+            plain, *merged = measure_merges(
+                model, images, "tome_r", [0, *rs], precision, warmup, repeats
+            )
         records += [
-            _tome_record(r, precision, images.shape[0], size, costs, seconds)
-            | {"peak_memory_mib": peaks[r], "peak_memory_mib_no_sharing": peaks[0]}
-            for r in rs
+            _against_none({"tome_r": row["tome_r"]}, plain, row, precision, images)
+            | {"peak_memory_mib": row["peak_memory_mib"]}
+            | {"peak_memory_mib_no_sharing": plain["peak_memory_mib"]}
+            for row in merged
         ]
     # After the batch was found to fit: the agreement batch is no larger.
-    agreement = {r: label_agreement(model, images[:agreement_images], 0, r) for r in costs}
+    agreement = {r: label_agreement(model, images[:agreement_images], 0, r) for r in (0, *rs)}
     return [
         record
         | {
@@ -202,31 +196,31 @@ def measure_tome(
     ]
 
 
-def _tome_record(
-    r: int,
+def _against_none(
+    setting: dict[str, Any],
+    plain: dict[str, Any],
+    merged: dict[str, Any],
     precision: str,
-    batch: int,
-    size: int,
-    costs: dict[int, Any],
-    seconds: dict[int, float],
+    images: Tensor,
 ) -> dict[str, Any]:
-    """The timing and cost keys of one ToMe record against r = 0."""
+    """A merging record of :func:`measure_merges` against its no-reduction one, under
+    :func:`measure_model`'s keys, ``setting``'s keys after ``num_tokens_shared``."""
     return {
         "precision": precision,
         "compile": "none",
-        "batch_size": batch,
-        "image_size": size,
+        "batch_size": images.shape[0],
+        "image_size": images.shape[-1],
         "num_tokens_shared": 0,
-        "tome_r": r,
-        "tokens": costs[r].tokens,
-        "tokens_no_sharing": costs[0].tokens,
-        "gflops": costs[r].gmacs,
-        "gflops_no_sharing": costs[0].gmacs,
-        "ims_per_sec": batch / seconds[r],
-        "ims_per_sec_no_sharing": batch / seconds[0],
-        "speedup": seconds[0] / seconds[r],
-        "ms_per_batch": seconds[r] * 1e3,
-        "ms_per_batch_no_sharing": seconds[0] * 1e3,
+        **setting,
+        "tokens": merged["tokens"],
+        "tokens_no_sharing": plain["tokens"],
+        "gflops": merged["gflops"],
+        "gflops_no_sharing": plain["gflops"],
+        "ims_per_sec": merged["ims_per_sec"],
+        "ims_per_sec_no_sharing": plain["ims_per_sec"],
+        "speedup": plain["ms_per_batch"] / merged["ms_per_batch"],
+        "ms_per_batch": merged["ms_per_batch"],
+        "ms_per_batch_no_sharing": plain["ms_per_batch"],
     }
 
 
@@ -316,25 +310,10 @@ def measure_merging(
     (:func:`measure_merges`); no bf16 agreement is measured."""
     setting, own = merging_setting(model.config)
     plain, merged = measure_merges(model, images, setting, [0, own], precision, warmup, repeats)
-    return {
-        "precision": precision,
-        "compile": "none",
-        "batch_size": images.shape[0],
-        "image_size": images.shape[-1],
-        "num_tokens_shared": 0,
-        "tome_r": model.config.tome_r,
-        "algm_threshold": model.config.algm_threshold,
-        "tokens": merged["tokens"],
-        "tokens_no_sharing": plain["tokens"],
-        "gflops": merged["gflops"],
-        "gflops_no_sharing": plain["gflops"],
-        "ims_per_sec": merged["ims_per_sec"],
-        "ims_per_sec_no_sharing": plain["ims_per_sec"],
-        "speedup": plain["ms_per_batch"] / merged["ms_per_batch"],
-        "ms_per_batch": merged["ms_per_batch"],
-        "ms_per_batch_no_sharing": plain["ms_per_batch"],
-        "bf16_fp32_agreement": None,
-    }
+    config = model.config
+    setting_keys = {"tome_r": config.tome_r, "algm_threshold": config.algm_threshold}
+    record = _against_none(setting_keys, plain, merged, precision, images)
+    return record | {"bf16_fp32_agreement": None}
 
 
 def measure_merges(
@@ -351,13 +330,10 @@ def measure_merges(
     batch, no sharing (training-free when the model was trained otherwise), eager, timed in
     turns: the setting, ``tokens`` (the mean over blocks and images), ``gflops`` (the mean
     over the batch's images: ALGM keeps a number per image), ``ims_per_sec``,
-    ``ms_per_batch``."""
-    device = images.device
-    model.eval()
+    ``ms_per_batch``, ``peak_memory_mib`` (None on CPU)."""
     # K = 0 stated: a value of 0 means no reduction, not the model's own sharing.
     calls = {v: (lambda v=v: model.predict(images, 0, **{setting: v})) for v in values}
-    with torch.inference_mode(), autocast(device, precision):
-        seconds = median_seconds_interleaved(calls, device, warmup, repeats)
+    seconds, peaks = time_calls(model, calls, images.device, precision, "none", warmup, repeats)
     records = []
     for value in values:
         cost = batch_cost(model, images, num_tokens_shared=0, **{setting: value})
@@ -369,6 +345,7 @@ def measure_merges(
                 "gflops": cost.gmacs,
                 "ims_per_sec": images.shape[0] / seconds[value],
                 "ms_per_batch": seconds[value] * 1e3,
+                "peak_memory_mib": peaks[value],
             }
         )
     return records

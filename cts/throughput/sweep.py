@@ -94,7 +94,7 @@ MODES = ("share_threshold", "tome_r", "algm_threshold")  # the column set on eac
 def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, ...]:
     """The fixed-K rows, then the rows of each of :data:`MODES` (threshold, ToMe, ALGM)."""
     masks = [_column_set(table, column) for column in MODES]
-    fixed = ~(masks[0] | masks[1] | masks[2])
+    fixed = ~pd.concat(masks, axis=1).any(axis=1)
     return (table[fixed], *(table[mask] for mask in masks))
 
 

@@ -112,8 +112,10 @@ def build_row_model(
 def measure_row(
     row: TableRow, settings: TableSettings, device: torch.device
 ) -> list[dict[str, Any]]:
-    """One record per policy setting and precision for a row of the table."""
-    records = []
+    """One record per policy setting and precision for a row of the table, then one per
+    ToMe r and precision (``settings.tome_rs``) on the first policy's model: the same
+    segmenter weights, the policy net idle."""
+    records, tome = [], []
     for name in settings.policies:
         policy = POLICY_SETTINGS[name]
         release_compiled(device)  # each model starts from an empty graph cache
@@ -130,38 +132,24 @@ def measure_row(
             what=row.label,
             agreement_images=settings.agreement_images,
         )
+        if settings.tome_rs and name == settings.policies[0]:
+            tome = measure_tome(
+                model,
+                images,
+                settings.tome_rs,
+                settings.precisions,
+                settings.warmup,
+                settings.repeats,
+                what=row.label,
+                agreement_images=settings.agreement_images,
+            )
         del model, images
         release_compiled(device)
         records += [
             {**asdict(row), "method": "cts", "policy": policy.label, **record}
             for record in measured
         ]
-    return records + measure_tome_row(row, settings, device)
-
-
-def measure_tome_row(
-    row: TableRow, settings: TableSettings, device: torch.device
-) -> list[dict[str, Any]]:
-    """One record per ToMe r and precision for a row (the same segmenter weights as its CTS
-    records; the policy net does not run); none without ``settings.tome_rs``."""
-    if not settings.tome_rs:
-        return []
-    release_compiled(device)
-    model = build_row_model(row, settings, device)
-    images = random_images(settings.batch_size, row.crop_size, device, settings.seed)
-    measured = measure_tome(
-        model,
-        images,
-        settings.tome_rs,
-        settings.precisions,
-        settings.warmup,
-        settings.repeats,
-        what=row.label,
-        agreement_images=settings.agreement_images,
-    )
-    del model, images
-    release_compiled(device)
-    return [{**asdict(row), "method": "tome", "policy": None, **record} for record in measured]
+    return records + [{**asdict(row), "method": "tome", "policy": None, **r} for r in tome]
 
 
 def check_tome_rows(rows: Sequence[TableRow], settings: TableSettings) -> None:

@@ -73,25 +73,10 @@ def time_inference(
     policy = policy_fn(model, compile_mode) if time_policy else None
     if policy is not None:
         calls[POLICY] = lambda: policy(images)
-    return _time_calls(model, calls, images.device, precision, compile_mode, warmup, repeats)
+    return time_calls(model, calls, images.device, precision, compile_mode, warmup, repeats)
 
 
-def time_merging(
-    model: Segmenter,
-    images: Tensor,
-    rs: Sequence[int],
-    precision: str = "fp32",
-    warmup: int = 3,
-    repeats: int = 10,
-) -> tuple[dict[int, float], dict[int, float | None]]:
-    """As :func:`time_inference`, eager, with ToMe merging ``r`` tokens per block for each
-    ``r`` of ``rs`` (0: none) and nothing shared. Eager: ToMe reads each block's keys
-    through a forward hook it registers per call, which Dynamo cannot trace."""
-    calls = {r: (lambda r=r: model.predict(images, 0, None, r)) for r in dict.fromkeys(rs)}
-    return _time_calls(model, calls, images.device, precision, "none", warmup, repeats)
-
-
-def _time_calls(
+def time_calls(
     model: Segmenter,
     calls: dict[Any, Callable[[], object]],
     device: torch.device,
@@ -100,7 +85,9 @@ def _time_calls(
     warmup: int,
     repeats: int,
 ) -> tuple[dict[Any, float], dict[Any, float | None]]:
-    """Peak memory and median seconds of each call, in turns; compiled graphs released."""
+    """Median seconds and peak memory in MiB (None on CPU) of each call, timed in turns
+    after one untimed call each (:data:`COMPILED_PREWARM` compiled) and ``warmup`` more;
+    compiled graphs released afterwards."""
     prewarm = 1 if compile_mode == "none" else COMPILED_PREWARM
     model.eval()
     try:
