@@ -19,7 +19,7 @@ import timm
 import torch
 
 from cts.merging import bipartite_matching, merge_weighted, track_sources
-from cts.models.tome import tome_features
+from cts.models.tome import key_readers, tome_features
 
 
 def _load_tome(root: Path) -> types.ModuleType:
@@ -91,7 +91,7 @@ def check_model(apply_patch, parse_r) -> float:
                     torch.arange(x.shape[1]).expand(2, -1) if source is None else source.argmax(1)
                 )
                 restored = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-                mine = tome_features(ours.eval(), images, r, prop_attn)
+                mine = tome_features(ours.eval(), key_readers(ours), images, r, prop_attn)
             difference = (mine - restored[:, theirs.num_prefix_tokens :]).abs().max().item()
             print(f"  {name} r={r} prop_attn={prop_attn}: {difference:.1e}")
             worst = max(worst, difference)

@@ -142,3 +142,20 @@ def test_a_trained_cts_model_takes_tome_for_one_call_and_bad_settings_are_one_li
         _tiny(policy="policy_net", tome_r=2)
     with pytest.raises(ValueError, match="cannot merge tokens: Eva blocks take rotary"):
         _tiny(policy="none", tome_r=2, backbone="vit_small_patch16_rope_224")
+
+
+def test_tome_compiles_to_one_graph_and_a_plain_forward_keeps_no_keys():
+    # A key hook registered per call failed Dynamo ("setattr() on unsupported type"), so
+    # `cts throughput --tome-r` could only time ToMe eager.
+    model = _tiny(policy="none", tome_r=4)
+    images = torch.randn(2, 3, 64, 64)
+    torch.compiler.reset()
+    compiled = torch.compile(model.predict, backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        for r in (4, 0):
+            assert torch.equal(compiled(images, 0, tome_r=r), model.predict(images, 0, tome_r=r))
+        model(images, tome_r=0)
+    torch.compiler.reset()
+    # The hooks hold no block's keys between forwards, with ToMe or without.
+    assert all(reader.keys is None and not reader.wanted for reader in model._key_readers)
+    assert len(model._key_readers) == 2

@@ -23,7 +23,7 @@ from cts.models.decoder import MaskTransformer, build_decoder
 from cts.models.policy import BACKBONE as POLICY_BACKBONE
 from cts.models.policy import IMAGENET_MEAN, IMAGENET_STD, PolicyNet
 from cts.models.pretrained import check_hub_weights, require_weights_file
-from cts.models.tome import merged_token_counts, tome_features, tome_refusal
+from cts.models.tome import key_readers, merged_token_counts, tome_features, tome_refusal
 from cts.models.upsample import upsample_argmax
 from cts.models.vit import CTSViTEncoder, create_vit
 from cts.sharing import (
@@ -167,6 +167,7 @@ class Segmenter(nn.Module):
             config.std = tuple(vit.pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
         self.config = config
         self.encoder = CTSViTEncoder(vit)
+        self._key_readers = key_readers(vit)  # ToMe's, set up now: set up per call, none compiles
         self.patch_size = self.encoder.patch_size
         try:
             superpatches = num_superpatches(config.crop_size, self.patch_size)
@@ -353,7 +354,8 @@ class Segmenter(nn.Module):
         self, images: Tensor, grid: tuple[int, int], super_grid: tuple[int, int], r: int
     ) -> tuple[Tensor, Tensor, float]:
         """ToMe: scores ``(B, n_cls, h, w)``, no superpatch shared, mean tokens per block."""
-        tokens = tome_features(self.encoder.vit, images, r, self.config.tome_prop_attn)
+        readers = self._key_readers
+        tokens = tome_features(self.encoder.vit, readers, images, r, self.config.tome_prop_attn)
         scores = self.decoder(tokens).transpose(1, 2).reshape(images.shape[0], -1, *grid)
         none_shared = images.new_zeros(images.shape[0], 0, dtype=torch.long)
         shared = shared_mask(none_shared, super_grid)

@@ -15,7 +15,7 @@ from cts.engine import autocast
 from cts.geometry import num_patches, tokens_kept
 from cts.models import Segmenter
 from cts.models.segmenter import merging_setting
-from cts.throughput.compilation import resolve_compile_mode
+from cts.throughput.compilation import inference_fn, resolve_compile_mode
 from cts.throughput.cost import batch_cost, forward_cost
 from cts.throughput.devices import bf16_supported
 from cts.throughput.memory import ensure_batch_fits, out_of_memory_as_error
@@ -159,6 +159,7 @@ def measure_tome(
     images: Tensor,
     rs: Sequence[int],
     precisions: Sequence[str],
+    compile_mode: str,
     warmup: int,
     repeats: int,
     what: str,
@@ -166,20 +167,23 @@ def measure_tome(
 ) -> list[dict[str, Any]]:
     """One record per precision and ToMe ``r`` (tokens merged per block): the same weights
     with ToMe and without token reduction, nothing shared, on one batch, each r and none
-    timed in turns (:func:`measure_merges`); :func:`measure_model`'s keys (``*_no_sharing``:
-    without reduction), ``tokens`` the mean entering a block, and ``tome_r``."""
+    timed in turns (:func:`measure_merges`), compiled as the CTS rows are;
+    :func:`measure_model`'s keys (``*_no_sharing``: without reduction), ``tokens`` the mean
+    entering a block, and ``tome_r``."""
     device = images.device
+    compile_mode = resolve_compile_mode(compile_mode, device)
+    advice = _timing_advice(compile_mode, "--batch-size", "--compile")
     records = []
     for precision in precisions:
         ensure_batch_fits(model, images, precision, what, "--batch-size")
         with out_of_memory_as_error(
-            f"timing {what} with ToMe ({precision}, eager)", "set a smaller --batch-size", device
+            f"timing {what} with ToMe ({precision}, compile {compile_mode})", advice, device
         ):
             plain, *merged = measure_merges(
-                model, images, "tome_r", [0, *rs], precision, warmup, repeats
+                model, images, "tome_r", [0, *rs], precision, warmup, repeats, compile_mode
             )
         records += [
-            _against_none({"tome_r": row["tome_r"]}, plain, row, precision, images)
+            _against_none({"tome_r": row["tome_r"]}, plain, row, precision, images, compile_mode)
             | {"peak_memory_mib": row["peak_memory_mib"]}
             | {"peak_memory_mib_no_sharing": plain["peak_memory_mib"]}
             for row in merged
@@ -202,12 +206,13 @@ def _against_none(
     merged: dict[str, Any],
     precision: str,
     images: Tensor,
+    compile_mode: str = "none",
 ) -> dict[str, Any]:
     """A merging record of :func:`measure_merges` against its no-reduction one, under
     :func:`measure_model`'s keys, ``setting``'s keys after ``num_tokens_shared``."""
     return {
         "precision": precision,
-        "compile": "none",
+        "compile": compile_mode,
         "batch_size": images.shape[0],
         "image_size": images.shape[-1],
         "num_tokens_shared": 0,
@@ -324,16 +329,21 @@ def measure_merges(
     precision: str,
     warmup: int,
     repeats: int,
+    compile_mode: str = "none",
 ) -> list[dict[str, Any]]:
     """One record per value of a merging ``setting`` (``tome_r``: ToMe's r per block;
     ``algm_threshold``: ALGM's local threshold; 0: no merging) of the same weights on one
-    batch, no sharing (training-free when the model was trained otherwise), eager, timed in
+    batch, no sharing (training-free when the model was trained otherwise), timed in
     turns: the setting, ``tokens`` (the mean over blocks and images), ``gflops`` (the mean
     over the batch's images: ALGM keeps a number per image), ``ims_per_sec``,
-    ``ms_per_batch``, ``peak_memory_mib`` (None on CPU)."""
+    ``ms_per_batch``, ``peak_memory_mib`` (None on CPU). ``compile_mode``: one graph per
+    value (ToMe's shapes are fixed by r; ALGM's depend on the image: eager only)."""
+    predict = inference_fn(model, compile_mode)
     # K = 0 stated: a value of 0 means no reduction, not the model's own sharing.
-    calls = {v: (lambda v=v: model.predict(images, 0, **{setting: v})) for v in values}
-    seconds, peaks = time_calls(model, calls, images.device, precision, "none", warmup, repeats)
+    calls = {v: (lambda v=v: predict(images, 0, **{setting: v})) for v in values}
+    seconds, peaks = time_calls(
+        model, calls, images.device, precision, compile_mode, warmup, repeats
+    )
     records = []
     for value in values:
         cost = batch_cost(model, images, num_tokens_shared=0, **{setting: value})

@@ -138,6 +138,7 @@ def measure_row(
                 images,
                 settings.tome_rs,
                 settings.precisions,
+                settings.compile_mode,
                 settings.warmup,
                 settings.repeats,
                 what=row.label,
@@ -229,8 +230,8 @@ def _tome_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "ToMe on the same weights (r tokens merged in every block, nothing shared; tokens: "
-        "the mean entering a block; GFLOPs and speed-up against no token reduction; eager "
-        "whatever the compile mode: its per-block key hook does not trace):",
+        "the mean entering a block; GFLOPs and speed-up against no token reduction, compiled "
+        "as the table above):",
         "",
         "| Model | Dataset | r | Tokens | GFLOPs | Precision | im/s none | im/s ToMe "
         "| Speed-up | Peak MiB none / ToMe | bf16 = fp32 labels none / ToMe |",
