@@ -2,6 +2,8 @@
 trained crop (one K for a model without a policy); the sharing thresholds, each image with
 its own K; ToMe's r on the same weights; the picture of the curves."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -208,3 +210,28 @@ def test_the_picture_stars_the_setting_a_model_was_trained_with():
     assert list(algm.get_xdata()) == [14.0, 12.0] and list(star.get_xdata()) == [12.0]
     assert {t.get_text() for t in axes.texts} == {"K=0", "t=0.8 (10)", "t=0.9 (12)"}
     assert axes.get_title() == "t"  # no formula of K: there is no K > 0 row
+
+
+def test_the_sweep_picture_prints_no_label_over_another_or_outside_the_axes(monkeypatch):
+    # The committed run's sweep: twelve points of three curves within 10 im/s and 1 mIoU,
+    # where labels at fixed offsets printed over each other (README's first picture).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def recording_savefig(figure, *args, **kwargs):
+        saved.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    table = pd.read_csv(Path(__file__).resolve().parents[1] / "plots" / "k_sweep.csv")
+    plot_curve(table, 103, "a title")
+    (axes,) = saved[0].axes
+    renderer = FigureCanvasAgg(saved[0]).get_renderer()  # closed: its canvas is gone
+    frame = axes.get_window_extent(renderer)
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    assert len(boxes) == len(table)
+    for i, box in enumerate(boxes):
+        assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :]), axes.texts[i]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from cts.geometry import check_num_shared, num_patches, num_superpatches, tokens_kept
@@ -98,30 +99,79 @@ def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, ...]:
     return (table[fixed], *(table[mask] for mask in masks))
 
 
-# Where each curve writes its labels, in points from the point: the fixed-K curve above, the
-# threshold curve below and ToMe's to the left, so three curves that meet near the trained K
-# do not print over each other.
+# Where a label may sit, in points from its point, in the order tried: each curve starts on
+# its own side (fixed K above, thresholds below, ToMe up-left, ALGM down-right), so that
+# curves meeting near the trained K keep their labels apart; the first place free of other
+# labels and of the markers wins (:func:`_place_labels`).
+_ABOVE, _BELOW = ((0, 7), "center", "bottom"), ((0, -8), "center", "top")
+_LEFT, _RIGHT = ((-7, 0), "right", "center"), ((7, 0), "left", "center")
+_UP_LEFT, _DOWN_RIGHT = ((-5, 7), "right", "bottom"), ((5, -7), "left", "top")
+_UP_RIGHT, _DOWN_LEFT = ((5, 7), "left", "bottom"), ((-5, -7), "right", "top")
+_FAR = [((2 * dx, 2 * dy), ha, va) for (dx, dy), ha, va in (_ABOVE, _BELOW, _LEFT, _RIGHT)]
 LABEL_PLACES = {
-    "fixed": ((0, 8), "center", "bottom"),
-    "threshold": ((0, -9), "center", "top"),
-    "tome": ((-6, 10), "right", "bottom"),
-    "algm": ((6, -4), "left", "top"),
+    "fixed": [_ABOVE, _UP_RIGHT, _UP_LEFT, _RIGHT, _LEFT, _BELOW, *_FAR],
+    "threshold": [_BELOW, _DOWN_RIGHT, _DOWN_LEFT, _RIGHT, _LEFT, _ABOVE, *_FAR],
+    "tome": [_UP_LEFT, _ABOVE, _LEFT, _UP_RIGHT, _RIGHT, _BELOW, *_FAR],
+    "algm": [_DOWN_RIGHT, _RIGHT, _BELOW, _DOWN_LEFT, _LEFT, _ABOVE, *_FAR],
 }
 
 
-def _label(axes, row, text: str, place: str = "fixed") -> None:
-    # Short labels: neighbouring K can sit less than an im/s apart, where two-line labels
-    # beside the points overprinted each other.
-    offset, ha, va = LABEL_PLACES[place]
-    axes.annotate(
-        text,
-        (row.ims_per_sec, row.mIoU),
-        textcoords="offset points",
-        xytext=offset,
-        ha=ha,
-        va=va,
-        fontsize=7,
-    )
+Label = tuple  # (the annotation, its places): what _place_labels arranges
+
+
+def _label(axes, row, text: str, place: str = "fixed") -> Label:
+    """A label for ``row``'s point, at its curve's first place until :func:`_place_labels`."""
+    places = LABEL_PLACES[place]
+    (offset, ha, va) = places[0]
+    point = (row.ims_per_sec, row.mIoU)
+    note = axes.annotate(text, point, textcoords="offset points", xytext=offset, fontsize=7)
+    note.set(ha=ha, va=va)
+    return note, places
+
+
+def _place_labels(figure, axes, labels: Sequence[Label]) -> None:
+    """Each label at its first place that overlaps no marker and no label placed before it,
+    inside the axes; where none is free, the place that overlaps least."""
+
+    renderer = figure.canvas.get_renderer()
+    taken = _plotted_boxes(figure, axes)  # then each label, once placed
+    frame = axes.get_window_extent(renderer)
+    for note, places in labels:
+        costs = []
+        for offset, ha, va in places:
+            note.set(position=offset, ha=ha, va=va)
+            box = note.get_window_extent(renderer)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            cost = sum(_overlap(box, other) for other in taken) + (0 if inside else 1e6)
+            costs.append((cost, offset, ha, va))
+            if costs[-1][0] == 0:
+                break
+        _, offset, ha, va = min(costs, key=lambda cost: cost[0])
+        note.set(position=offset, ha=ha, va=va)
+        taken.append(note.get_window_extent(renderer).expanded(1.1, 1.3))  # a gap to the next
+
+
+def _plotted_boxes(figure, axes) -> list:
+    """Pixel boxes of every marker (the star's larger) and of points along the lines."""
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for line in axes.get_lines():
+        points = axes.transData.transform(line.get_xydata())
+        if len(points) > 1:  # 10 points on each segment, 2 px each
+            steps = np.linspace(0, 1, 12)[1:-1, None, None]
+            along = (points[:-1] + steps * (points[1:] - points[:-1])).reshape(-1, 2)
+            boxes += [Bbox.from_bounds(x - 1, y - 1, 2, 2) for x, y in along]
+        size = line.get_markersize() * figure.dpi / 72
+        boxes += [Bbox.from_bounds(x - size / 2, y - size / 2, size, size) for x, y in points]
+    return boxes
+
+
+def _overlap(a, b) -> float:
+    """Area in pixels that two boxes share."""
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(width, 0) * max(height, 0)
 
 
 # The label of a point of each mode's curve: its setting and the (mean) tokens.
@@ -132,12 +182,12 @@ POINT_LABELS = {
 }
 
 
-def _curve(axes, rows: pd.DataFrame, style: str, colour: str, name: str, mode: str) -> None:
-    """One mode's rows as a labelled curve (nothing for no rows)."""
-    if len(rows):
-        axes.plot(rows["ims_per_sec"], rows["mIoU"], style, color=colour, label=name)
-        for row in rows.itertuples():
-            _label(axes, row, POINT_LABELS[mode](row), mode)
+def _curve(axes, rows: pd.DataFrame, style: str, colour: str, name: str, mode: str) -> list[Label]:
+    """One mode's rows as a curve, and its points' labels (nothing for no rows)."""
+    if not len(rows):
+        return []
+    axes.plot(rows["ims_per_sec"], rows["mIoU"], style, color=colour, label=name)
+    return [_label(axes, row, POINT_LABELS[mode](row), mode) for row in rows.itertuples()]
 
 
 def plot_curve(
@@ -160,15 +210,15 @@ def plot_curve(
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     fixed, thresholds, tome, algm = _by_mode(table)
+    labels = []
     if len(fixed):
         axes.plot(fixed["ims_per_sec"], fixed["mIoU"], "o-", color="tab:blue", label="fixed K")
-        for row in fixed.itertuples():
-            _label(axes, row, f"K={row.num_tokens_shared:g}")
+        labels += [_label(axes, row, f"K={row.num_tokens_shared:g}") for row in fixed.itertuples()]
         if (fixed["num_tokens_shared"] > 0).any():  # a merging model's K row is K = 0 only
             title = f"{title}\n{token_formula(fixed)}"
-    _curve(axes, thresholds, "s--", "tab:green", "K per image (threshold)", "threshold")
-    _curve(axes, tome, "^:", "tab:purple", "ToMe, r per block", "tome")
-    _curve(axes, algm, "D-.", "tab:orange", "ALGM, threshold t (per image)", "algm")
+    labels += _curve(axes, thresholds, "s--", "tab:green", "K per image (threshold)", "threshold")
+    labels += _curve(axes, tome, "^:", "tab:purple", "ToMe, r per block", "tome")
+    labels += _curve(axes, algm, "D-.", "tab:orange", "ALGM, threshold t (per image)", "algm")
     column, value = own or ("num_tokens_shared", own_k)
     rows = {"num_tokens_shared": fixed, "tome_r": tome, "algm_threshold": algm}[column]
     star = rows[rows[column] == value] if len(rows) else rows
@@ -185,6 +235,7 @@ def plot_curve(
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    _place_labels(figure, axes, labels)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
