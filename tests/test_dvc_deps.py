@@ -161,3 +161,27 @@ def test_bytecode_beside_the_sources_is_not_a_change_to_a_stage():
         cache = REPO / folder / "__pycache__" / "x.cpython-312.pyc"
         assert repo.dvcignore.is_ignored(repo.fs, str(cache)), f"{cache} counts as a dep"
     assert not repo.dvcignore.is_ignored(repo.fs, str(REPO / "cts/cli/common.py"))
+
+
+def test_every_committed_output_has_the_hash_dvc_lock_records():
+    """The committed metrics and plots are the outputs dvc.lock describes: a `dvc commit -f`
+    in a clone whose workspace held other outputs (a later check's training) recorded their
+    hashes beside the committed files (8ae783c), so `dvc status` and the lock disagreed with
+    the figures the docs quote."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    checked = {}
+    for name, stage in lock["stages"].items():
+        for out in stage.get("outs", []):
+            if out["path"] in tracked:
+                digest = hashlib.md5((REPO / out["path"]).read_bytes()).hexdigest()
+                checked[out["path"]] = (digest, out["md5"], name)
+    assert {"metrics/train.json", "plots/k_sweep.png"} <= set(checked)
+    wrong = {path: stage for path, (digest, md5, stage) in checked.items() if digest != md5}
+    assert not wrong, f"committed outputs that dvc.lock hashes otherwise: {wrong}"
