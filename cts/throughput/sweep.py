@@ -107,7 +107,8 @@ _ABOVE, _BELOW = ((0, 7), "center", "bottom"), ((0, -8), "center", "top")
 _LEFT, _RIGHT = ((-7, 0), "right", "center"), ((7, 0), "left", "center")
 _UP_LEFT, _DOWN_RIGHT = ((-5, 7), "right", "bottom"), ((5, -7), "left", "top")
 _UP_RIGHT, _DOWN_LEFT = ((5, 7), "left", "bottom"), ((-5, -7), "right", "top")
-_FAR = [((2 * dx, 2 * dy), ha, va) for (dx, dy), ha, va in (_ABOVE, _BELOW, _LEFT, _RIGHT)]
+_NEAR = (_ABOVE, _BELOW, _LEFT, _RIGHT, _UP_LEFT, _DOWN_RIGHT, _UP_RIGHT, _DOWN_LEFT)
+_FAR = [((n * dx, n * dy), ha, va) for n in (2, 3) for (dx, dy), ha, va in _NEAR]
 LABEL_PLACES = {
     "fixed": [_ABOVE, _UP_RIGHT, _UP_LEFT, _RIGHT, _LEFT, _BELOW, *_FAR],
     "threshold": [_BELOW, _DOWN_RIGHT, _DOWN_LEFT, _RIGHT, _LEFT, _ABOVE, *_FAR],
@@ -124,15 +125,18 @@ def _label(axes, row, text: str, place: str = "fixed") -> Label:
     places = LABEL_PLACES[place]
     (offset, ha, va) = places[0]
     point = (row.ims_per_sec, row.mIoU)
-    note = axes.annotate(text, point, textcoords="offset points", xytext=offset, fontsize=7)
+    leader = {"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkA": 0, "shrinkB": 4}
+    note = axes.annotate(
+        text, point, textcoords="offset points", xytext=offset, fontsize=7, arrowprops=leader
+    )
     note.set(ha=ha, va=va)
     return note, places
 
 
 def _place_labels(figure, axes, labels: Sequence[Label]) -> None:
     """Each label at its first place that overlaps no marker and no label placed before it,
-    inside the axes; where none is free, the place that overlaps least."""
-
+    inside the axes; where none is free, the place that overlaps least. A label moved
+    beyond the nearest places keeps a thin line to its point."""
     renderer = figure.canvas.get_renderer()
     taken = _plotted_boxes(figure, axes)  # then each label, once placed
     frame = axes.get_window_extent(renderer)
@@ -140,7 +144,7 @@ def _place_labels(figure, axes, labels: Sequence[Label]) -> None:
         costs = []
         for offset, ha, va in places:
             note.set(position=offset, ha=ha, va=va)
-            box = note.get_window_extent(renderer)
+            box = _text_box(note, renderer)
             inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
             cost = sum(_overlap(box, other) for other in taken) + (0 if inside else 1e6)
             costs.append((cost, offset, ha, va))
@@ -148,7 +152,16 @@ def _place_labels(figure, axes, labels: Sequence[Label]) -> None:
                 break
         _, offset, ha, va = min(costs, key=lambda cost: cost[0])
         note.set(position=offset, ha=ha, va=va)
-        taken.append(note.get_window_extent(renderer).expanded(1.1, 1.3))  # a gap to the next
+        taken.append(_text_box(note, renderer).expanded(1.1, 1.3))  # a gap to the next
+        note.arrow_patch.set_visible(offset not in [near for near, _, _ in _NEAR])
+
+
+def _text_box(note, renderer):
+    """The pixel box of an annotation's text, its leader line aside."""
+    from matplotlib.text import Text
+
+    note.update_positions(renderer)
+    return Text.get_window_extent(note, renderer)
 
 
 def _plotted_boxes(figure, axes) -> list:
