@@ -102,7 +102,7 @@ def _by_mode(table: pd.DataFrame) -> tuple[pd.DataFrame, ...]:
 # Where a label may sit, in points from its point, in the order tried: each curve starts on
 # its own side (fixed K above, thresholds below, ToMe up-left, ALGM down-right), so that
 # curves meeting near the trained K keep their labels apart; the first place free of other
-# labels and of the markers wins (:func:`_place_labels`).
+# labels, markers and lines wins (:func:`_place_labels`).
 _ABOVE, _BELOW = ((0, 7), "center", "bottom"), ((0, -8), "center", "top")
 _LEFT, _RIGHT = ((-7, 0), "right", "center"), ((7, 0), "left", "center")
 _UP_LEFT, _DOWN_RIGHT = ((-5, 7), "right", "bottom"), ((5, -7), "left", "top")
@@ -134,8 +134,8 @@ def _label(axes, row, text: str, place: str = "fixed") -> Label:
 
 
 def _place_labels(figure, axes, labels: Sequence[Label]) -> None:
-    """Each label at its first place that overlaps no marker and no label placed before it,
-    inside the axes; where none is free, the place that overlaps least. A label moved
+    """Each label at its first place that overlaps no marker, line or label placed before
+    it, inside the axes; where none is free, the place that overlaps least. A label moved
     beyond the nearest places keeps a thin line to its point."""
     renderer = figure.canvas.get_renderer()
     taken = _plotted_boxes(figure, axes)  # then each label, once placed
